@@ -1,0 +1,240 @@
+//! Confined, fd-relative opening.
+//!
+//! Every file the helper reads is opened relative to a directory fd with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`: the kernel refuses `..` escapes,
+//! absolute symlinks and `/proc` magic links, so neither storage metadata nor tar-split names
+//! can make the helper open anything outside the root it was given. Names are also cleaned
+//! and checked before they reach the kernel, so that an escape attempt is reported as such
+//! instead of as a confusing errno.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use cstor_protocol::ErrorCode;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+use crate::error::{Error, Result};
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+
+/// Opens `rel` beneath `dir` with `flags` (plus `O_CLOEXEC`).
+///
+/// Fails with the OS error (`ENOENT`, `ENOTDIR`, `ELOOP`...) as an [`io::Error`]; `EXDEV`
+/// means the path tried to escape `dir`.
+pub fn openat_beneath(dir: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+    loop {
+        match rustix::fs::openat2(dir, rel, flags | OFlags::CLOEXEC, Mode::empty(), RESOLVE) {
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Opens directory `rel` beneath `dir`.
+pub fn open_dir(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    openat_beneath(dir, rel, OFlags::RDONLY | OFlags::DIRECTORY)
+}
+
+/// Opens regular file `rel` beneath `dir` for reading; a symlink as the last component is
+/// refused (`ELOOP`) and so is anything that is not a regular file (`EINVAL`).
+pub fn open_regular(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
+    // O_NONBLOCK: opening a FIFO planted under a file's name must not hang the helper.
+    let fd = openat_beneath(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    // Clients read the fd with ordinary blocking semantics.
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
+    Ok(File::from(fd))
+}
+
+/// Reads a whole small file beneath `dir`, refusing files larger than `max`.
+pub fn read_small(dir: BorrowedFd<'_>, rel: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_regular(dir, rel)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file is {len} bytes, more than the {max} accepted"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file grew past the {max} bytes accepted"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Turns a tar entry name into a relative path usable with [`openat_beneath`].
+///
+/// Leading `/` and `./` are dropped and `.` components removed, like c/storage does before
+/// extracting. Names with a `..` component or a NUL byte are refused with
+/// [`ErrorCode::PathEscape`]; a name that cleans to nothing is returned as `None` (it names the
+/// layer root).
+///
+/// ```
+/// use cstor_helper::confine::clean_entry_name;
+/// assert_eq!(clean_entry_name(b"./etc/hosts").unwrap().unwrap(), std::path::Path::new("etc/hosts"));
+/// assert_eq!(clean_entry_name(b"//usr/./bin/").unwrap().unwrap(), std::path::Path::new("usr/bin"));
+/// assert!(clean_entry_name(b"./").unwrap().is_none());
+/// assert!(clean_entry_name(b"a/../../etc/shadow").is_err());
+/// ```
+pub fn clean_entry_name(raw: &[u8]) -> Result<Option<std::path::PathBuf>> {
+    if raw.contains(&0) {
+        return Err(
+            Error::new(ErrorCode::PathEscape, "entry name contains a NUL byte")
+                .path(String::from_utf8_lossy(raw)),
+        );
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(raw.len());
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                return Err(
+                    Error::new(ErrorCode::PathEscape, "entry name has a '..' component")
+                        .path(String::from_utf8_lossy(raw)),
+                );
+            }
+            c => {
+                if !out.is_empty() {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(c);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(OsStr::from_bytes(&out).into()))
+}
+
+/// A directory opened as a confinement root, remembered with its path for messages.
+#[derive(Debug)]
+pub struct Root {
+    fd: OwnedFd,
+    path: std::path::PathBuf,
+}
+
+impl Root {
+    /// Opens `path` (absolute, as configured) as a root.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The configured path (for messages and `Initialize`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory fd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn clean_names() {
+        let c = |s: &[u8]| clean_entry_name(s).map(|p| p.map(|p| p.into_os_string()));
+        assert_eq!(c(b"etc/").unwrap().unwrap(), "etc");
+        assert_eq!(c(b"/abs/x").unwrap().unwrap(), "abs/x");
+        assert_eq!(c(b"././a//b/.").unwrap().unwrap(), "a/b");
+        assert_eq!(c(b"a..b/..c").unwrap().unwrap(), "a..b/..c");
+        assert!(c(b"..").is_err());
+        assert!(c(b"a/..").is_err());
+        assert!(c(b"a\0b").is_err());
+        assert!(c(b"").unwrap().is_none());
+        assert_eq!(
+            c(&[b'x', 0xff, 0xfe]).unwrap().unwrap().as_bytes(),
+            &[b'x', 0xff, 0xfe]
+        );
+    }
+
+    #[test]
+    fn symlink_escapes_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/ok"), b"ok").unwrap();
+        symlink(outside.path(), d.path().join("abs")).unwrap();
+        symlink("../..", d.path().join("sub/up")).unwrap();
+        symlink("ok", d.path().join("sub/rel")).unwrap();
+        symlink("sub", d.path().join("subdir-link")).unwrap();
+        let root = Root::open(d.path()).unwrap();
+        assert!(open_regular(root.fd(), Path::new("sub/ok")).is_ok());
+        // A relative symlink to a directory inside the root may be traversed.
+        assert!(open_regular(root.fd(), Path::new("subdir-link/ok")).is_ok());
+        let exdev = |p: &str| {
+            open_regular(root.fd(), Path::new(p))
+                .unwrap_err()
+                .raw_os_error()
+        };
+        assert_eq!(exdev("abs/secret"), Some(18));
+        assert_eq!(exdev("sub/up/etc/passwd"), Some(18));
+        assert_eq!(exdev("/etc/passwd"), Some(18));
+        assert_eq!(exdev("../x"), Some(18));
+        // Last-component symlinks are not followed.
+        assert_eq!(exdev("sub/rel"), Some(40));
+    }
+
+    #[test]
+    fn fifos_and_dirs_are_not_regular_files() {
+        let d = tempfile::tempdir().unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let e = open_regular(root.fd(), Path::new("fifo")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(open_regular(root.fd(), Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn read_small_limits_size() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), vec![1u8; 100]).unwrap();
+        let root = Root::open(d.path()).unwrap();
+        assert_eq!(
+            read_small(root.fd(), Path::new("f"), 100).unwrap().len(),
+            100
+        );
+        assert!(read_small(root.fd(), Path::new("f"), 99).is_err());
+    }
+}

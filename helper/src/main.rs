@@ -1,0 +1,178 @@
+//! `cstor-helper`: serves containers-storage over JSON-RPC with fd passing (fd 0 is a
+//! socket), or over stdin/stdout with `--stdio` for debugging.
+//!
+//! Exit codes: 0 after end of input or `Shutdown`; 1 when the storage cannot be opened or
+//! served (the reason is on stderr); 2 for command-line errors.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cstor_helper::server::{Helper, ServerConfig, socket, stdio};
+use cstor_helper::storage::Storage;
+use cstor_helper::storage::config::{ConfigEnv, Overrides, StorageOptions};
+
+/// Read-only server of containers-storage (overlay) for cstor clients.
+///
+/// Normally started by a client with a socket on fd 0. For debugging, `--stdio` reads one
+/// JSON-RPC request per line on stdin and prints the replies, e.g.
+/// `echo '{"jsonrpc":"2.0","id":1,"method":"ListImages"}' | cstor-helper --stdio`.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Serve JSON lines on stdin/stdout instead of the socket on fd 0.
+    #[arg(long)]
+    stdio: bool,
+    /// Storage root (graphroot), overriding storage.conf.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Run root, overriding storage.conf.
+    #[arg(long, value_name = "DIR")]
+    runroot: Option<PathBuf>,
+    /// Separate image store, overriding storage.conf.
+    #[arg(long, value_name = "DIR")]
+    imagestore: Option<PathBuf>,
+    /// Graph driver, overriding storage.conf (only overlay is served).
+    #[arg(long, value_name = "NAME")]
+    storage_driver: Option<String>,
+    /// Driver option, replacing storage.conf's options (repeatable; like STORAGE_OPTS).
+    #[arg(long = "storage-opt", value_name = "OPT")]
+    storage_opts: Vec<String>,
+    /// Additional read-only image store (repeatable).
+    #[arg(long = "additional-image-store", value_name = "DIR")]
+    additional_image_stores: Vec<PathBuf>,
+    /// Read only this storage.conf (like CONTAINERS_STORAGE_CONF).
+    #[arg(long, value_name = "FILE")]
+    storage_conf: Option<PathBuf>,
+    /// Release a layer handle after this many seconds without a request naming it.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    lease_timeout: f64,
+    /// Give up waiting for a storage lock held by a writer after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    lock_timeout: f64,
+    /// With --stdio: write each layer GetLayer describes as DIR/<diff-id>.tar and check it.
+    #[arg(long, value_name = "DIR", requires = "stdio")]
+    dump_tar: Option<PathBuf>,
+    /// With --stdio: describe at most N stream entries per GetLayer.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    describe_limit: usize,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn seconds(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("--{what} must be a non-negative number of seconds"))
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Content fds are opened ahead of the client; the soft limit is often only 1024.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let Some(max) = lim.maximum
+        && lim.current != Some(max)
+    {
+        let new = rustix::process::Rlimit {
+            current: Some(max),
+            maximum: Some(max),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, new) {
+            tracing::debug!("could not raise RLIMIT_NOFILE: {e}");
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    raise_nofile_limit();
+    let mut env = ConfigEnv::from_process();
+    if let Some(conf) = &cli.storage_conf {
+        env.vars.insert(
+            "CONTAINERS_STORAGE_CONF".into(),
+            conf.clone().into_os_string(),
+        );
+    }
+    let mut options = StorageOptions::load(&env).context("reading storage configuration")?;
+    options.apply(&Overrides {
+        graphroot: cli.root.clone(),
+        runroot: cli.runroot.clone(),
+        imagestore: cli.imagestore.clone(),
+        driver: cli.storage_driver.clone(),
+        storage_opts: (!cli.storage_opts.is_empty()).then(|| cli.storage_opts.clone()),
+        additional_image_stores: cli.additional_image_stores.clone(),
+    });
+    tracing::info!(graphroot = %options.graphroot.display(), rootless = options.rootless, "storage");
+    let storage = Storage::open(options, seconds(cli.lock_timeout, "lock-timeout")?)
+        .context("opening the storage")?;
+    if let Some(dir) = &cli.dump_tar
+        && !dir.is_dir()
+    {
+        bail!("--dump-tar {}: not a directory", dir.display());
+    }
+    let helper = Arc::new(Helper {
+        storage,
+        config: ServerConfig {
+            lease: seconds(cli.lease_timeout, "lease-timeout")?,
+            dump_tar: cli.dump_tar.clone(),
+            describe_limit: cli.describe_limit,
+            ..ServerConfig::default()
+        },
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    if cli.stdio {
+        rt.block_on(stdio::serve(helper))
+            .context("serving stdin/stdout")?;
+    } else {
+        let stdin = std::io::stdin();
+        let fd = stdin.as_fd();
+        let st = rustix::fs::fstat(fd).context("inspecting fd 0")?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+            bail!(
+                "fd 0 is not a socket: cstor-helper is started by a client with a socketpair on \
+                 fd 0 (e.g. by the cstor CLI); for interactive use, run it with --stdio"
+            );
+        }
+        let sock = fd
+            .try_clone_to_owned()
+            .context("duplicating the socket on fd 0")?;
+        rt.block_on(socket::serve(helper, sock))
+            .context("serving the socket on fd 0")?;
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cstor-helper: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

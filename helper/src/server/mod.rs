@@ -1,0 +1,381 @@
+//! The JSON-RPC server: one [`Connection`] per client, a dispatcher shared by the socket
+//! transport and the `--stdio` debug transport.
+
+pub mod producer;
+pub mod session;
+pub mod socket;
+pub mod stdio;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cstor_protocol::{
+    Empty, ErrorCode, FetchFdsParams, GetImageParams, GetImageResult, GetLayerParams,
+    GetLayerResult, InitializeParams, InitializeResult, KeepAliveParams, KeepAliveResult, Limits,
+    ListImagesResult, PROTOCOL_VERSION, ReleaseLayerParams, RpcError, StreamInfo, capability,
+    method, stream,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::storage::Storage;
+use session::{EndReason, Session};
+
+/// Settings of a serving helper.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A layer handle is released after this long without a request naming it.
+    pub lease: Duration,
+    /// Layer handles open at once per connection.
+    pub max_open_layers: u32,
+    /// Most fds per `FetchFds` reply (kept below the kernel's SCM_RIGHTS limit of 253).
+    pub max_fds_per_message: u32,
+    /// Content fds opened ahead of the client, per layer.
+    pub max_fds_queued: u32,
+    /// `--stdio`: write each layer's rebuilt tar here.
+    pub dump_tar: Option<PathBuf>,
+    /// `--stdio`: most stream entries described per `GetLayer`.
+    pub describe_limit: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(120),
+            max_open_layers: 64,
+            max_fds_per_message: 200,
+            max_fds_queued: 512,
+            dump_tar: None,
+            describe_limit: 100_000,
+        }
+    }
+}
+
+/// How replies reach the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket with fd passing.
+    Socket,
+    /// JSON lines on stdin/stdout; fds are described instead of passed.
+    Stdio,
+}
+
+/// A successful reply: the result and the fds it carries.
+#[derive(Debug)]
+pub struct Reply {
+    /// The JSON-RPC `result`.
+    pub result: Value,
+    /// Fds attached in order.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    fn of<T: Serialize>(v: &T) -> Result<Self, RpcError> {
+        Ok(Self {
+            result: to_value(v)?,
+            fds: Vec::new(),
+        })
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value, RpcError> {
+    serde_json::to_value(v)
+        .map_err(|e| RpcError::new(ErrorCode::Internal, format!("serializing the reply: {e}")))
+}
+
+fn params<T: DeserializeOwned>(method: &str, p: Option<Value>) -> Result<T, RpcError> {
+    // Absent params mean an empty object, so `{"method":"ListImages"}` works.
+    let v = match p {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v) => v,
+    };
+    serde_json::from_value(v).map_err(|e| {
+        RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params for {method}: {e}"),
+        )
+    })
+}
+
+/// What the helper serves: its storage and settings.
+#[derive(Debug)]
+pub struct Helper {
+    /// The storage.
+    pub storage: Storage,
+    /// Settings.
+    pub config: ServerConfig,
+}
+
+/// One client's state.
+#[derive(Debug)]
+pub struct Connection {
+    helper: Arc<Helper>,
+    transport: Transport,
+    initialized: AtomicBool,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    expired: Mutex<HashSet<u64>>,
+    next_handle: AtomicU64,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs blocking storage work off the async threads; a panic becomes an internal error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, RpcError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(RpcError::from),
+        Err(e) => Err(RpcError::new(
+            ErrorCode::Internal,
+            format!("a helper task failed: {e}"),
+        )),
+    }
+}
+
+impl Connection {
+    /// A new connection. In `--stdio` mode no `Initialize` is required.
+    pub fn new(helper: Arc<Helper>, transport: Transport) -> Arc<Self> {
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        Arc::new(Self {
+            helper,
+            transport,
+            initialized: AtomicBool::new(transport == Transport::Stdio),
+            sessions: Mutex::new(HashMap::new()),
+            expired: Mutex::new(HashSet::new()),
+            next_handle: AtomicU64::new(1),
+            shutdown,
+        })
+    }
+
+    /// Resolves once `Shutdown` was handled.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Releases every open layer (disconnect, shutdown).
+    pub fn release_all(&self) {
+        let all: Vec<_> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
+        for s in all {
+            s.end(EndReason::Released);
+        }
+    }
+
+    /// Ends the sessions whose lease ran out; returns how many.
+    pub fn expire_leases(&self) -> usize {
+        let now = Instant::now();
+        let gone: Vec<Arc<Session>> = {
+            let mut map = lock(&self.sessions);
+            let ids: Vec<u64> = map
+                .iter()
+                .filter(|(_, s)| s.expired(now))
+                .map(|(h, _)| *h)
+                .collect();
+            ids.iter().filter_map(|h| map.remove(h)).collect()
+        };
+        for s in &gone {
+            tracing::warn!(
+                handle = s.handle,
+                layer = %s.info.id,
+                "lease expired; releasing the layer"
+            );
+            lock(&self.expired).insert(s.handle);
+            s.end(EndReason::Expired);
+        }
+        gone.len()
+    }
+
+    fn session(&self, handle: u64) -> Result<Arc<Session>, RpcError> {
+        if let Some(s) = lock(&self.sessions).get(&handle) {
+            return Ok(s.clone());
+        }
+        if lock(&self.expired).contains(&handle) {
+            return Err(RpcError::new(
+                ErrorCode::LeaseExpired,
+                format!("the lease of layer handle {handle} ran out; the layer was released"),
+            ));
+        }
+        Err(RpcError::new(
+            ErrorCode::UnknownHandle,
+            format!("no open layer has handle {handle}"),
+        ))
+    }
+
+    /// Handles one request. `fds_in` is how many fds arrived with it (none are accepted).
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        method: &str,
+        p: Option<Value>,
+        fds_in: usize,
+    ) -> Result<Reply, RpcError> {
+        if fds_in > 0 {
+            return Err(RpcError::new(
+                ErrorCode::InvalidParams,
+                format!(
+                    "{method} takes no file descriptors, but {fds_in} were attached (they were closed)"
+                ),
+            ));
+        }
+        if method != method::INITIALIZE && !self.initialized.load(Ordering::Acquire) {
+            if !method::ALL.contains(&method) {
+                return Err(method_not_found(method));
+            }
+            return Err(RpcError::new(
+                ErrorCode::NotInitialized,
+                format!("call Initialize before {method}"),
+            ));
+        }
+        match method {
+            method::INITIALIZE => self.initialize(params(method, p)?),
+            method::LIST_IMAGES => {
+                let h = self.helper.clone();
+                let images = blocking(move || h.storage.list_images()).await?;
+                Reply::of(&ListImagesResult { images })
+            }
+            method::GET_IMAGE => {
+                let GetImageParams { reference } = params(method, p)?;
+                let h = self.helper.clone();
+                let d = blocking(move || h.storage.get_image(&reference)).await?;
+                Reply::of(&GetImageResult {
+                    id: d.id,
+                    names: d.names,
+                    store: d.store,
+                    manifest: d.manifest,
+                    config: d.config,
+                    layers: d.layers,
+                })
+            }
+            method::GET_LAYER => self.get_layer(params(method, p)?).await,
+            method::FETCH_FDS => {
+                let FetchFdsParams { handle, max } = params(method, p)?;
+                if self.transport == Transport::Stdio {
+                    return Err(stdio_unavailable(method));
+                }
+                let s = self.session(handle)?;
+                s.renew();
+                let max = max.clamp(1, self.helper.config.max_fds_per_message);
+                let (r, fds) = s.fetch(max).await?;
+                s.renew();
+                Ok(Reply {
+                    result: to_value(&r)?,
+                    fds,
+                })
+            }
+            method::KEEP_ALIVE => {
+                let KeepAliveParams { handle } = params(method, p)?;
+                let lease = self.session(handle)?.renew();
+                Reply::of(&KeepAliveResult {
+                    lease_ms: lease.as_millis() as u64,
+                })
+            }
+            method::RELEASE_LAYER => {
+                let ReleaseLayerParams { handle } = params(method, p)?;
+                let s = lock(&self.sessions).remove(&handle);
+                match s {
+                    Some(s) => {
+                        s.end(EndReason::Released);
+                        Reply::of(&Empty {})
+                    }
+                    None => Err(self.session(handle).err().unwrap_or_else(|| {
+                        RpcError::new(ErrorCode::UnknownHandle, "no such handle")
+                    })),
+                }
+            }
+            method::SHUTDOWN => {
+                let _: Empty = params(method, p)?;
+                self.release_all();
+                let _ = self.shutdown.send(true);
+                Reply::of(&Empty {})
+            }
+            other => Err(method_not_found(other)),
+        }
+    }
+
+    fn initialize(&self, p: InitializeParams) -> Result<Reply, RpcError> {
+        if p.protocol_version.major != PROTOCOL_VERSION.major {
+            return Err(RpcError::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "this helper speaks protocol {PROTOCOL_VERSION}; the client asked for {}",
+                    p.protocol_version
+                ),
+            ));
+        }
+        tracing::debug!(client = ?p.client, version = %p.protocol_version, "initialized");
+        self.initialized.store(true, Ordering::Release);
+        let c = &self.helper.config;
+        Reply::of(&InitializeResult {
+            protocol_version: PROTOCOL_VERSION,
+            helper_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: capability::ALL.iter().map(|s| s.to_string()).collect(),
+            storage: self.helper.storage.info(),
+            limits: Limits {
+                max_fds_per_message: c.max_fds_per_message,
+                max_fds_queued: c.max_fds_queued,
+                lease_timeout_ms: c.lease.as_millis() as u64,
+                max_open_layers: c.max_open_layers,
+            },
+        })
+    }
+
+    async fn get_layer(self: &Arc<Self>, p: GetLayerParams) -> Result<Reply, RpcError> {
+        if self.transport == Transport::Stdio {
+            return stdio::describe_layer(self.helper.clone(), p.layer).await;
+        }
+        if lock(&self.sessions).len() >= self.helper.config.max_open_layers as usize {
+            return Err(RpcError::new(
+                ErrorCode::TooManyHandles,
+                format!(
+                    "{} layers are open on this connection; release one first",
+                    self.helper.config.max_open_layers
+                ),
+            ));
+        }
+        let h = self.helper.clone();
+        let wanted = p.layer.clone();
+        let open = blocking(move || h.storage.open_layer(&wanted)).await?;
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let c = &self.helper.config;
+        let (session, pipe) = Session::start(handle, open, c.lease, c.max_fds_queued as usize)
+            .map_err(RpcError::from)?;
+        let info = session.info.clone();
+        lock(&self.sessions).insert(handle, session);
+        Ok(Reply {
+            result: to_value(&GetLayerResult {
+                handle,
+                layer: info,
+                stream: StreamInfo {
+                    format: stream::FORMAT_NAME.into(),
+                    version: stream::FORMAT_VERSION,
+                    fd: 0,
+                },
+                described: None,
+            })?,
+            fds: vec![pipe],
+        })
+    }
+}
+
+fn method_not_found(m: &str) -> RpcError {
+    RpcError::new(
+        ErrorCode::MethodNotFound,
+        format!("no method {m:?}; methods are {}", method::ALL.join(", ")),
+    )
+}
+
+fn stdio_unavailable(m: &str) -> RpcError {
+    RpcError::new(
+        ErrorCode::UnavailableInStdio,
+        format!(
+            "{m} passes file descriptors, which --stdio cannot; GetLayer in --stdio mode already describes every file"
+        ),
+    )
+}

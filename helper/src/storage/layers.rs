@@ -1,0 +1,279 @@
+//! Layer records (`overlay-layers/layers.json`, `volatile-layers.json`) and the overlay
+//! directory chain of a layer.
+
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+
+use cstor_protocol::ErrorCode;
+use serde::Deserialize;
+
+use crate::confine;
+use crate::error::{Error, Result};
+
+/// Largest layers.json accepted (a store with tens of thousands of layers stays far below).
+const MAX_LAYERS_JSON: u64 = 256 << 20;
+
+/// One entry of layers.json (only the fields the helper uses).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LayerRecord {
+    /// 64 hex digits.
+    pub id: String,
+    /// Parent layer id.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Digest of the blob the layer was created from.
+    #[serde(default, rename = "compressed-diff-digest")]
+    pub compressed_digest: Option<String>,
+    /// Size of that blob.
+    #[serde(default, rename = "compressed-size")]
+    pub compressed_size: Option<i64>,
+    /// Digest of the uncompressed tar.
+    #[serde(default, rename = "diff-digest")]
+    pub diff_digest: Option<String>,
+    /// Length of the uncompressed tar; -1 when unknown.
+    #[serde(default, rename = "diff-size")]
+    pub diff_size: Option<i64>,
+    /// Free-form flags; `incomplete` and `expected-layer-diffid` matter here.
+    #[serde(default)]
+    pub flags: BTreeMap<String, serde_json::Value>,
+}
+
+impl LayerRecord {
+    /// Being created or deleted: must be ignored.
+    pub fn incomplete(&self) -> bool {
+        self.flags
+            .get("incomplete")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// The diff id: `diff-digest`, else the untrusted `expected-layer-diffid` flag of layers
+    /// pulled by TOC.
+    pub fn diff_id(&self) -> Option<&str> {
+        self.diff_digest
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .or_else(|| {
+                self.flags
+                    .get("expected-layer-diffid")
+                    .and_then(|v| v.as_str())
+            })
+    }
+
+    /// Uncompressed length, when known.
+    pub fn diff_size(&self) -> Option<u64> {
+        self.diff_size.and_then(|s| u64::try_from(s).ok())
+    }
+
+    /// Parent id, treating `""` as none.
+    pub fn parent(&self) -> Option<&str> {
+        self.parent.as_deref().filter(|p| !p.is_empty())
+    }
+}
+
+/// True for a 64-digit lowercase hex id, the only form c/storage generates.
+pub fn is_full_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Reads the layer records of one store: `layers.json` then `volatile-layers.json`, first
+/// occurrence of an id wins. Records with malformed ids are dropped with a warning, since
+/// they cannot name a directory safely. A store without layers.json has no layers.
+///
+/// Fails with [`ErrorCode::CorruptMetadata`] when a file is not the expected JSON, or
+/// [`ErrorCode::Io`] when it cannot be read.
+pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>> {
+    let mut out: Vec<LayerRecord> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for file in ["layers.json", "volatile-layers.json"] {
+        let rel = Path::new("overlay-layers").join(file);
+        let bytes = match confine::read_small(store, &rel, MAX_LAYERS_JSON) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading {}", store_path.join(&rel).display()),
+                    e,
+                ));
+            }
+        };
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let records: Vec<LayerRecord> = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(
+                ErrorCode::CorruptMetadata,
+                format!("{} is not valid: {e}", store_path.join(&rel).display()),
+            )
+        })?;
+        for r in records {
+            if !is_full_id(&r.id) {
+                tracing::warn!(id = %r.id, file = %rel.display(), "ignoring layer with a malformed id");
+                continue;
+            }
+            if seen.insert(r.id.clone()) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `overlay/<id>/lower` and returns the ids of the lower layers' directories, nearest
+/// first. The file holds `l/<LINK>:l/<LINK>...`; each link is a symlink `../<id>/diff` in some
+/// store's `overlay/l/`. Absent file: no lowers.
+pub fn lower_chain(
+    stores: &[(BorrowedFd<'_>, &Path)],
+    layer_dir_store: BorrowedFd<'_>,
+    id: &str,
+) -> Result<Vec<String>> {
+    let rel = PathBuf::from(format!("overlay/{id}/lower"));
+    let bytes = match confine::read_small(layer_dir_store, &rel, 1 << 20) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("reading {}", rel.display()), e).layer(id)),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        Error::new(
+            ErrorCode::CorruptMetadata,
+            format!("{} is not UTF-8", rel.display()),
+        )
+        .layer(id)
+    })?;
+    let mut ids = Vec::new();
+    for entry in text.trim().split(':').filter(|s| !s.is_empty()) {
+        let link = entry.strip_prefix("l/").filter(|l| {
+            !l.is_empty() && l.len() <= 64 && l.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        let Some(link) = link else {
+            return Err(Error::new(
+                ErrorCode::CorruptMetadata,
+                format!("{} holds an unexpected entry {entry:?}", rel.display()),
+            )
+            .layer(id));
+        };
+        ids.push(resolve_link(stores, link).map_err(|e| e.layer(id))?);
+    }
+    Ok(ids)
+}
+
+/// Finds `overlay/l/<link>` in any store and returns the layer id it points to.
+fn resolve_link(stores: &[(BorrowedFd<'_>, &Path)], link: &str) -> Result<String> {
+    let rel = PathBuf::from(format!("overlay/l/{link}"));
+    for (fd, _path) in stores {
+        let target = match rustix::fs::readlinkat(*fd, &rel, Vec::new()) {
+            Ok(t) => t,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading link {}", rel.display()),
+                    e.into(),
+                ));
+            }
+        };
+        let target = target.to_string_lossy().into_owned();
+        // "../<id>/diff"
+        let id = target
+            .strip_prefix("../")
+            .and_then(|t| t.strip_suffix("/diff"))
+            .filter(|id| is_full_id(id));
+        return id.map(str::to_owned).ok_or_else(|| {
+            Error::new(
+                ErrorCode::CorruptMetadata,
+                format!(
+                    "{} points to {target:?}, not ../<layer-id>/diff",
+                    rel.display()
+                ),
+            )
+        });
+    }
+    Err(Error::new(
+        ErrorCode::CorruptMetadata,
+        format!("lower link l/{link} exists in no store"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::confine::Root;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn loads_both_files_first_wins_and_skips_bad_ids() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("overlay-layers")).unwrap();
+        std::fs::write(
+            d.path().join("overlay-layers/layers.json"),
+            format!(
+                r#"[{{"id":"{A}","diff-digest":"sha256:x","diff-size":-1,"flags":{{"incomplete":true}}}},
+                   {{"id":"../../etc"}}, {{"id":"{B}","parent":"{A}","unknown":{{}}}}]"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("overlay-layers/volatile-layers.json"),
+            format!(r#"[{{"id":"{A}","diff-digest":"sha256:other"}}]"#),
+        )
+        .unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let l = load(root.fd(), d.path()).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l[0].incomplete());
+        assert_eq!(l[0].diff_id(), Some("sha256:x"));
+        assert_eq!(l[0].diff_size(), None);
+        assert_eq!(l[1].parent(), Some(A));
+    }
+
+    #[test]
+    fn corrupt_json_is_reported() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("overlay-layers")).unwrap();
+        std::fs::write(d.path().join("overlay-layers/layers.json"), "[{").unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let e = load(root.fd(), d.path()).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::CorruptMetadata);
+        assert!(e.to_string().contains("layers.json"));
+    }
+
+    #[test]
+    fn expected_diffid_flag_is_a_fallback() {
+        let r: LayerRecord = serde_json::from_str(&format!(
+            r#"{{"id":"{A}","flags":{{"expected-layer-diffid":"sha256:e"}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.diff_id(), Some("sha256:e"));
+    }
+
+    #[test]
+    fn lower_chain_follows_links() {
+        let d = tempfile::tempdir().unwrap();
+        let o = d.path().join("overlay");
+        std::fs::create_dir_all(o.join("l")).unwrap();
+        std::fs::create_dir_all(o.join(A).join("diff")).unwrap();
+        std::fs::create_dir_all(o.join(B).join("diff")).unwrap();
+        std::os::unix::fs::symlink(format!("../{A}/diff"), o.join("l/LINKA")).unwrap();
+        std::fs::write(o.join(B).join("lower"), "l/LINKA").unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let stores = [(root.fd(), d.path())];
+        assert_eq!(
+            lower_chain(&stores, root.fd(), B).unwrap(),
+            vec![A.to_string()]
+        );
+        assert!(lower_chain(&stores, root.fd(), A).unwrap().is_empty());
+        std::fs::write(o.join(B).join("lower"), "l/../../x").unwrap();
+        assert_eq!(
+            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
+            ErrorCode::CorruptMetadata
+        );
+        std::os::unix::fs::symlink("/etc", o.join("l/EVIL")).unwrap();
+        std::fs::write(o.join(B).join("lower"), "l/EVIL").unwrap();
+        assert_eq!(
+            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
+            ErrorCode::CorruptMetadata
+        );
+    }
+}

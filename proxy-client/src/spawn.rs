@@ -1,0 +1,383 @@
+//! Starting and supervising `cstor-helper`.
+//!
+//! The helper runs as a child process with one end of a socketpair on its fd 0. As root (or
+//! with `CAP_DAC_OVERRIDE`) it is started directly; a rootless caller starts it as
+//! `podman unshare cstor-helper ...` so that it runs in the user's namespace, where the
+//! subordinate-uid files of rootless storage are readable.
+//!
+//! The child is reaped on a dedicated thread (not through tokio's SIGCHLD handling, which
+//! conflicts with other event loops in the same process) and killed through a pidfd when the
+//! client is dropped, so a pid can never be confused with a recycled one.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How to run the helper.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Privilege {
+    /// Directly when this process can read any file (root or `CAP_DAC_OVERRIDE`), else
+    /// through `podman unshare`.
+    #[default]
+    Auto,
+    /// Run the helper directly.
+    Direct,
+    /// Run it as `podman unshare cstor-helper ...`.
+    PodmanUnshare,
+}
+
+/// Which storage the helper serves. Unset fields come from storage.conf as podman reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StorageSelection {
+    /// The graph root (`--root`).
+    pub graphroot: Option<PathBuf>,
+    /// The run root (`--runroot`).
+    pub runroot: Option<PathBuf>,
+    /// A separate image store (`--imagestore`).
+    pub imagestore: Option<PathBuf>,
+    /// The driver (`--storage-driver`); only overlay is served.
+    pub driver: Option<String>,
+    /// Driver options replacing storage.conf's (`--storage-opt`).
+    pub storage_opts: Vec<String>,
+    /// Additional read-only image stores.
+    pub additional_image_stores: Vec<PathBuf>,
+    /// Read only this storage.conf.
+    pub storage_conf: Option<PathBuf>,
+}
+
+impl StorageSelection {
+    /// The helper arguments selecting this storage.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut opt = |flag: &str, v: &Path| {
+            a.push(flag.into());
+            a.push(v.into());
+        };
+        if let Some(p) = &self.graphroot {
+            opt("--root", p);
+        }
+        if let Some(p) = &self.runroot {
+            opt("--runroot", p);
+        }
+        if let Some(p) = &self.imagestore {
+            opt("--imagestore", p);
+        }
+        if let Some(p) = &self.storage_conf {
+            opt("--storage-conf", p);
+        }
+        for p in &self.additional_image_stores {
+            opt("--additional-image-store", p);
+        }
+        if let Some(d) = &self.driver {
+            a.push("--storage-driver".into());
+            a.push(d.into());
+        }
+        for o in &self.storage_opts {
+            a.push("--storage-opt".into());
+            a.push(o.into());
+        }
+        a
+    }
+}
+
+/// Everything needed to start a helper.
+#[derive(Debug, Clone)]
+pub struct HelperConfig {
+    /// The helper binary; by default `$CSTOR_HELPER`, then `cstor-helper` next to the current
+    /// executable, then on `PATH`.
+    pub program: Option<PathBuf>,
+    /// The storage to serve.
+    pub storage: StorageSelection,
+    /// How to run it.
+    pub privilege: Privilege,
+    /// The `podman` binary used for `podman unshare` (default: `podman` on `PATH`).
+    pub podman: PathBuf,
+    /// More helper arguments (e.g. `-v`, `--lease-timeout`).
+    pub extra_args: Vec<OsString>,
+    /// How long the helper may take to answer `Initialize`. `podman unshare` can take a few
+    /// seconds on first use.
+    pub handshake_timeout: Duration,
+    /// How long any other call may take before it fails (`None`: no limit).
+    pub call_timeout: Option<Duration>,
+}
+
+impl Default for HelperConfig {
+    fn default() -> Self {
+        Self {
+            program: None,
+            storage: StorageSelection::default(),
+            privilege: Privilege::Auto,
+            podman: PathBuf::from("podman"),
+            extra_args: Vec::new(),
+            handshake_timeout: Duration::from_secs(30),
+            call_timeout: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Locates the helper binary.
+///
+/// Fails with [`Error::HelperNotFound`] listing the places searched.
+pub fn find_helper(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    if let Some(p) = std::env::var_os("CSTOR_HELPER").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        // Test binaries live in target/<profile>/deps; the helper one level up.
+        for d in [Some(dir), dir.parent().filter(|_| dir.ends_with("deps"))]
+            .into_iter()
+            .flatten()
+        {
+            let c = d.join("cstor-helper");
+            if c.is_file() {
+                return Ok(c);
+            }
+            tried.push(c.display().to_string());
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let c = d.join("cstor-helper");
+            if c.is_file() {
+                return Ok(c);
+            }
+        }
+        tried.push("$PATH".into());
+    }
+    Err(Error::HelperNotFound(format!(
+        "set CSTOR_HELPER or install it; looked in {}",
+        tried.join(", ")
+    )))
+}
+
+/// Whether this process can open any file regardless of its mode.
+pub fn can_read_everything() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    // CAP_DAC_OVERRIDE is bit 1 of the effective set in /proc/self/status.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 1) != 0)
+}
+
+const STDERR_TAIL: usize = 16 << 10;
+
+/// A running helper: its pidfd, exit status once known, and the tail of its stderr.
+#[derive(Debug)]
+pub struct HelperProcess {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    status: Arc<(Mutex<Option<ExitStatus>>, std::sync::Condvar)>,
+    stderr: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl HelperProcess {
+    /// Starts the helper with `socket` as its fd 0.
+    pub fn start(config: &HelperConfig, socket: OwnedFd) -> Result<Self> {
+        let program = find_helper(config.program.as_deref())?;
+        let direct = match config.privilege {
+            Privilege::Direct => true,
+            Privilege::PodmanUnshare => false,
+            Privilege::Auto => can_read_everything(),
+        };
+        let mut cmd = if direct {
+            Command::new(&program)
+        } else {
+            let mut c = Command::new(&config.podman);
+            c.arg("unshare").arg(&program);
+            c
+        };
+        cmd.args(config.storage.to_args())
+            .args(&config.extra_args)
+            .stdin(Stdio::from(socket))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        tracing::debug!(?cmd, "starting the helper");
+        let shown = if direct {
+            program.clone()
+        } else {
+            config.podman.clone()
+        };
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: shown,
+            source,
+        })?;
+        let pid = child.id();
+        // Opened before anyone can reap the child, so it always names this process.
+        let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        if let Some(mut pipe) = child.stderr.take() {
+            let tail = stderr.clone();
+            std::thread::Builder::new()
+                .name("helper-stderr".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let mut line = Vec::new();
+                    while let Ok(n) = pipe.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                        t.extend(&buf[..n]);
+                        let excess = t.len().saturating_sub(STDERR_TAIL);
+                        t.drain(..excess);
+                        drop(t);
+                        for &b in &buf[..n] {
+                            if b == b'\n' {
+                                tracing::info!(target: "cstor_helper", "{}", String::from_utf8_lossy(&line));
+                                line.clear();
+                            } else {
+                                line.push(b);
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("starting the helper stderr thread", e))?;
+        }
+        let status = Arc::new((Mutex::new(None), std::sync::Condvar::new()));
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name("helper-reaper".into())
+            .spawn(move || {
+                let s = child.wait();
+                let (lock, cv) = &*st;
+                let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
+                if let Ok(s) = s {
+                    tracing::debug!("helper exited: {s}");
+                    *slot = Some(s);
+                }
+                cv.notify_all();
+            })
+            .map_err(|e| Error::io("starting the helper reaper thread", e))?;
+        Ok(Self {
+            pid,
+            pidfd,
+            status,
+            stderr,
+        })
+    }
+
+    /// The helper's pid (or `podman`'s when started through `podman unshare`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The exit status, waiting up to `wait` for it.
+    pub fn exit_status(&self, wait: Duration) -> Option<ExitStatus> {
+        let (lock, cv) = &*self.status;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, wait, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// The last bytes the helper wrote on stderr.
+    pub fn stderr_tail(&self) -> String {
+        let t = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        let (a, b) = t.as_slices();
+        let mut v = a.to_vec();
+        v.extend_from_slice(b);
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
+    /// An error describing the helper's death while doing `during`.
+    pub fn died(&self, during: &str) -> Error {
+        let status = match self.exit_status(Duration::from_secs(2)) {
+            Some(s) => s.to_string(),
+            None => "it closed the connection but is still running".to_owned(),
+        };
+        // Give the stderr thread a moment to collect the last words.
+        std::thread::sleep(Duration::from_millis(20));
+        Error::HelperDied {
+            during: during.to_owned(),
+            status,
+            stderr: self.stderr_tail(),
+        }
+    }
+
+    /// Kills the helper (SIGKILL through its pidfd) unless it already exited.
+    pub fn kill(&self) {
+        if self.exit_status(Duration::ZERO).is_some() {
+            return;
+        }
+        if let Some(fd) = &self.pidfd {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        // The helper exits by itself once its socket closes; give it a moment, then make sure.
+        if self.exit_status(Duration::from_millis(200)).is_none() {
+            self.kill();
+            let _ = self.exit_status(Duration::from_secs(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_args() {
+        let s = StorageSelection {
+            graphroot: Some("/g".into()),
+            runroot: Some("/r".into()),
+            additional_image_stores: vec!["/a".into(), "/b".into()],
+            storage_opts: vec!["overlay.mount_program=/x".into()],
+            ..Default::default()
+        };
+        let a: Vec<String> = s
+            .to_args()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            a,
+            [
+                "--root",
+                "/g",
+                "--runroot",
+                "/r",
+                "--additional-image-store",
+                "/a",
+                "--additional-image-store",
+                "/b",
+                "--storage-opt",
+                "overlay.mount_program=/x"
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_program_wins() {
+        assert_eq!(
+            find_helper(Some(Path::new("/x/h"))).unwrap(),
+            PathBuf::from("/x/h")
+        );
+    }
+}
