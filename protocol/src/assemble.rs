@@ -43,14 +43,14 @@ pub enum AssembleError {
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// The content fd could not be obtained or read.
-    #[error("reading content of {name:?} (fd {fd}): {source}")]
+    #[error("reading content of {name:?} (fd {fd}): {cause}")]
     Content {
         /// Entry name (lossy).
         name: String,
         /// Content fd index.
         fd: u64,
         /// The failure.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The content's CRC-64 differs from the one recorded in tar-split.
     #[error("CRC-64 mismatch for {name:?}: recorded {expected:016x}, content has {actual:016x}")]
@@ -124,10 +124,10 @@ pub fn assemble<R: Read, S: ContentSource, W: Write>(
             Some(Record::File(f)) => {
                 let Some(fd) = f.fd else { continue };
                 let name = String::from_utf8_lossy(&f.name).into_owned();
-                let content_err = |source| AssembleError::Content {
+                let content_err = |cause| AssembleError::Content {
                     name: name.clone(),
                     fd,
-                    source,
+                    cause,
                 };
                 let file = source.content(fd).map_err(content_err)?;
                 let mut crc = CRC64.digest();

@@ -109,7 +109,7 @@ pub enum Record {
 pub enum StreamError {
     /// Reading the pipe failed.
     #[error("reading the layer stream: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The first 8 bytes are not [`MAGIC`].
     #[error("not a cstor layer stream (bad magic)")]
     BadMagic,
@@ -127,6 +127,12 @@ pub enum StreamError {
     /// The helper reported an error in the stream.
     #[error("helper error in layer stream: {0}")]
     Remote(Box<RpcError>),
+}
+
+impl From<io::Error> for StreamError {
+    fn from(e: io::Error) -> Self {
+        StreamError::Io(e)
+    }
 }
 
 /// Writes a stream. Used by the helper; public so that tests and other servers can produce

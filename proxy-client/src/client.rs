@@ -133,6 +133,12 @@ impl Client {
         &self.inner.info
     }
 
+    /// The pid of the helper process this client started (of `podman` when started through
+    /// `podman unshare`); `None` for [`Client::connect`].
+    pub fn helper_pid(&self) -> Option<u32> {
+        self.inner.process.as_ref().map(|p| p.pid())
+    }
+
     /// Whether the helper offers a capability token (see `cstor_protocol::capability`).
     pub fn has_capability(&self, token: &str) -> bool {
         self.inner.info.capabilities.iter().any(|c| c == token)

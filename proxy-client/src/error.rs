@@ -14,12 +14,12 @@ pub enum Error {
     #[error("cannot find cstor-helper: {0}")]
     HelperNotFound(String),
     /// The helper could not be started.
-    #[error("starting {program}: {source}")]
+    #[error("starting {program}: {cause}")]
     Spawn {
         /// The program started.
         program: PathBuf,
         /// Why it failed.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The helper exited or closed the connection.
     #[error("cstor-helper died while {during}: {status}{}", fmt_stderr(stderr))]
@@ -64,20 +64,20 @@ pub enum Error {
         detail: String,
     },
     /// Reading a layer stream failed.
-    #[error("layer {layer}: {source}")]
+    #[error("layer {layer}: {cause}")]
     Stream {
         /// The layer id.
         layer: String,
         /// Why.
-        source: StreamError,
+        cause: StreamError,
     },
     /// Rebuilding a layer's tar failed (CRC or size mismatch, unreadable content...).
-    #[error("layer {layer}: {source}")]
+    #[error("layer {layer}: {cause}")]
     Assemble {
         /// The layer id.
         layer: String,
         /// Why.
-        source: AssembleError,
+        cause: AssembleError,
     },
     /// The rebuilt tar does not have the layer's diff id or size.
     #[error("layer {layer}: rebuilt tar has {actual}, the layer's diff id is {expected}")]
@@ -90,12 +90,12 @@ pub enum Error {
         actual: String,
     },
     /// A local I/O error.
-    #[error("{doing}: {source}")]
+    #[error("{doing}: {cause}")]
     Io {
         /// What was being done.
         doing: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -113,11 +113,11 @@ impl Error {
         match self {
             Error::Remote { error, .. } => error.error_code(),
             Error::Stream {
-                source: StreamError::Remote(e),
+                cause: StreamError::Remote(e),
                 ..
             } => e.error_code(),
             Error::Assemble {
-                source: AssembleError::Stream(StreamError::Remote(e)),
+                cause: AssembleError::Stream(StreamError::Remote(e)),
                 ..
             } => e.error_code(),
             _ => None,
@@ -133,10 +133,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(doing: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(doing: impl Into<String>, cause: std::io::Error) -> Self {
         Error::Io {
             doing: doing.into(),
-            source,
+            cause,
         }
     }
 }

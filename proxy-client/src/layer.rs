@@ -165,7 +165,7 @@ impl Layer {
         let id = self.info.id.clone();
         Some(
             StreamReader::new(BufReader::with_capacity(256 << 10, f))
-                .map_err(|source| Error::Stream { layer: id, source }),
+                .map_err(|cause| Error::Stream { layer: id, cause }),
         )
     }
 
@@ -204,9 +204,9 @@ impl Layer {
         })
         .await
         .map_err(|e| Error::io("joining the tar writer", std::io::Error::other(e)))?;
-        let result = joined.map_err(|source| Error::Assemble {
+        let result = joined.map_err(|cause| Error::Assemble {
             layer: id.clone(),
-            source,
+            cause,
         });
         let release = self.release().await;
         let (assembled, out) = result?;

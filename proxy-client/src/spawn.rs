@@ -217,9 +217,9 @@ impl HelperProcess {
         } else {
             config.podman.clone()
         };
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        let mut child = cmd.spawn().map_err(|cause| Error::Spawn {
             program: shown,
-            source,
+            cause,
         })?;
         let pid = child.id();
         // Opened before anyone can reap the child, so it always names this process.

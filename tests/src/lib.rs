@@ -45,6 +45,7 @@ pub mod images;
 pub mod podman;
 pub mod rootfs;
 pub mod rootless;
+pub mod session;
 pub mod skip;
 pub mod xfs;
 

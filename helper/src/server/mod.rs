@@ -292,7 +292,7 @@ impl Connection {
             method::SHUTDOWN => {
                 let _: Empty = params(method, p)?;
                 self.release_all();
-                let _ = self.shutdown.send(true);
+                self.shutdown.send_replace(true);
                 Reply::of(&Empty {})
             }
             other => Err(method_not_found(other)),

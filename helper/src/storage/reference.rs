@@ -199,7 +199,13 @@ pub fn normalize(s: &str, input: &str, has_digest: bool) -> Result<NormalizedNam
             } else {
                 first
             };
-            (d.to_owned(), rest.to_owned(), false)
+            // Official images live under library/ on Docker Hub, however they are written.
+            let path = if d == "docker.io" && !rest.contains('/') {
+                format!("library/{rest}")
+            } else {
+                rest.to_owned()
+            };
+            (d.to_owned(), path, false)
         }
         Some(_) => ("docker.io".to_owned(), name.to_owned(), true),
         None => ("docker.io".to_owned(), format!("library/{name}"), true),
@@ -276,7 +282,8 @@ mod tests {
         assert_eq!(name("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(name("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(name("user/app"), "docker.io/user/app:latest");
-        assert_eq!(name("docker.io/busybox"), "docker.io/busybox:latest");
+        assert_eq!(name("docker.io/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(name("index.docker.io/busybox"), "docker.io/library/busybox:latest");
         assert_eq!(name("index.docker.io/a/b:c"), "docker.io/a/b:c");
         assert_eq!(name("localhost/x"), "localhost/x:latest");
         assert_eq!(name("localhost:5000/x:y"), "localhost:5000/x:y");

@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 other failure; 2 command-line error; 3 image or layer not found
 //! (or an invalid/ambiguous reference); 4 verification failed (a CRC, size or digest did not
 //! match); 5 the helper could not be started or died; 6 storage busy (a lock stayed held),
-//! retry later.
+//! retry later; 141 stdout was closed early (e.g. `cstor layer-tar ... | head`), silently, as
+//! for a process killed by SIGPIPE.
 
 #![forbid(unsafe_code)]
 
@@ -332,7 +333,27 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Exit code for a reader that went away (128 + SIGPIPE), as shells report it.
+const EXIT_PIPE: u8 = 141;
+
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<Error>(),
+            Some(Error::Assemble {
+                cause: cstor_proxy_client::protocol::assemble::AssembleError::Write(w),
+                ..
+            }) if w.kind() == std::io::ErrorKind::BrokenPipe
+        ) || c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|w| w.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if broken_pipe(e) {
+        return EXIT_PIPE;
+    }
     for cause in e.chain() {
         if let Some(err) = cause.downcast_ref::<Error>() {
             return match err {
@@ -372,8 +393,11 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cstor: {e:#}");
-            ExitCode::from(exit_code(&e))
+            let code = exit_code(&e);
+            if code != EXIT_PIPE {
+                eprintln!("cstor: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }
