@@ -99,7 +99,11 @@ impl RawHelper {
     }
 
     /// Sends bytes with fds attached in one sendmsg.
-    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<()> {
+    pub fn send_with_fds(
+        &mut self,
+        bytes: &[u8],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<()> {
         use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
         let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(16))];
         let mut control = SendAncillaryBuffer::new(&mut space);
@@ -167,13 +171,20 @@ impl RawHelper {
 
     /// Sends a request and returns the reply.
     pub fn call(&mut self, id: u64, method: &str, params: Value) -> Result<RawMessage> {
-        self.send_json(&serde_json::json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}))?;
-        self.recv()?.context("the helper closed the connection instead of replying")
+        self.send_json(
+            &serde_json::json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}),
+        )?;
+        self.recv()?
+            .context("the helper closed the connection instead of replying")
     }
 
     /// Sends `Initialize` and checks it succeeded.
     pub fn initialize(&mut self) -> Result<Value> {
-        let r = self.call(0, "Initialize", serde_json::json!({"protocol_version":"1.0"}))?;
+        let r = self.call(
+            0,
+            "Initialize",
+            serde_json::json!({"protocol_version":"1.0"}),
+        )?;
         match r.value.get("result") {
             Some(v) => Ok(v.clone()),
             None => bail!("Initialize failed: {}", r.value),

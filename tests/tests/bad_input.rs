@@ -63,12 +63,18 @@ impl Case {
     fn write_tar_split(&self, ndjson: &[u8]) {
         let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
         enc.write_all(ndjson).unwrap();
-        std::fs::write(self.store.tar_split_path(&self.layer), enc.finish().unwrap()).unwrap();
+        std::fs::write(
+            self.store.tar_split_path(&self.layer),
+            enc.finish().unwrap(),
+        )
+        .unwrap();
     }
 
     /// No lock is left behind: podman can delete the image at once.
     fn podman_can_still_write(self) {
-        let mut child = cstor_tests::session::podman_background(&self.store, &["rmi", "-f", &self.image.id]).unwrap();
+        let mut child =
+            cstor_tests::session::podman_background(&self.store, &["rmi", "-f", &self.image.id])
+                .unwrap();
         let status = cstor_tests::session::wait_with_timeout(&mut child, Duration::from_secs(20))
             .expect("podman rmi finished: no lock was left held");
         assert!(status.success());
@@ -82,7 +88,9 @@ fn assert_code(e: &Error, code: ErrorCode) {
 
 #[test]
 fn corrupt_tar_split_gzip() {
-    let Some(c) = case("corrupt_tar_split_gzip") else { return };
+    let Some(c) = case("corrupt_tar_split_gzip") else {
+        return;
+    };
     std::fs::write(c.store.tar_split_path(&c.layer), b"this is not gzip at all").unwrap();
     assert_code(&c.export_error(), ErrorCode::CorruptTarSplit);
     c.podman_can_still_write();
@@ -90,7 +98,9 @@ fn corrupt_tar_split_gzip() {
 
 #[test]
 fn corrupt_tar_split_json() {
-    let Some(c) = case("corrupt_tar_split_json") else { return };
+    let Some(c) = case("corrupt_tar_split_json") else {
+        return;
+    };
     let mut ts = c.tar_split();
     ts.extend_from_slice(b"{\"type\":1,\"name\":\"x\",\"size\":\"many\"}\n");
     c.write_tar_split(&ts);
@@ -102,7 +112,9 @@ fn corrupt_tar_split_json() {
 
 #[test]
 fn truncated_tar_split_is_not_a_complete_layer() {
-    let Some(c) = case("truncated_tar_split_is_not_a_complete_layer") else { return };
+    let Some(c) = case("truncated_tar_split_is_not_a_complete_layer") else {
+        return;
+    };
     let ts = String::from_utf8(c.tar_split()).unwrap();
     // Drop the last segment that holds bytes (the end-of-archive blocks): the tar is short.
     let mut lines: Vec<&str> = ts.lines().collect();
@@ -122,7 +134,9 @@ fn truncated_tar_split_is_not_a_complete_layer() {
 
 #[test]
 fn file_changed_with_same_size_fails_the_crc() {
-    let Some(c) = case("file_changed_with_same_size_fails_the_crc") else { return };
+    let Some(c) = case("file_changed_with_same_size_fails_the_crc") else {
+        return;
+    };
     let f = c.store.layer_diff_dir(&c.layer).join("etc/motd");
     let mut content = std::fs::read(&f).unwrap();
     content[0] ^= 0x20;
@@ -137,7 +151,9 @@ fn file_changed_with_same_size_fails_the_crc() {
 
 #[test]
 fn file_changed_in_size_is_a_checksum_mismatch() {
-    let Some(c) = case("file_changed_in_size_is_a_checksum_mismatch") else { return };
+    let Some(c) = case("file_changed_in_size_is_a_checksum_mismatch") else {
+        return;
+    };
     let f = c.store.layer_diff_dir(&c.layer).join("usr/share/data.txt");
     std::fs::write(&f, b"shorter").unwrap();
     let e = c.export_error();
@@ -148,7 +164,9 @@ fn file_changed_in_size_is_a_checksum_mismatch() {
 
 #[test]
 fn missing_file_is_named() {
-    let Some(c) = case("missing_file_is_named") else { return };
+    let Some(c) = case("missing_file_is_named") else {
+        return;
+    };
     std::fs::remove_file(c.store.layer_diff_dir(&c.layer).join("usr/bin/run.sh")).unwrap();
     let e = c.export_error();
     assert_code(&e, ErrorCode::MissingFile);
@@ -173,7 +191,9 @@ fn rename_entry(c: &Case, to: &str) {
 
 #[test]
 fn dot_dot_names_are_refused() {
-    let Some(c) = case("dot_dot_names_are_refused") else { return };
+    let Some(c) = case("dot_dot_names_are_refused") else {
+        return;
+    };
     rename_entry(&c, "./etc/../../../../../../etc/passwd");
     assert_code(&c.export_error(), ErrorCode::PathEscape);
     c.podman_can_still_write();
@@ -181,7 +201,9 @@ fn dot_dot_names_are_refused() {
 
 #[test]
 fn absolute_symlink_escapes_are_refused() {
-    let Some(c) = case("absolute_symlink_escapes_are_refused") else { return };
+    let Some(c) = case("absolute_symlink_escapes_are_refused") else {
+        return;
+    };
     std::os::unix::fs::symlink("/etc", c.store.layer_diff_dir(&c.layer).join("evil")).unwrap();
     rename_entry(&c, "./evil/passwd");
     let e = c.export_error();
@@ -191,7 +213,9 @@ fn absolute_symlink_escapes_are_refused() {
 
 #[test]
 fn relative_symlink_escapes_are_refused() {
-    let Some(c) = case("relative_symlink_escapes_are_refused") else { return };
+    let Some(c) = case("relative_symlink_escapes_are_refused") else {
+        return;
+    };
     std::os::unix::fs::symlink(
         "../../../../../../../../../../etc",
         c.store.layer_diff_dir(&c.layer).join("evil"),
@@ -204,7 +228,9 @@ fn relative_symlink_escapes_are_refused() {
 
 #[test]
 fn absolute_names_stay_inside_the_layer() {
-    let Some(c) = case("absolute_names_stay_inside_the_layer") else { return };
+    let Some(c) = case("absolute_names_stay_inside_the_layer") else {
+        return;
+    };
     // "/etc/motd" means the layer's etc/motd, never the host's.
     rename_entry(&c, "/etc/motd");
     runtime().block_on(async {
@@ -219,7 +245,9 @@ fn absolute_names_stay_inside_the_layer() {
 
 #[test]
 fn a_symlink_where_a_file_should_be_is_refused() {
-    let Some(c) = case("a_symlink_where_a_file_should_be_is_refused") else { return };
+    let Some(c) = case("a_symlink_where_a_file_should_be_is_refused") else {
+        return;
+    };
     let f = c.store.layer_diff_dir(&c.layer).join("etc/motd");
     std::fs::remove_file(&f).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", &f).unwrap();
@@ -229,7 +257,9 @@ fn a_symlink_where_a_file_should_be_is_refused() {
 
 #[test]
 fn corrupt_layers_json_is_reported() {
-    let Some(c) = case("corrupt_layers_json_is_reported") else { return };
+    let Some(c) = case("corrupt_layers_json_is_reported") else {
+        return;
+    };
     let p = c.store.root.join("overlay-layers/layers.json");
     let orig = std::fs::read(&p).unwrap();
     std::fs::write(&p, b"[{\"id\": 42").unwrap();
@@ -247,11 +277,16 @@ fn corrupt_layers_json_is_reported() {
 
 #[test]
 fn unknown_images_and_layers() {
-    let Some(c) = case("unknown_images_and_layers") else { return };
+    let Some(c) = case("unknown_images_and_layers") else {
+        return;
+    };
     runtime().block_on(async {
         let client = client_for(&c.store).await.unwrap();
         assert_code(
-            &client.get_image("localhost/nothing-here").await.unwrap_err(),
+            &client
+                .get_image("localhost/nothing-here")
+                .await
+                .unwrap_err(),
             ErrorCode::ImageNotFound,
         );
         assert_code(
@@ -276,14 +311,20 @@ fn assert_clean_exit(h: RawHelper) {
 
 #[test]
 fn protocol_garbage_gets_json_rpc_errors() {
-    let Some(c) = case("protocol_garbage_gets_json_rpc_errors") else { return };
+    let Some(c) = case("protocol_garbage_gets_json_rpc_errors") else {
+        return;
+    };
     let mut h = RawHelper::spawn(&c.store, &[]).unwrap();
     // Before Initialize.
     let r = h.call(1, "ListImages", json!({})).unwrap();
     assert_eq!(error_code(&r.value), Some(1001));
-    let r = h.call(2, "Initialize", json!({"protocol_version": "2.0"})).unwrap();
+    let r = h
+        .call(2, "Initialize", json!({"protocol_version": "2.0"}))
+        .unwrap();
     assert_eq!(error_code(&r.value), Some(1002));
-    let r = h.call(3, "Initialize", json!({"protocol_version": "one"})).unwrap();
+    let r = h
+        .call(3, "Initialize", json!({"protocol_version": "one"}))
+        .unwrap();
     assert_eq!(error_code(&r.value), Some(-32602));
     h.initialize().unwrap();
     // Valid JSON, invalid JSON-RPC: the connection survives each.
@@ -293,14 +334,31 @@ fn protocol_garbage_gets_json_rpc_errors() {
         (br#"[1,2,3]"#, -32600),
         (br#"{"jsonrpc":"2.0","id":6,"method":7}"#, -32600),
         (br#"{"jsonrpc":"2.0","id":7,"method":"Nope"}"#, -32601),
-        (br#"{"jsonrpc":"2.0","id":8,"method":"GetImage","params":{"reference":5}}"#, -32602),
-        (br#"{"jsonrpc":"2.0","id":9,"method":"GetImage","params":[1]}"#, -32602),
-        (br#"{"jsonrpc":"2.0","id":10,"method":"FetchFds","params":{"handle":99,"max":1}}"#, 1500),
-        (br#"{"jsonrpc":"2.0","id":11,"method":"ReleaseLayer","params":{"handle":99}}"#, 1500),
+        (
+            br#"{"jsonrpc":"2.0","id":8,"method":"GetImage","params":{"reference":5}}"#,
+            -32602,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":9,"method":"GetImage","params":[1]}"#,
+            -32602,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":10,"method":"FetchFds","params":{"handle":99,"max":1}}"#,
+            1500,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":11,"method":"ReleaseLayer","params":{"handle":99}}"#,
+            1500,
+        ),
     ] {
         h.send(bytes).unwrap();
         let r = h.recv().unwrap().expect("a reply");
-        assert_eq!(error_code(&r.value), Some(code), "{}", String::from_utf8_lossy(bytes));
+        assert_eq!(
+            error_code(&r.value),
+            Some(code),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
         assert!(r.value["error"]["data"]["kind"].is_string());
     }
     let r = h.call(12, "ListImages", json!({})).unwrap();
@@ -309,14 +367,19 @@ fn protocol_garbage_gets_json_rpc_errors() {
     h.send(b"}{ not json").unwrap();
     let r = h.recv().unwrap().expect("a parse error reply");
     assert_eq!(error_code(&r.value), Some(-32700));
-    assert!(h.recv().unwrap().is_none(), "the helper closes the connection");
+    assert!(
+        h.recv().unwrap().is_none(),
+        "the helper closes the connection"
+    );
     assert_clean_exit(h);
     c.podman_can_still_write();
 }
 
 #[test]
 fn wrong_fd_counts() {
-    let Some(c) = case("wrong_fd_counts") else { return };
+    let Some(c) = case("wrong_fd_counts") else {
+        return;
+    };
     let mut h = RawHelper::spawn(&c.store, &[]).unwrap();
     h.initialize().unwrap();
     // Fds where the method takes none: refused, closed, and the connection goes on.
@@ -328,18 +391,25 @@ fn wrong_fd_counts() {
     let r = h.call(2, "ListImages", json!({})).unwrap();
     assert!(r.value["result"].is_object());
     // A message announcing fds that never come, followed by another message: fatal.
-    h.send(br#"{"jsonrpc":"2.0","id":3,"method":"ListImages","fds":2}"#).unwrap();
-    h.send(br#"{"jsonrpc":"2.0","id":4,"method":"ListImages"}"#).unwrap();
+    h.send(br#"{"jsonrpc":"2.0","id":3,"method":"ListImages","fds":2}"#)
+        .unwrap();
+    h.send(br#"{"jsonrpc":"2.0","id":4,"method":"ListImages"}"#)
+        .unwrap();
     let r = h.recv().unwrap().expect("an fd error reply");
     assert_eq!(error_code(&r.value), Some(-32050), "{}", r.value);
-    assert!(h.recv().unwrap().is_none(), "the helper closes the connection");
+    assert!(
+        h.recv().unwrap().is_none(),
+        "the helper closes the connection"
+    );
     assert_clean_exit(h);
     c.podman_can_still_write();
 }
 
 #[test]
 fn helper_death_is_reported_with_its_status() {
-    let Some(c) = case("helper_death_is_reported_with_its_status") else { return };
+    let Some(c) = case("helper_death_is_reported_with_its_status") else {
+        return;
+    };
     runtime().block_on(async {
         let client = client_for(&c.store).await.unwrap();
         let layer = client.open_layer(&c.layer).await.unwrap();

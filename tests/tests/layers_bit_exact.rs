@@ -109,7 +109,12 @@ fn layers_by_diff_id_stream_concurrently() {
     runtime().block_on(async {
         let client = client_for(&images.store).await.unwrap();
         let mut all = Vec::new();
-        for image in [&images.features, &images.commit, &images.loaded, &images.small] {
+        for image in [
+            &images.features,
+            &images.commit,
+            &images.loaded,
+            &images.small,
+        ] {
             let img = client.get_image(&image.id).await.unwrap();
             all.extend(img.layers);
         }

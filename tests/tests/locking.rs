@@ -104,7 +104,9 @@ fn a_silent_client_loses_its_lease() {
     // KeepAlive renews.
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(600));
-        let k = h.call(10 + i, "KeepAlive", json!({"handle": handle})).unwrap();
+        let k = h
+            .call(10 + i, "KeepAlive", json!({"handle": handle}))
+            .unwrap();
         assert_eq!(k.value["result"]["lease_ms"], json!(1000), "{}", k.value);
     }
     // Then silence.
@@ -135,7 +137,10 @@ fn shutdown_releases_everything_and_exits() {
     let rmi = rmi_blocked(&store, &image);
     let r = h.call(2, "Shutdown", json!({})).unwrap();
     assert_eq!(r.value["result"], json!({}));
-    assert!(h.recv().unwrap().is_none(), "the helper hangs up after Shutdown");
+    assert!(
+        h.recv().unwrap().is_none(),
+        "the helper hangs up after Shutdown"
+    );
     let (status, _) = h.finish(Duration::from_secs(10)).unwrap();
     assert!(status.success());
     rmi_finishes(rmi, &store, &image);
@@ -145,8 +150,7 @@ fn shutdown_releases_everything_and_exits() {
 /// The helper waits for podman's write lock, up to --lock-timeout, then says so.
 #[test]
 fn a_busy_store_times_out_with_a_retryable_error() {
-    let Some((_d, store, _image, _layer)) =
-        setup("a_busy_store_times_out_with_a_retryable_error")
+    let Some((_d, store, _image, _layer)) = setup("a_busy_store_times_out_with_a_retryable_error")
     else {
         return;
     };
@@ -174,7 +178,11 @@ fn a_busy_store_times_out_with_a_retryable_error() {
     // ListImages only needs images.lock.
     assert!(r.value["result"].is_object(), "{}", r.value);
     let r = h
-        .call(2, "GetImage", json!({"reference": "localhost/cstor-test/small"}))
+        .call(
+            2,
+            "GetImage",
+            json!({"reference": "localhost/cstor-test/small"}),
+        )
         .unwrap();
     assert_eq!(error_code(&r.value), Some(1400), "{}", r.value);
     assert_eq!(r.value["error"]["data"]["retryable"], json!(true));
@@ -182,7 +190,11 @@ fn a_busy_store_times_out_with_a_retryable_error() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
     let r = h
-        .call(3, "GetImage", json!({"reference": "localhost/cstor-test/small"}))
+        .call(
+            3,
+            "GetImage",
+            json!({"reference": "localhost/cstor-test/small"}),
+        )
         .unwrap();
     assert!(r.value["result"].is_object(), "{}", r.value);
     let (status, _) = h.finish(Duration::from_secs(10)).unwrap();

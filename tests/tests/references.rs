@@ -73,7 +73,11 @@ fn every_reference_form_resolves() {
         );
         // The digest exists, but under another repository.
         assert_eq!(
-            code(client.get_image(&format!("quay.io/other/tool@{manifest_digest}")).await),
+            code(
+                client
+                    .get_image(&format!("quay.io/other/tool@{manifest_digest}"))
+                    .await
+            ),
             Some(ErrorCode::ImageNotFound)
         );
         assert_eq!(
@@ -111,7 +115,9 @@ fn ambiguous_prefixes_name_their_candidates() {
         std::fs::write(rootfs.join("n"), format!("{i}")).unwrap();
         let tar = dir.path().join("extra.tar");
         cstor_tests::tar_rootfs(&rootfs, &tar).unwrap();
-        let id = store.import_tar(&tar, &format!("localhost/extra:{i}")).unwrap();
+        let id = store
+            .import_tar(&tar, &format!("localhost/extra:{i}"))
+            .unwrap();
         if let Some(other) = ids.iter().find(|o| o[..3] == id[..3]) {
             found = Some((other.clone(), id.clone()));
             break;

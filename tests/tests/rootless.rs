@@ -28,10 +28,11 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
 
     // The CLI, as the user, decides by itself to go through `podman unshare`.
     let verify = run_command(
-        user.command(&cstor)
-            .arg("--helper")
-            .arg(&helper)
-            .args(["--json", "verify", ROOTLESS_IMAGE_NAME]),
+        user.command(&cstor).arg("--helper").arg(&helper).args([
+            "--json",
+            "verify",
+            ROOTLESS_IMAGE_NAME,
+        ]),
         "cstor verify as the rootless user",
     )
     .unwrap();
@@ -82,7 +83,8 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
         let mut cmd = if unshare {
             user.unshare(
                 &helper,
-                ["--stdio".as_ref(), "--dump-tar".as_ref(), dump.as_os_str()] as [&std::ffi::OsStr; 3],
+                ["--stdio".as_ref(), "--dump-tar".as_ref(), dump.as_os_str()]
+                    as [&std::ffi::OsStr; 3],
             )
         } else {
             let mut c = user.command(&helper);
@@ -97,7 +99,11 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
             .unwrap();
         writeln!(child.stdin.take().unwrap(), "{req}").unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let inside = stdio(true);

@@ -24,7 +24,11 @@ fn write_many_layer_layout(dir: &Path, n: usize) {
     for i in 0..n {
         let root = work.join(format!("l{i}"));
         std::fs::create_dir_all(root.join(format!("layers/{i:03}"))).unwrap();
-        std::fs::write(root.join(format!("layers/{i:03}/file")), format!("layer {i}\n")).unwrap();
+        std::fs::write(
+            root.join(format!("layers/{i:03}/file")),
+            format!("layer {i}\n"),
+        )
+        .unwrap();
         let tar = work.join(format!("l{i}.tar"));
         run_command(
             Command::new("tar")
@@ -87,7 +91,10 @@ fn an_image_with_500_layers() {
         "copying the 500-layer image into the store",
     )
     .unwrap();
-    cstor_tests::note(&format!("500-layer image committed in {:?}", start.elapsed()));
+    cstor_tests::note(&format!(
+        "500-layer image committed in {:?}",
+        start.elapsed()
+    ));
     store.settle();
     runtime().block_on(async {
         let client = cstor_proxy_client::Client::spawn(&helper_config(&store).unwrap())
@@ -96,7 +103,11 @@ fn an_image_with_500_layers() {
         let img = client.get_image("localhost/many").await.unwrap();
         assert_eq!(img.layers.len(), 500);
         let config: serde_json::Value = serde_json::from_str(&img.config.content).unwrap();
-        for (l, d) in img.layers.iter().zip(config["rootfs"]["diff_ids"].as_array().unwrap()) {
+        for (l, d) in img
+            .layers
+            .iter()
+            .zip(config["rootfs"]["diff_ids"].as_array().unwrap())
+        {
             assert_eq!(l.diff_id.as_deref(), d.as_str());
         }
         // Every layer rebuilds exactly (500 opens on one connection).
@@ -126,7 +137,9 @@ fn thousands_of_files_under_a_1024_fd_limit() {
     let tar = dir.path().join("many.tar");
     cstor_tests::tar_rootfs(&root, &tar).unwrap();
     let store = PodmanStore::new(&dir.path().join("store")).unwrap();
-    store.import_tar(&tar, "localhost/many-files:latest").unwrap();
+    store
+        .import_tar(&tar, "localhost/many-files:latest")
+        .unwrap();
 
     // Both sides run with a hard limit of 1024 fds: the helper through prlimit, this test
     // process by lowering its own soft limit (this file holds no other test).

@@ -8,7 +8,11 @@ use std::process::{Command, Stdio};
 use cstor_tests::standard_images_or_skip;
 use serde_json::{Value, json};
 
-fn run_stdio(args: &[&str], store: &cstor_tests::PodmanStore, input: &str) -> (Vec<Value>, std::process::Output) {
+fn run_stdio(
+    args: &[&str],
+    store: &cstor_tests::PodmanStore,
+    input: &str,
+) -> (Vec<Value>, std::process::Output) {
     let mut child = Command::new(cstor_tests::helper_binary().unwrap())
         .arg("--stdio")
         .arg("--root")
@@ -21,7 +25,12 @@ fn run_stdio(args: &[&str], store: &cstor_tests::PodmanStore, input: &str) -> (V
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let values = serde_json::Deserializer::from_slice(&out.stdout)
         .into_iter::<Value>()
@@ -59,16 +68,40 @@ fn a_newcomer_lists_images_and_dumps_a_layer() {
         &images.store,
         &(lines.join("\n") + "\n"),
     );
-    assert!(out.status.success(), "{:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The notification gets no reply; nothing after Shutdown is read.
     let ids: Vec<Value> = replies.iter().map(|r| r["id"].clone()).collect();
-    assert_eq!(ids, vec![json!(1), json!(2), Value::Null, json!(3), json!(4), json!(5), json!(6), json!(7), json!(8)]);
+    assert_eq!(
+        ids,
+        vec![
+            json!(1),
+            json!(2),
+            Value::Null,
+            json!(3),
+            json!(4),
+            json!(5),
+            json!(6),
+            json!(7),
+            json!(8)
+        ]
+    );
 
     let names: Vec<&str> = replies[0]["result"]["images"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|i| i["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()))
+        .flat_map(|i| {
+            i["names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+        })
         .collect();
     assert!(names.contains(&features.name.as_str()), "{names:?}");
 
@@ -88,7 +121,11 @@ fn a_newcomer_lists_images_and_dumps_a_layer() {
     // Every file with content names the fd that would carry it, with its size.
     let big = entries
         .iter()
-        .find(|e| e["name"].as_str().is_some_and(|n| n.ends_with("opt/big/random.bin")))
+        .find(|e| {
+            e["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("opt/big/random.bin"))
+        })
         .expect("the 50 MB file is described");
     assert_eq!(big["fd"]["type"], json!("regular"));
     assert_eq!(big["fd"]["size"], json!(50 * 1024 * 1024));
@@ -98,8 +135,14 @@ fn a_newcomer_lists_images_and_dumps_a_layer() {
         "a non-UTF-8 name is described with name_base64"
     );
 
-    assert_eq!(replies[4]["error"]["data"]["kind"], json!("unavailable-in-stdio"));
-    assert_eq!(replies[5]["error"]["data"]["kind"], json!("image-not-found"));
+    assert_eq!(
+        replies[4]["error"]["data"]["kind"],
+        json!("unavailable-in-stdio")
+    );
+    assert_eq!(
+        replies[5]["error"]["data"]["kind"],
+        json!("image-not-found")
+    );
     assert_eq!(replies[6]["error"]["code"], json!(-32601));
     assert_eq!(replies[7]["error"]["code"], json!(-32600));
     assert_eq!(replies[8]["result"], json!({}));
@@ -116,7 +159,12 @@ fn describe_limit_truncates_the_listing_but_not_the_dump() {
     let layer = images.store.image_layers(&images.features.id).unwrap()[0].clone();
     let line = json!({"jsonrpc":"2.0","id":1,"method":"GetLayer","params":{"layer": layer}});
     let (replies, out) = run_stdio(
-        &["--describe-limit", "10", "--dump-tar", dump.path().to_str().unwrap()],
+        &[
+            "--describe-limit",
+            "10",
+            "--dump-tar",
+            dump.path().to_str().unwrap(),
+        ],
         &images.store,
         &format!("{line}\n"),
     );

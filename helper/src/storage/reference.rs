@@ -282,8 +282,14 @@ mod tests {
         assert_eq!(name("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(name("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(name("user/app"), "docker.io/user/app:latest");
-        assert_eq!(name("docker.io/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(name("index.docker.io/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            name("docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            name("index.docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(name("index.docker.io/a/b:c"), "docker.io/a/b:c");
         assert_eq!(name("localhost/x"), "localhost/x:latest");
         assert_eq!(name("localhost:5000/x:y"), "localhost:5000/x:y");
