@@ -50,25 +50,39 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     storage_conf: Option<PathBuf>,
     /// Release a layer handle after this many seconds without a request naming it.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
-    lease_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_seconds)]
+    lease_timeout: Duration,
     /// Give up waiting for a storage lock held by a writer after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    lock_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
+    lock_timeout: Duration,
     /// With --stdio: write each layer GetLayer describes as DIR/<diff-id>.tar and check it.
-    #[arg(long, value_name = "DIR", requires = "stdio")]
+    #[arg(long, value_name = "DIR", requires = "stdio", value_parser = parse_dir)]
     dump_tar: Option<PathBuf>,
     /// With --stdio: describe at most N stream entries per GetLayer.
-    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    #[arg(long, value_name = "N", default_value_t = 100_000, requires = "stdio")]
     describe_limit: usize,
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
-fn seconds(v: f64, what: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(v)
-        .with_context(|| format!("--{what} must be a non-negative number of seconds"))
+/// Command-line values are checked by clap, so a bad one exits with status 2 like any
+/// other usage error.
+fn parse_seconds(v: &str) -> std::result::Result<Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{v:?} is not a positive number of seconds"))
+}
+
+fn parse_dir(v: &str) -> std::result::Result<PathBuf, String> {
+    let p = PathBuf::from(v);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err(format!("{v}: not a directory"))
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -123,17 +137,11 @@ fn run(cli: Cli) -> Result<()> {
         additional_image_stores: cli.additional_image_stores.clone(),
     });
     tracing::info!(graphroot = %options.graphroot.display(), rootless = options.rootless, "storage");
-    let storage = Storage::open(options, seconds(cli.lock_timeout, "lock-timeout")?)
-        .context("opening the storage")?;
-    if let Some(dir) = &cli.dump_tar
-        && !dir.is_dir()
-    {
-        bail!("--dump-tar {}: not a directory", dir.display());
-    }
+    let storage = Storage::open(options, cli.lock_timeout).context("opening the storage")?;
     let helper = Arc::new(Helper {
         storage,
         config: ServerConfig {
-            lease: seconds(cli.lease_timeout, "lease-timeout")?,
+            lease: cli.lease_timeout,
             dump_tar: cli.dump_tar.clone(),
             describe_limit: cli.describe_limit,
             ..ServerConfig::default()

@@ -45,11 +45,14 @@ pub enum ErrorCode {
     NotInitialized,
     /// 1002: the client's major protocol version is not served.
     UnsupportedVersion,
-    /// 1100: storage.conf (or an override) could not be read or parsed.
+    /// 1100: storage.conf (or an override) could not be read or parsed. The helper reads
+    /// its configuration at startup, so today this ends the helper (exit status 1, message
+    /// on stderr) rather than reaching the wire; the code is reserved for that meaning.
     StorageConfig,
     /// 1101: the storage uses a graph driver other than overlay.
     UnsupportedDriver,
-    /// 1102: a storage root does not exist or cannot be opened.
+    /// 1102: a storage root does not exist or cannot be opened. Like 1100, detected at
+    /// startup today (exit status 1); reserved for that meaning on the wire.
     StorageUnavailable,
     /// 1200: the image reference cannot be parsed.
     InvalidReference,
@@ -85,7 +88,9 @@ pub enum ErrorCode {
     LeaseExpired,
     /// 1502: too many layer handles are open on this connection. Retryable after a release.
     TooManyHandles,
-    /// 1503: the work was cancelled (release, shutdown or lease expiry while in progress).
+    /// 1503: the work stopped because its consumer went away: in a layer stream's `ERROR`
+    /// record when the client closed the stream early, or in `--stdio` when the tar being
+    /// dumped could not be written.
     Cancelled,
     /// 1504: the method needs fd passing and the helper runs in `--stdio` mode.
     UnavailableInStdio,

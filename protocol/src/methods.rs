@@ -178,8 +178,10 @@ pub struct LayerInfo {
     /// The parent layer's id; absent for the base layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
-    /// `sha256:` digest of the uncompressed tar (the OCI diff id). Absent only for layers
-    /// pulled by TOC without a trusted diff id.
+    /// `sha256:` digest of the uncompressed tar (the OCI diff id): the layer's
+    /// `diff-digest`, or for a layer pulled by TOC without one, its (untrusted)
+    /// `expected-layer-diffid`. Absent when neither is recorded. Clients verify the rebuilt
+    /// tar against it either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_id: Option<String>,
     /// Length of the uncompressed tar, when known.

@@ -34,7 +34,7 @@
 //! - The stream ends with exactly one `END` (success) or `ERROR` (the helper failed; the
 //!   error says why). End of file before either means the helper died or the layer was
 //!   released: the stream is truncated and must not be used.
-//! - Tags 0x05-0x7f are reserved; a reader fails on them.
+//! - Tags 0x00 and 0x05-0x7f are reserved; a reader fails on them.
 
 use std::io::{self, Read, Write};
 

@@ -139,6 +139,30 @@ impl Client {
         self.inner.process.as_ref().map(|p| p.pid())
     }
 
+    /// A stream that ended early usually means the helper died: say so, with its exit
+    /// status and stderr, instead of only "truncated".
+    pub(crate) fn explain(&self, e: Error, during: &str) -> Error {
+        use cstor_protocol::assemble::AssembleError;
+        use cstor_protocol::stream::StreamError;
+        let truncated = matches!(
+            &e,
+            Error::Stream {
+                cause: StreamError::Truncated { .. },
+                ..
+            } | Error::Assemble {
+                cause: AssembleError::Stream(StreamError::Truncated { .. })
+                    | AssembleError::Content { .. },
+                ..
+            }
+        );
+        match &self.inner.process {
+            Some(p) if truncated && p.exit_status(Duration::from_millis(500)).is_some() => {
+                p.died(during)
+            }
+            _ => e,
+        }
+    }
+
     /// Whether the helper offers a capability token (see `cstor_protocol::capability`).
     pub fn has_capability(&self, token: &str) -> bool {
         self.inner.info.capabilities.iter().any(|c| c == token)

@@ -89,6 +89,34 @@ pub enum Error {
         /// What was rebuilt.
         actual: String,
     },
+    /// A composefs repository operation failed.
+    #[error("{doing}: {cause:#}")]
+    Repository {
+        /// What was being done.
+        doing: String,
+        /// The composefs error.
+        cause: anyhow::Error,
+    },
+    /// [`crate::import::CopyPolicy::ReflinkOnly`] was asked, and a file could not be
+    /// reflinked.
+    #[error("{file} cannot be reflinked and copying was not allowed: {reason}")]
+    ReflinkRequired {
+        /// The tar entry.
+        file: String,
+        /// Why the reflink failed.
+        reason: String,
+    },
+    /// A file changed while it was being imported.
+    #[error("{file} changed during the import: {detail}")]
+    ContentChanged {
+        /// The tar entry.
+        file: String,
+        /// What differed.
+        detail: String,
+    },
+    /// The image's config and its layer chain disagree, or another inconsistency.
+    #[error("{0}")]
+    ImageMismatch(String),
     /// A local I/O error.
     #[error("{doing}: {cause}")]
     Io {

@@ -187,10 +187,14 @@ impl Layer {
         mut self,
         out: W,
     ) -> Result<(AssembledTar, W)> {
-        let reader = self.take_reader().ok_or_else(|| Error::Protocol {
+        let during = format!("streaming layer {}", self.info.id);
+        let reader = match self.take_reader().ok_or_else(|| Error::Protocol {
             method: method::GET_LAYER.into(),
             detail: "the stream was already taken".into(),
-        })??;
+        })? {
+            Ok(r) => r,
+            Err(e) => return Err(self.client.explain(e, &during)),
+        };
         let mut contents = self.take_contents().ok_or_else(|| Error::Protocol {
             method: method::GET_LAYER.into(),
             detail: "the contents were already taken".into(),
@@ -204,10 +208,12 @@ impl Layer {
         })
         .await
         .map_err(|e| Error::io("joining the tar writer", std::io::Error::other(e)))?;
-        let result = joined.map_err(|cause| Error::Assemble {
-            layer: id.clone(),
-            cause,
-        });
+        let result = joined
+            .map_err(|cause| Error::Assemble {
+                layer: id.clone(),
+                cause,
+            })
+            .map_err(|e| self.client.explain(e, &during));
         let release = self.release().await;
         let (assembled, out) = result?;
         release?;

@@ -30,6 +30,7 @@
 
 mod client;
 mod error;
+pub mod import;
 mod layer;
 mod rpc;
 pub mod spawn;

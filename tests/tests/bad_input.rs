@@ -432,3 +432,81 @@ fn helper_death_is_reported_with_its_status() {
     });
     c.podman_can_still_write();
 }
+
+#[test]
+fn missing_tar_split_is_named_by_id_and_by_diff_id() {
+    let Some(c) = case("missing_tar_split_is_named_by_id_and_by_diff_id") else {
+        return;
+    };
+    std::fs::remove_file(c.store.tar_split_path(&c.layer)).unwrap();
+    let diff_id = c.store.layer_record(&c.layer).unwrap()["diff-digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    runtime().block_on(async {
+        let client = client_for(&c.store).await.unwrap();
+        for wanted in [c.layer.as_str(), diff_id.as_str()] {
+            let e = client.open_layer(wanted).await.unwrap_err();
+            assert_code(&e, ErrorCode::NoTarSplit);
+        }
+        // GetImage still works and says so.
+        let img = client.get_image(&c.image.id).await.unwrap();
+        assert!(!img.layers[0].tar_split);
+        client.shutdown().await.unwrap();
+    });
+    c.podman_can_still_write();
+}
+
+/// A stream that fails keeps failing the same way: every later FetchFds on the handle
+/// repeats the error instead of inventing another.
+#[test]
+fn a_failed_stream_reports_the_same_error_on_every_fetch() {
+    let Some(c) = case("a_failed_stream_reports_the_same_error_on_every_fetch") else {
+        return;
+    };
+    std::fs::write(
+        c.store.layer_diff_dir(&c.layer).join("usr/share/data.txt"),
+        b"shorter",
+    )
+    .unwrap();
+    let mut h = RawHelper::spawn(&c.store, &[]).unwrap();
+    h.initialize().unwrap();
+    let r = h.call(1, "GetLayer", json!({"layer": c.layer})).unwrap();
+    let handle = r.value["result"]["handle"].as_u64().unwrap();
+    // Drain the stream so the producer runs to its failure.
+    let mut stream = std::fs::File::from(r.fds.into_iter().next().unwrap());
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut all).unwrap();
+    let mut codes = Vec::new();
+    for id in 2..6 {
+        let r = h
+            .call(id, "FetchFds", json!({"handle": handle, "max": 100}))
+            .unwrap();
+        if let Some(code) = error_code(&r.value) {
+            codes.push(code);
+        }
+    }
+    assert!(codes.len() >= 2, "{codes:?}");
+    assert!(codes.iter().all(|&c| c == 1303), "{codes:?}");
+    assert_clean_exit(h);
+    c.podman_can_still_write();
+}
+
+#[test]
+fn bad_command_line_values_exit_with_status_2() {
+    for args in [
+        &["--lease-timeout", "-1"][..],
+        &["--lease-timeout", "soon"],
+        &["--lock-timeout", "0"],
+        &["--stdio", "--dump-tar", "/nonexistent/dir"],
+        &["--describe-limit", "5"],
+        &["--no-such-flag"],
+    ] {
+        let out = std::process::Command::new(cstor_tests::helper_binary().unwrap())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
+}

@@ -187,7 +187,12 @@ impl Connection {
                 layer = %s.info.id,
                 "lease expired; releasing the layer"
             );
-            lock(&self.expired).insert(s.handle);
+            let mut expired = lock(&self.expired);
+            // Remembered only to tell "expired" from "unknown"; old entries are not needed.
+            if expired.len() >= 4096 {
+                expired.clear();
+            }
+            expired.insert(s.handle);
             s.end(EndReason::Expired);
         }
         gone.len()
@@ -217,11 +222,13 @@ impl Connection {
         fds_in: usize,
     ) -> Result<Reply, RpcError> {
         if fds_in > 0 {
+            let what = match self.transport {
+                Transport::Socket => format!("{fds_in} were attached (they were closed)"),
+                Transport::Stdio => format!("the request announces {fds_in}"),
+            };
             return Err(RpcError::new(
                 ErrorCode::InvalidParams,
-                format!(
-                    "{method} takes no file descriptors, but {fds_in} were attached (they were closed)"
-                ),
+                format!("{method} takes no file descriptors, but {what}"),
             ));
         }
         if method != method::INITIALIZE && !self.initialized.load(Ordering::Acquire) {

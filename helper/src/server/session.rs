@@ -40,6 +40,8 @@ pub struct Session {
     ended: watch::Sender<Option<EndReason>>,
     lease: Duration,
     deadline: Mutex<Instant>,
+    /// A FetchFds is waiting: the client is active even if the wait is long.
+    fetching: AtomicBool,
 }
 
 struct ChannelSink {
@@ -99,6 +101,7 @@ impl Session {
             ended,
             lease,
             deadline: Mutex::new(Instant::now() + lease),
+            fetching: AtomicBool::new(false),
         });
         let s = session.clone();
         std::thread::Builder::new()
@@ -124,9 +127,10 @@ impl Session {
         self.lease
     }
 
-    /// Whether the lease ran out at `now`.
+    /// Whether the lease ran out at `now`. A session with a `FetchFds` waiting is never
+    /// expired: the client is there, waiting for us.
     pub fn expired(&self, now: Instant) -> bool {
-        now >= *lock(&self.deadline)
+        !self.fetching.load(Ordering::Relaxed) && now >= *lock(&self.deadline)
     }
 
     /// Ends the session: stops the producer, closes queued fds and releases the locks.
@@ -187,6 +191,23 @@ impl Session {
                 ),
             ));
         };
+        self.fetching.store(true, Ordering::Relaxed);
+        let r = self.fetch_from(&mut rx, &mut ended, max).await;
+        self.fetching.store(false, Ordering::Relaxed);
+        // Put the receiver back unless the session ended meanwhile, so that a later call
+        // reports the same outcome.
+        if ended.borrow().is_none() {
+            *lock(&self.fds) = Some(rx);
+        }
+        r
+    }
+
+    async fn fetch_from(
+        &self,
+        rx: &mut mpsc::Receiver<OwnedFd>,
+        ended: &mut watch::Receiver<Option<EndReason>>,
+        max: u32,
+    ) -> std::result::Result<(FetchFdsResult, Vec<OwnedFd>), RpcError> {
         let first = tokio::select! {
             fd = rx.recv() => fd,
             why = ended.wait_for(|v| v.is_some()) => {
@@ -218,10 +239,6 @@ impl Session {
             }
             // Deliver what was opened; the next call reports the failure.
             done = false;
-        }
-        // Put the receiver back unless the session ended meanwhile.
-        if ended.borrow().is_none() {
-            *lock(&self.fds) = Some(rx);
         }
         let first_index = self
             .delivered

@@ -156,7 +156,16 @@ pub async fn serve(helper: Arc<Helper>, sock: OwnedFd) -> std::io::Result<()> {
                     });
                 }
                 JsonRpcMessage::Notification(n) => {
-                    tracing::warn!(method = %n.method, "ignoring a notification: this protocol defines none");
+                    // JSON-RPC: executed, never answered. The protocol defines none, so a
+                    // client sending one only learns of failures from the log.
+                    let conn = conn.clone();
+                    let nfds = file_descriptors.len();
+                    drop(file_descriptors);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.dispatch(&n.method, n.params, nfds).await {
+                            tracing::warn!(method = %n.method, "notification failed: {e}");
+                        }
+                    });
                 }
                 JsonRpcMessage::Response(_) => {
                     tracing::warn!("ignoring a response: the helper sends no requests");

@@ -210,8 +210,12 @@ fn describe_blocking(helper: &Helper, layer: &str) -> Result<Reply, RpcError> {
     let (produced, entries, truncated) = producer
         .join()
         .map_err(|_| RpcError::new(ErrorCode::Internal, "the producer thread panicked"))?;
-    // The producer's own error is the more precise one.
-    let summary = produced?;
+    // The producer's error is the more precise one, unless it only says that the consumer
+    // stopped: then the consumer's error is the cause.
+    let summary = match (produced, consumed.as_ref()) {
+        (Err(e), Err(c)) if e.code() == ErrorCode::Cancelled => return Err(c.clone()),
+        (p, _) => p?,
+    };
     let assembled = consumed?;
     let tar = match (tar_target, assembled) {
         (Some(path), Some(a)) => {

@@ -58,16 +58,19 @@ impl Storage {
         let index = self.load_layers()?;
         let found = if by_diff_id {
             // Several layers can share content (same diff id, other parents); any complete
-            // one with tar-split rebuilds the same bytes.
-            index
-                .order
-                .iter()
-                .filter_map(|id| index.by_id.get(id))
-                .find(|(s, r)| {
-                    r.diff_id() == Some(wanted)
-                        && !r.incomplete()
-                        && self.tar_split_store(*s, &r.id).is_some()
-                })
+            // one with tar-split rebuilds the same bytes. Failing that, any match, so that the
+            // error says what is wrong with it.
+            let matching = || {
+                index
+                    .order
+                    .iter()
+                    .filter_map(|id| index.by_id.get(id))
+                    .filter(|(_, r)| r.diff_id() == Some(wanted))
+            };
+            matching()
+                .find(|(s, r)| !r.incomplete() && self.tar_split_store(*s, &r.id).is_some())
+                .or_else(|| matching().find(|(_, r)| !r.incomplete()))
+                .or_else(|| matching().next())
         } else {
             index.by_id.get(wanted)
         };

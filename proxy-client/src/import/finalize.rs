@@ -1,0 +1,226 @@
+//! Writing an image's config and manifest streams, its EROFS image and its tag, once its
+//! layers are in the repository.
+//!
+//! This follows what composefs-oci's own pull does, step by step, so that the result is what
+//! `cfsctl oci pull` produces (see docs/dev/composefs-0.9.4-notes.md), with two deliberate
+//! differences:
+//! - images without `/usr` (a scratch image with one static binary) get an EROFS image too:
+//!   upstream's `transform_for_oci` copies the root directory's metadata from `/usr` and
+//!   fails without it; we keep the root entry of the tar instead, and apply the same xattr
+//!   filtering and compaction. Images with `/usr` go through `transform_for_oci` unchanged;
+//! - the final manifest stream lists layer references in config order; upstream uses hash
+//!   map order, so its output varies between runs, and ours is always one of its outputs.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use composefs::erofs::format::FormatVersion;
+use composefs::fsverity::FsVerityHashValue;
+use composefs::generic_tree::{Stat, is_allowed_container_xattr};
+use composefs::repository::Repository;
+use composefs::tree::FileSystem;
+use composefs_oci::OciDigest;
+use composefs_oci::oci_image::{OciImage, manifest_identifier, tag_image};
+
+use crate::error::{Error, Result};
+
+/// `ociconfg` in a splitstream header (composefs-oci keeps the constant private).
+pub const CONFIG_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ociconfg");
+/// `ocimanif` in a splitstream header.
+pub const MANIFEST_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ocimanif");
+
+/// The stream name of a config.
+pub fn config_identifier(digest: &OciDigest) -> String {
+    format!("oci-config-{digest}")
+}
+
+/// What finalizing produced.
+#[derive(Debug, Clone)]
+pub struct Finalized<ObjectID> {
+    /// Digest and final verity of the manifest stream.
+    pub manifest: (OciDigest, ObjectID),
+    /// Digest and final verity of the config stream.
+    pub config: (OciDigest, ObjectID),
+    /// The EROFS image of the repository's default format.
+    pub erofs: ObjectID,
+    /// Whether the image was already complete (only the tag was written).
+    pub already_complete: bool,
+    /// Whether the image has a `/usr` directory (upstream's transform applied); `None`
+    /// when the EROFS image already existed.
+    pub has_usr: Option<bool>,
+}
+
+fn repo_err(doing: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
+    let doing = doing.into();
+    move |cause| Error::Repository { doing, cause }
+}
+
+/// Writes the config and manifest streams, the EROFS image and the tag of an image whose
+/// layers (`layers`, in config `diff_ids` order) are committed. Idempotent.
+pub fn finalize<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    manifest_json: &[u8],
+    config_json: &[u8],
+    layers: &[(OciDigest, ObjectID)],
+    tag: &str,
+) -> Result<Finalized<ObjectID>> {
+    let config_digest = composefs_oci::sha256_content_digest(config_json);
+    let config_id = config_identifier(&config_digest);
+    let manifest_digest = composefs_oci::sha256_content_digest(manifest_json);
+    let manifest_id = manifest_identifier(&manifest_digest);
+
+    // The initial streams, as upstream writes them before it links the EROFS image.
+    let config_verity = match repo
+        .has_stream(&config_id)
+        .map_err(repo_err("looking up the config stream"))?
+    {
+        Some(v) => v,
+        None => {
+            let mut w = repo
+                .create_stream(CONFIG_CONTENT_TYPE)
+                .map_err(repo_err("creating the config stream"))?;
+            for (diff_id, verity) in layers {
+                w.add_named_stream_ref(diff_id.as_ref(), verity);
+            }
+            w.write_external(config_json)
+                .map_err(repo_err("storing the config"))?;
+            repo.write_stream(w, &config_id, None)
+                .map_err(repo_err("committing the config stream"))?
+        }
+    };
+    let manifest_verity = match repo
+        .has_stream(&manifest_id)
+        .map_err(repo_err("looking up the manifest stream"))?
+    {
+        Some(v) => v,
+        None => write_manifest(
+            repo,
+            manifest_json,
+            &manifest_id,
+            &config_digest,
+            &config_verity,
+            layers,
+        )?,
+    };
+
+    let version = repo.erofs_version();
+    let existing = OciImage::open(repo, &manifest_digest, Some(&manifest_verity))
+        .ok()
+        .and_then(|img| img.image_ref(version).cloned());
+    if let Some(erofs) = existing {
+        tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
+        return Ok(Finalized {
+            manifest: (manifest_digest, manifest_verity),
+            config: (config_digest, config_verity),
+            erofs,
+            already_complete: true,
+            has_usr: None,
+        });
+    }
+
+    let (mut images, has_usr) = build_erofs(repo, layers)?;
+    let image_v2 = images.remove(&FormatVersion::V2);
+    let image_v1 = images.remove(&FormatVersion::V1);
+    let erofs = match version {
+        FormatVersion::V1 => image_v1.clone(),
+        _ => image_v2.clone(),
+    }
+    .ok_or_else(|| Error::Repository {
+        doing: "writing the EROFS image".into(),
+        cause: anyhow::anyhow!(
+            "no image of the repository's default format {version:?} was produced"
+        ),
+    })?;
+
+    let refs: HashMap<Box<str>, ObjectID> = layers
+        .iter()
+        .map(|(d, v)| (Box::<str>::from(d.as_ref()), v.clone()))
+        .collect();
+    let (_, config_verity) = composefs_oci::write_config_raw(
+        repo,
+        config_json,
+        refs,
+        image_v2.as_ref(),
+        image_v1.as_ref(),
+        &HashMap::new(),
+    )
+    .map_err(repo_err(
+        "rewriting the config stream with the EROFS reference",
+    ))?;
+    let manifest_verity = write_manifest(
+        repo,
+        manifest_json,
+        &manifest_id,
+        &config_digest,
+        &config_verity,
+        layers,
+    )?;
+    tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
+    Ok(Finalized {
+        manifest: (manifest_digest, manifest_verity),
+        config: (config_digest, config_verity),
+        erofs,
+        already_complete: false,
+        has_usr: Some(has_usr),
+    })
+}
+
+fn write_manifest<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    manifest_json: &[u8],
+    manifest_id: &str,
+    config_digest: &OciDigest,
+    config_verity: &ObjectID,
+    layers: &[(OciDigest, ObjectID)],
+) -> Result<ObjectID> {
+    let mut w = repo
+        .create_stream(MANIFEST_CONTENT_TYPE)
+        .map_err(repo_err("creating the manifest stream"))?;
+    w.add_named_stream_ref(&format!("config:{config_digest}"), config_verity);
+    for (diff_id, verity) in layers {
+        w.add_named_stream_ref(diff_id.as_ref(), verity);
+    }
+    w.write_external(manifest_json)
+        .map_err(repo_err("storing the manifest"))?;
+    repo.write_stream(w, manifest_id, None)
+        .map_err(repo_err("committing the manifest stream"))
+}
+
+/// Builds the image's filesystem from its layer streams and writes its EROFS image(s).
+fn build_erofs<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    layers: &[(OciDigest, ObjectID)],
+) -> Result<(HashMap<FormatVersion, ObjectID>, bool)> {
+    let mut fs: FileSystem<ObjectID> = FileSystem::new(Stat::uninitialized());
+    for (diff_id, verity) in layers {
+        let mut stream = repo
+            .open_stream("", Some(verity), Some(composefs_oci::LAYER_CONTENT_TYPE))
+            .map_err(repo_err(format!("opening the layer stream of {diff_id}")))?;
+        while let Some(entry) = composefs_oci::tar::get_entry(&mut stream)
+            .map_err(repo_err(format!("reading the layer stream of {diff_id}")))?
+        {
+            composefs_oci::image::process_entry(&mut fs, entry)
+                .map_err(repo_err(format!("applying layer {diff_id}")))?;
+        }
+    }
+    let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
+    if has_usr {
+        fs.transform_for_oci(&Default::default())
+            .map_err(|e| repo_err("transforming the image for OCI")(e.into()))?;
+    } else {
+        // No /usr to take the root's metadata from: keep the root entry of the layers, or a
+        // plain 0755 root:root directory when no layer had one.
+        if fs.root.stat.st_mode == 0 {
+            let mut stat = Stat::uninitialized();
+            stat.st_mode = 0o755;
+            fs.set_root_stat(stat);
+        }
+        fs.filter_xattrs(is_allowed_container_xattr);
+        fs.compact();
+    }
+    let images = fs
+        .commit_images(repo, None)
+        .map_err(repo_err("writing the EROFS image"))?;
+    Ok((images, has_usr))
+}

@@ -1,0 +1,267 @@
+//! Importing one layer: its stream becomes a composefs layer splitstream, its regular files
+//! become objects, and nothing is committed until the rebuilt tar matched the diff id.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use composefs::fsverity::FsVerityHashValue;
+use composefs::repository::Repository;
+use cstor_protocol::LayerInfo;
+use cstor_protocol::assemble::{AssembleError, CRC64, ContentSource};
+use cstor_protocol::stream::{Record, StreamReader};
+use sha2::{Digest, Sha256};
+
+use super::objects::{Pool, Stored};
+use super::{ObjectStats, layer_identifier};
+use crate::error::{Error, Result};
+use crate::layer::Contents;
+
+/// Files up to this size are stored inline in the splitstream, as composefs-oci does
+/// (`INLINE_CONTENT_MAX_V0`).
+pub const INLINE_MAX: u64 = 64;
+
+enum Op<ObjectID> {
+    Inline(Vec<u8>),
+    External {
+        size: u64,
+        result: Receiver<Result<(ObjectID, Stored)>>,
+    },
+}
+
+/// What importing a layer produced.
+#[derive(Debug)]
+pub struct Imported<ObjectID> {
+    /// The layer splitstream's fs-verity id.
+    pub verity: ObjectID,
+    /// How its objects were stored.
+    pub stats: ObjectStats,
+    /// Length of the tar rebuilt (and checked).
+    pub tar_size: u64,
+}
+
+fn assemble_err(layer: &str, cause: AssembleError) -> Error {
+    Error::Assemble {
+        layer: layer.to_owned(),
+        cause,
+    }
+}
+
+/// Imports one layer on the calling (blocking) thread, handing objects to `pool`.
+/// `progress` is called with the bytes done so far.
+pub fn import_blocking<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    pool: &Pool<ObjectID>,
+    info: &LayerInfo,
+    mut stream: StreamReader<BufReader<File>>,
+    contents: &mut Contents,
+    mut progress: impl FnMut(u64),
+    lookahead: usize,
+) -> Result<Imported<ObjectID>> {
+    let id = info.id.as_str();
+    let diff_id = info
+        .diff_id
+        .as_deref()
+        .ok_or_else(|| Error::DigestMismatch {
+            layer: id.to_owned(),
+            expected: "no diff id recorded".into(),
+            actual: "not imported: nothing to check the layer against".into(),
+        })?;
+    let mut writer = repo
+        .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
+        .map_err(|cause| Error::Repository {
+            doing: format!("creating the splitstream of layer {id}"),
+            cause,
+        })?;
+    let mut sha = Sha256::new();
+    let mut tar_size = 0u64;
+    let mut stats = ObjectStats::default();
+    let mut pending: VecDeque<Op<ObjectID>> = VecDeque::new();
+    let mut externals = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut last_report = 0u64;
+
+    // Moves finished operations from the head of the queue into the writer, in order; with
+    // `block` it waits for the head.
+    let mut drain = |pending: &mut VecDeque<Op<ObjectID>>,
+                     externals: &mut usize,
+                     stats: &mut ObjectStats,
+                     block: bool|
+     -> Result<()> {
+        while let Some(op) = pending.front() {
+            match op {
+                Op::Inline(_) => {
+                    if let Some(Op::Inline(b)) = pending.pop_front() {
+                        writer.write_inline(&b);
+                    }
+                }
+                Op::External { result, .. } => {
+                    let r = if block {
+                        result.recv().map_err(|_| ())
+                    } else {
+                        match result.try_recv() {
+                            Ok(r) => Ok(r),
+                            Err(TryRecvError::Empty) => return Ok(()),
+                            Err(TryRecvError::Disconnected) => Err(()),
+                        }
+                    };
+                    let Some(Op::External { size, .. }) = pending.pop_front() else {
+                        continue;
+                    };
+                    *externals -= 1;
+                    let (obj, how) = r.map_err(|_| {
+                        Error::io(
+                            "storing an object",
+                            std::io::Error::other("an object worker stopped"),
+                        )
+                    })??;
+                    stats.count(how, size);
+                    writer.add_external_size(size);
+                    writer
+                        .write_reference(obj)
+                        .map_err(|cause| Error::Repository {
+                            doing: format!("writing the splitstream of layer {id}"),
+                            cause,
+                        })?;
+                }
+            }
+        }
+        Ok(())
+    };
+
+    loop {
+        let rec = stream.next_record().map_err(|cause| Error::Stream {
+            layer: id.to_owned(),
+            cause,
+        })?;
+        match rec {
+            Some(Record::Segment(bytes)) => {
+                sha.update(&bytes);
+                tar_size += bytes.len() as u64;
+                stats.bytes_inlined += bytes.len() as u64;
+                pending.push_back(Op::Inline(bytes));
+            }
+            Some(Record::File(f)) => {
+                let Some(fd) = f.fd else { continue };
+                let name = String::from_utf8_lossy(&f.name).into_owned();
+                let file = contents.content(fd).map_err(|cause| {
+                    assemble_err(
+                        id,
+                        AssembleError::Content {
+                            name: name.clone(),
+                            fd,
+                            cause,
+                        },
+                    )
+                })?;
+                // Read every byte once, in tar order: the CRC proves the file is what tar-split
+                // recorded, and the sha256 over the whole stream proves the layer.
+                let mut crc = CRC64.digest();
+                let mut small = Vec::new();
+                let mut off = 0u64;
+                while off < f.size {
+                    let want =
+                        usize::try_from((f.size - off).min(buf.len() as u64)).unwrap_or(buf.len());
+                    let n = match file.read_at(&mut buf[..want], off) {
+                        Ok(0) => {
+                            return Err(assemble_err(
+                                id,
+                                AssembleError::Size {
+                                    name,
+                                    expected: f.size,
+                                    actual: off,
+                                },
+                            ));
+                        }
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(cause) => {
+                            return Err(assemble_err(
+                                id,
+                                AssembleError::Content { name, fd, cause },
+                            ));
+                        }
+                    };
+                    crc.update(&buf[..n]);
+                    sha.update(&buf[..n]);
+                    if f.size <= INLINE_MAX {
+                        small.extend_from_slice(&buf[..n]);
+                    }
+                    off += n as u64;
+                }
+                let mut probe = [0u8; 1];
+                if matches!(file.read_at(&mut probe, f.size), Ok(n) if n > 0) {
+                    return Err(assemble_err(
+                        id,
+                        AssembleError::Size {
+                            name,
+                            expected: f.size,
+                            actual: f.size + 1,
+                        },
+                    ));
+                }
+                let actual = crc.finalize();
+                if actual != f.crc64 {
+                    return Err(assemble_err(
+                        id,
+                        AssembleError::Crc {
+                            name,
+                            expected: f.crc64,
+                            actual,
+                        },
+                    ));
+                }
+                tar_size += f.size;
+                if f.size <= INLINE_MAX {
+                    stats.inlined += 1;
+                    stats.bytes_inlined += f.size;
+                    pending.push_back(Op::Inline(small));
+                } else {
+                    let result = pool.submit(file, f.size, name)?;
+                    pending.push_back(Op::External {
+                        size: f.size,
+                        result,
+                    });
+                    externals += 1;
+                }
+                if tar_size - last_report >= 4 << 20 {
+                    last_report = tar_size;
+                    progress(tar_size);
+                }
+            }
+            Some(Record::End(_)) | None => break,
+        }
+        let block = externals > lookahead;
+        drain(&mut pending, &mut externals, &mut stats, block)?;
+    }
+    drain(&mut pending, &mut externals, &mut stats, true)?;
+    progress(tar_size);
+
+    let digest = format!("sha256:{}", hex::encode(sha.finalize()));
+    let size_ok = info.diff_size.is_none_or(|s| s == tar_size);
+    if digest != diff_id || !size_ok {
+        // The writer is dropped unwritten: no stream exists under the layer's name.
+        return Err(Error::DigestMismatch {
+            layer: id.to_owned(),
+            expected: match info.diff_size {
+                Some(s) => format!("{diff_id} ({s} bytes)"),
+                None => diff_id.to_owned(),
+            },
+            actual: format!("{digest} ({tar_size} bytes)"),
+        });
+    }
+    let verity = repo
+        .write_stream(writer, &layer_identifier(diff_id), None)
+        .map_err(|cause| Error::Repository {
+            doing: format!("committing the splitstream of layer {id}"),
+            cause,
+        })?;
+    Ok(Imported {
+        verity,
+        stats,
+        tar_size,
+    })
+}

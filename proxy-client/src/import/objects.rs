@@ -1,0 +1,301 @@
+//! Storing file contents as repository objects: reflink (FICLONE) where the filesystem
+//! allows, a kernel-side copy otherwise, never a hardlink to the source.
+//!
+//! The source fd belongs to containers-storage. We clone or copy its bytes into an
+//! `O_TMPFILE` of the repository and let composefs name and link it, so the object never
+//! shares an inode (mode, owner, SELinux label, fs-verity state) with the layer file.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use composefs::fsverity::FsVerityHashValue;
+use composefs::repository::{ObjectStoreMethod, Repository};
+
+use crate::error::{Error, Result};
+
+/// How file contents get into the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CopyPolicy {
+    /// Reflink where possible, copy otherwise (and report why in the import report).
+    #[default]
+    ReflinkOrCopy,
+    /// Reflink or fail: for callers that must not duplicate data, or whose security labels
+    /// differ between stores so that a silent copy would be wrong.
+    ReflinkOnly,
+    /// Always copy (e.g. to measure, or to decouple the repository from podman's disk).
+    CopyOnly,
+}
+
+/// How one object was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Cloned with FICLONE: no data written.
+    Reflinked,
+    /// Copied with copy_file_range.
+    Copied,
+    /// The repository already had it.
+    AlreadyPresent,
+}
+
+/// Remembers the first reason reflinking failed, so the report can say why data was copied.
+#[derive(Debug, Default)]
+pub struct ReflinkState {
+    first_fallback: Mutex<Option<String>>,
+    /// Once FICLONE failed with EXDEV/EOPNOTSUPP, later files skip the attempt.
+    unsupported: std::sync::atomic::AtomicBool,
+}
+
+impl ReflinkState {
+    /// The first reason a reflink fell back to a copy.
+    pub fn first_fallback(&self) -> Option<String> {
+        self.first_fallback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn note(&self, why: String) {
+        let mut f = self
+            .first_fallback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(why);
+        }
+    }
+}
+
+fn repo_err(doing: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
+    let doing = doing.into();
+    move |cause| Error::Repository { doing, cause }
+}
+
+/// Copies `size` bytes of `src` (from offset 0) to `dst` inside the kernel.
+fn copy_range(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+    let mut off_in = 0u64;
+    let mut off_out = 0u64;
+    while off_in < size {
+        let want = usize::try_from(size - off_in)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("source ended after {off_in} of {size} bytes"),
+                ));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            // Some filesystem pairs refuse copy_file_range; fall back to pread/write.
+            Err(
+                rustix::io::Errno::XDEV | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL,
+            ) if off_in == 0 => {
+                return copy_userspace(src, dst, size);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_userspace(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let want = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = src.read_at(&mut buf[..want], off)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("source ended after {off} of {size} bytes"),
+            ));
+        }
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Stores `src` (`size` bytes) as an object, by reflink or copy as `policy` allows.
+///
+/// Fails with [`Error::ReflinkRequired`] when the policy demands a reflink the filesystem
+/// cannot make, or [`Error::Repository`] / [`Error::Io`] for repository and I/O failures.
+pub fn store<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    src: &File,
+    size: u64,
+    name: &str,
+    policy: CopyPolicy,
+    reflink: &ReflinkState,
+) -> Result<(ObjectID, Stored)> {
+    let tmp = File::from(
+        repo.create_object_tmpfile()
+            .map_err(repo_err("creating an object tmpfile"))?,
+    );
+    let mut reflinked = false;
+    let try_reflink = policy != CopyPolicy::CopyOnly
+        && !reflink
+            .unsupported
+            .load(std::sync::atomic::Ordering::Relaxed);
+    if try_reflink {
+        match rustix::fs::ioctl_ficlone(&tmp, src.as_fd()) {
+            Ok(()) => reflinked = true,
+            Err(e) => {
+                let why = match e {
+                    rustix::io::Errno::XDEV => {
+                        "the repository and the storage are on different filesystems (EXDEV)".into()
+                    }
+                    rustix::io::Errno::OPNOTSUPP => {
+                        "the filesystem does not support reflinks (EOPNOTSUPP)".into()
+                    }
+                    other => format!("FICLONE failed: {other}"),
+                };
+                if matches!(e, rustix::io::Errno::XDEV | rustix::io::Errno::OPNOTSUPP) {
+                    reflink
+                        .unsupported
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if policy == CopyPolicy::ReflinkOnly {
+                    return Err(Error::ReflinkRequired {
+                        file: name.to_owned(),
+                        reason: why,
+                    });
+                }
+                reflink.note(format!("{name}: {why}"));
+            }
+        }
+    } else if policy == CopyPolicy::ReflinkOnly {
+        return Err(Error::ReflinkRequired {
+            file: name.to_owned(),
+            reason: reflink
+                .first_fallback()
+                .unwrap_or_else(|| "reflinks are not supported here".into()),
+        });
+    }
+    if !reflinked {
+        copy_range(src, &tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
+    }
+    // FICLONE clones the whole file; a source that grew since the helper checked it would
+    // slip through unnoticed otherwise.
+    let len = tmp
+        .metadata()
+        .map_err(|e| Error::io(format!("stat of the object for {name}"), e))?
+        .len();
+    if len != size {
+        return Err(Error::ContentChanged {
+            file: name.to_owned(),
+            detail: format!("expected {size} bytes, the file has {len}"),
+        });
+    }
+    let (id, method) = repo
+        .finalize_object_tmpfile(tmp, size)
+        .map_err(repo_err(format!("storing the object for {name}")))?;
+    let stored = match method {
+        ObjectStoreMethod::AlreadyPresent => Stored::AlreadyPresent,
+        _ if reflinked => Stored::Reflinked,
+        _ => Stored::Copied,
+    };
+    Ok((id, stored))
+}
+
+/// A fixed pool of threads storing objects in parallel.
+pub struct Pool<ObjectID: FsVerityHashValue> {
+    tx: Option<std::sync::mpsc::Sender<Job<ObjectID>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+type JobResult<ObjectID> = Result<(ObjectID, Stored)>;
+
+struct Job<ObjectID> {
+    src: File,
+    size: u64,
+    name: String,
+    reply: std::sync::mpsc::SyncSender<JobResult<ObjectID>>,
+}
+
+impl<ObjectID: FsVerityHashValue> std::fmt::Debug for Pool<ObjectID> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
+    /// Starts `n` workers storing into `repo`.
+    pub fn new(
+        repo: Arc<Repository<ObjectID>>,
+        n: usize,
+        policy: CopyPolicy,
+        reflink: Arc<ReflinkState>,
+    ) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job<ObjectID>>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let rx = rx.clone();
+            let repo = repo.clone();
+            let reflink = reflink.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("cstor-objects-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let job = {
+                                let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+                                guard.recv()
+                            };
+                            let Ok(job) = job else { return };
+                            let r = store(&repo, &job.src, job.size, &job.name, policy, &reflink);
+                            let _ = job.reply.send(r);
+                        }
+                    })
+                    .map_err(|e| Error::io("starting an object worker", e))?,
+            );
+        }
+        Ok(Self {
+            tx: Some(tx),
+            threads,
+        })
+    }
+
+    /// Queues `src` for storing; the receiver yields the result.
+    pub fn submit(
+        &self,
+        src: File,
+        size: u64,
+        name: String,
+    ) -> Result<std::sync::mpsc::Receiver<JobResult<ObjectID>>> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .as_ref()
+            .and_then(|tx| {
+                tx.send(Job {
+                    src,
+                    size,
+                    name,
+                    reply,
+                })
+                .ok()
+            })
+            .ok_or_else(|| {
+                Error::io(
+                    "queueing an object",
+                    std::io::Error::other("the object workers stopped"),
+                )
+            })?;
+        Ok(rx)
+    }
+}
+
+impl<ObjectID: FsVerityHashValue> Drop for Pool<ObjectID> {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
