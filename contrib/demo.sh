@@ -60,4 +60,33 @@ for i in 0 1; do
 done
 echo "== cstor-helper --stdio"
 echo '{"jsonrpc":"2.0","id":1,"method":"ListImages"}' | "$bin/cstor-helper" --stdio --root "$root" --runroot "$run"
+
+echo "== cstor import into a composefs repository on the same ext4 (no reflinks: copies)"
+rm -rf "$demo/repo"
+"${cstor[@]}" import --init --repo "$demo/repo" localhost/cstor-demo
+echo "== importing again: every layer is already there"
+"${cstor[@]}" import --repo "$demo/repo" localhost/cstor-demo
+echo "== mounting the imported image"
+mkdir -p "$demo/mnt"
+"${cstor[@]}" mount --repo "$demo/repo" containers-storage:localhost/cstor-demo "$demo/mnt"
+ls -la "$demo/mnt" "$demo/mnt/srv"
+umount "$demo/mnt"
+
+echo "== zero-copy: storage and repository on one XFS filesystem (a loop device)"
+xfs=$demo/xfs
+cleanup() {
+    umount "$xfs" 2>/dev/null || true
+    [ -n "${loopdev:-}" ] && losetup -d "$loopdev" 2>/dev/null || true
+}
+trap cleanup EXIT
+mkdir -p "$xfs"
+rm -f "$demo/xfs.img" && truncate -s 2G "$demo/xfs.img"
+loopdev=$(losetup -f --show "$demo/xfs.img")
+mkfs.xfs -q "$loopdev" && mount "$loopdev" "$xfs"
+xrun=/run/cstor-demo-xfs
+podman --root "$xfs/storage" --runroot "$xrun" --storage-driver overlay import --quiet "$demo/rootfs.tar" localhost/cstor-demo:latest >/dev/null
+"$bin/cstor" --root "$xfs/storage" --runroot "$xrun" import --init --repo "$xfs/repo" localhost/cstor-demo
+podman --root "$xfs/storage" --runroot "$xrun" rmi -a -f >/dev/null
+cleanup
+trap - EXIT
 echo "== demo done"

@@ -95,6 +95,10 @@ pub struct HelperConfig {
     pub program: Option<PathBuf>,
     /// The storage to serve.
     pub storage: StorageSelection,
+    /// The storage root as an already open directory (e.g. by a caller that resolved it
+    /// itself); overrides `storage.graphroot`. The helper inherits it and opens it as
+    /// `/proc/self/fd/N`, directly or through `podman unshare`.
+    pub graphroot_fd: Option<std::sync::Arc<OwnedFd>>,
     /// How to run it.
     pub privilege: Privilege,
     /// The `podman` binary used for `podman unshare` (default: `podman` on `PATH`).
@@ -113,6 +117,7 @@ impl Default for HelperConfig {
         Self {
             program: None,
             storage: StorageSelection::default(),
+            graphroot_fd: None,
             privilege: Privilege::Auto,
             podman: PathBuf::from("podman"),
             extra_args: Vec::new(),
@@ -206,7 +211,21 @@ impl HelperProcess {
             c.arg("unshare").arg(&program);
             c
         };
-        cmd.args(config.storage.to_args())
+        // dup() without O_CLOEXEC: the child inherits it under the same number. Closed
+        // again right after the spawn.
+        let inherited = match &config.graphroot_fd {
+            Some(fd) => Some(
+                rustix::io::dup(fd)
+                    .map_err(|e| Error::io("passing the storage root fd", e.into()))?,
+            ),
+            None => None,
+        };
+        let mut storage = config.storage.clone();
+        if let Some(fd) = &inherited {
+            use std::os::fd::AsRawFd;
+            storage.graphroot = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+        }
+        cmd.args(storage.to_args())
             .args(&config.extra_args)
             .stdin(Stdio::from(socket))
             .stdout(Stdio::null())
@@ -221,6 +240,7 @@ impl HelperProcess {
             program: shown,
             cause,
         })?;
+        drop(inherited);
         let pid = child.id();
         // Opened before anyone can reap the child, so it always names this process.
         let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {

@@ -35,8 +35,10 @@ pub const ROOTLESS_PRIVATE_DIR: &str = "private";
 pub const ROOTLESS_PUBLIC_IN_PRIVATE: &str = "private/public.txt";
 /// In the rootless image: ordinary files owned by container root.
 pub const ROOTLESS_ORDINARY_FILES: [&str; 3] = ["etc/hostname", "etc/motd", "usr/share/data.txt"];
-/// Content of [`ROOTLESS_PRIVATE_FILE`].
-pub const ROOTLESS_SECRET: &str = "secret of container uid 1000\n";
+/// Content of [`ROOTLESS_PRIVATE_FILE`]: longer than composefs' 64-byte inline threshold, so
+/// importing it makes a repository object (a reflink where the filesystem allows).
+pub const ROOTLESS_SECRET: &str =
+    "secret of container uid 1000, mode 0600: only the user namespace may read these bytes\n";
 
 /// The default name of the rootless test user (used by
 /// [`rootless_user_or_skip`]).
@@ -342,7 +344,7 @@ echo rootless > "$r/etc/hostname"
 echo "built by podman unshare" > "$r/etc/motd"
 printf 'data\n%.0s' $(seq 1 100) > "$r/usr/share/data.txt"
 printf '%s' '{secret}' > "$r/{private_file}"
-echo "world-readable in a 0700 dir" > "$r/{public}"
+printf 'world-readable, but inside a 0700 directory of container uid 1000 (%s)\n' "$(seq -s, 1 40)" > "$r/{public}"
 chown 1000:1000 "$r/{private_file}" "$r/{private_dir}" "$r/{public}"
 chmod 0600 "$r/{private_file}"
 chmod 0644 "$r/{public}"

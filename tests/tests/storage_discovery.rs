@@ -205,3 +205,27 @@ fn other_graph_drivers_are_named_in_the_error() {
     assert!(err.contains("\"btrfs\""), "{err}");
     let _ = std::fs::remove_dir_all(&run);
 }
+
+/// bootc hands over storage it already opened: an open directory fd works like a path.
+#[test]
+fn storage_given_as_an_open_directory() {
+    let Some(images) = cstor_tests::standard_images_or_skip("storage_given_as_an_open_directory")
+    else {
+        return;
+    };
+    let dir = std::fs::File::open(&images.store.root).unwrap();
+    let config = cstor_proxy_client::HelperConfig {
+        program: Some(cstor_tests::helper_binary().unwrap()),
+        graphroot_fd: Some(std::sync::Arc::new(dir.into())),
+        privilege: cstor_proxy_client::Privilege::Direct,
+        ..Default::default()
+    };
+    cstor_tests::session::runtime().block_on(async {
+        let client = cstor_proxy_client::Client::spawn(&config).await.unwrap();
+        let img = client.get_image(&images.small.name).await.unwrap();
+        assert_eq!(img.id, images.small.id);
+        let l = client.open_layer(&img.layers[0].id).await.unwrap();
+        l.write_tar(std::io::sink()).await.unwrap();
+        client.shutdown().await.unwrap();
+    });
+}

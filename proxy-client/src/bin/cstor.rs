@@ -3,7 +3,8 @@
 //! Exit codes: 0 success; 1 other failure; 2 command-line error; 3 image or layer not found
 //! (or an invalid/ambiguous reference); 4 verification failed (a CRC, size or digest did not
 //! match); 5 the helper could not be started or died; 6 storage busy (a lock stayed held),
-//! retry later; 141 stdout was closed early (e.g. `cstor layer-tar ... | head`), silently, as
+//! retry later; 7 `--copy-policy reflink-only` and a file could not be reflinked; 141 stdout
+//! was closed early (e.g. `cstor layer-tar ... | head`), silently, as
 //! for a process killed by SIGPIPE.
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cstor_proxy_client::import::{self, CopyPolicy, ImportEvent, ImportOptions, RepoAlgorithm};
 use cstor_proxy_client::protocol::{ErrorCode, GetImageResult, LayerInfo};
 use cstor_proxy_client::{Client, Error, HelperConfig, Privilege, StorageSelection};
 
@@ -96,6 +98,48 @@ enum Command {
         /// Image reference.
         image: String,
     },
+    /// Import an image into a composefs repository, zero-copy where the filesystem allows.
+    Import {
+        /// Image reference, with or without `containers-storage:`.
+        image: String,
+        /// The composefs repository (default: /sysroot/composefs as root, else
+        /// ~/.var/lib/composefs, like cfsctl).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+        /// Create the repository if it does not exist (as `cfsctl init` does; insecure
+        /// when the filesystem has no fs-verity).
+        #[arg(long)]
+        init: bool,
+        /// Tag to write (default: containers-storage:IMAGE, as `cfsctl oci pull` names it).
+        #[arg(long, value_name = "NAME")]
+        tag: Option<String>,
+        /// How file contents get into the repository.
+        #[arg(long, value_enum, default_value_t = CopyPolicyArg::ReflinkOrCopy)]
+        copy_policy: CopyPolicyArg,
+        /// Threads storing objects (default: the number of CPUs).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Mount an imported image read-only (composefs; needs root). Unmount with umount.
+    Mount {
+        /// The tag given at import (e.g. containers-storage:localhost/myimage).
+        tag: String,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// The composefs repository (same default as import).
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CopyPolicyArg {
+    /// Reflink where possible, copy otherwise.
+    ReflinkOrCopy,
+    /// Reflink or fail (exit status 7).
+    ReflinkOnly,
+    /// Always copy.
+    Copy,
 }
 
 fn init_logging(verbose: u8) {
@@ -308,10 +352,13 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .with_context(|| format!("verifying layer {i} ({})", l.id))?;
                 if !g.json {
-                    println!(
+                    writeln!(
+                        std::io::stdout().lock(),
                         "layer {i:>3}  {}  {} bytes  {} entries  ok",
-                        tar.digest, tar.size, tar.summary.entries
-                    );
+                        tar.digest,
+                        tar.size,
+                        tar.summary.entries
+                    )?;
                 }
                 results.push(serde_json::json!({
                     "index": i, "layer": l.id, "diff_id": tar.digest, "size": tar.size,
@@ -321,15 +368,335 @@ async fn run(cli: Cli) -> Result<()> {
             if g.json {
                 print_json(&serde_json::json!({"image": img.id, "layers": results}))?;
             } else {
-                println!(
+                writeln!(
+                    std::io::stdout().lock(),
                     "{}: all {} layers verified",
                     short(&img.id),
                     img.layers.len()
-                );
+                )?;
+            }
+            client.shutdown().await?;
+        }
+        Command::Mount {
+            tag,
+            mountpoint,
+            repo,
+        } => {
+            let path = repo_path(repo.as_deref())?;
+            let erofs = match import::repository_algorithm(&path)? {
+                RepoAlgorithm::Sha512 => {
+                    mount::<composefs::fsverity::Sha512HashValue>(&path, tag, mountpoint)?
+                }
+                RepoAlgorithm::Sha256 => {
+                    mount::<composefs::fsverity::Sha256HashValue>(&path, tag, mountpoint)?
+                }
+            };
+            if g.json {
+                print_json(
+                    &serde_json::json!({"tag": tag, "image": erofs, "mountpoint": mountpoint}),
+                )?;
+            } else {
+                writeln!(
+                    std::io::stdout().lock(),
+                    "{tag} (image {}) mounted on {}",
+                    short(&erofs),
+                    mountpoint.display()
+                )?;
+            }
+        }
+        Command::Import {
+            image,
+            repo,
+            init,
+            tag,
+            copy_policy,
+            jobs,
+        } => {
+            let path = repo_path(repo.as_deref())?;
+            if *init {
+                let outcome = import::init_repository(&path)?;
+                tracing::info!(repo = %path.display(), ?outcome, "repository");
+                if outcome == import::InitOutcome::CreatedInsecure && !g.json {
+                    eprintln!(
+                        "cstor: created {} in insecure mode: the filesystem has no fs-verity",
+                        path.display()
+                    );
+                }
+            }
+            let options = ImportOptions {
+                tag: tag.clone(),
+                copy_policy: match copy_policy {
+                    CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
+                    CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
+                    CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
+                },
+                object_threads: *jobs,
+                ..ImportOptions::default()
+            };
+            let client = connect(g, Some(image)).await?;
+            let summary = match import::repository_algorithm(&path)? {
+                RepoAlgorithm::Sha512 => {
+                    run_import::<composefs::fsverity::Sha512HashValue>(
+                        g, &client, &path, image, options,
+                    )
+                    .await?
+                }
+                RepoAlgorithm::Sha256 => {
+                    run_import::<composefs::fsverity::Sha256HashValue>(
+                        g, &client, &path, image, options,
+                    )
+                    .await?
+                }
+            };
+            if g.json {
+                print_json(&summary)?;
+            } else {
+                print_summary(&summary)?;
             }
             client.shutdown().await?;
         }
     }
+    Ok(())
+}
+
+/// The repository to use: the given one, else cfsctl's default for this user.
+fn repo_path(repo: Option<&std::path::Path>) -> Result<PathBuf> {
+    Ok(match repo {
+        Some(p) => p.to_owned(),
+        None if rustix::process::geteuid().is_root() => composefs::repository::system_path(),
+        None => {
+            composefs::repository::user_path().context("finding the user's composefs repository")?
+        }
+    })
+}
+
+fn mount<ObjectID: composefs::fsverity::FsVerityHashValue>(
+    path: &std::path::Path,
+    tag: &str,
+    mountpoint: &std::path::Path,
+) -> Result<String> {
+    let repo = import::open_repository::<ObjectID>(path)?;
+    let image = composefs_oci::OciImage::open_ref(&repo, tag)
+        .with_context(|| format!("looking up {tag} in {}", path.display()))?;
+    let erofs = image
+        .image_ref(repo.erofs_version())
+        .ok_or_else(|| anyhow!("{tag} has no EROFS image; import it again"))?
+        .to_hex();
+    repo.mount_at(
+        &erofs,
+        mountpoint,
+        &composefs::mount::MountOptions::default(),
+    )
+    .with_context(|| format!("mounting {tag} on {}", mountpoint.display()))?;
+    Ok(erofs)
+}
+
+/// The import report with object ids as hex, for printing and `--json`.
+#[derive(Debug, serde::Serialize)]
+struct ImportSummary {
+    reference: String,
+    image_id: String,
+    repository: String,
+    tag: String,
+    manifest_digest: String,
+    manifest_verity: String,
+    config_digest: String,
+    config_verity: String,
+    erofs_image: String,
+    already_complete: bool,
+    has_usr: Option<bool>,
+    objects: import::ObjectStats,
+    first_reflink_fallback: Option<String>,
+    elapsed_seconds: f64,
+    layers: Vec<LayerSummary>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LayerSummary {
+    index: usize,
+    diff_id: String,
+    layer_id: String,
+    bytes: u64,
+    verity: String,
+    skipped: bool,
+    objects: import::ObjectStats,
+    elapsed_seconds: f64,
+}
+
+async fn run_import<ObjectID: composefs::fsverity::FsVerityHashValue>(
+    g: &Global,
+    client: &Client,
+    path: &std::path::Path,
+    image: &str,
+    mut options: ImportOptions,
+) -> Result<ImportSummary> {
+    let repo = import::open_repository::<ObjectID>(path)?;
+    let interactive = !g.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = if interactive {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        options.progress = Some(tx);
+        Some(tokio::spawn(show_progress(rx)))
+    } else {
+        None
+    };
+    let r = import::import_image(client, &repo, image, &options).await;
+    drop(options);
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    let r = r.with_context(|| format!("importing {image} into {}", path.display()))?;
+    Ok(ImportSummary {
+        reference: r.reference.clone(),
+        image_id: r.image_id.clone(),
+        repository: path.display().to_string(),
+        tag: r.tag.clone(),
+        manifest_digest: r.pull.manifest_digest.to_string(),
+        manifest_verity: r.pull.manifest_verity.to_hex(),
+        config_digest: r.pull.config_digest.to_string(),
+        config_verity: r.pull.config_verity.to_hex(),
+        erofs_image: r.erofs_image.to_hex(),
+        already_complete: r.already_complete,
+        has_usr: r.has_usr,
+        objects: r.objects,
+        first_reflink_fallback: r.first_reflink_fallback.clone(),
+        elapsed_seconds: r.elapsed.as_secs_f64(),
+        layers: r
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                index: l.index,
+                diff_id: l.diff_id.clone(),
+                layer_id: l.layer_id.clone(),
+                bytes: l.bytes,
+                verity: l.verity.to_hex(),
+                skipped: l.skipped,
+                objects: l.stats,
+                elapsed_seconds: l.elapsed.as_secs_f64(),
+            })
+            .collect(),
+    })
+}
+
+async fn show_progress(mut rx: tokio::sync::mpsc::UnboundedReceiver<ImportEvent>) {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    let total = multi.add(
+        ProgressBar::new(0)
+            .with_style(style.clone())
+            .with_prefix("total"),
+    );
+    let mut bars = std::collections::HashMap::new();
+    while let Some(e) = rx.recv().await {
+        match e {
+            ImportEvent::Started {
+                bytes,
+                bytes_present,
+                layers_present,
+                ..
+            } => {
+                total.set_length(bytes);
+                total.set_position(bytes_present);
+                if layers_present > 0 {
+                    total.set_message(format!("{layers_present} layers already present"));
+                }
+            }
+            ImportEvent::LayerStarted {
+                index,
+                diff_id,
+                bytes,
+            } => {
+                let b = multi.add(
+                    ProgressBar::new(bytes)
+                        .with_style(style.clone())
+                        .with_prefix(format!("layer {index}"))
+                        .with_message(short(&diff_id).to_owned()),
+                );
+                bars.insert(index, (b, 0u64));
+            }
+            ImportEvent::LayerProgress { index, bytes_done } => {
+                if let Some((b, last)) = bars.get_mut(&index) {
+                    total.inc(bytes_done.saturating_sub(*last));
+                    *last = bytes_done;
+                    b.set_position(bytes_done);
+                }
+            }
+            ImportEvent::LayerDone { index, bytes, .. } => {
+                if let Some((b, last)) = bars.remove(&index) {
+                    total.inc(bytes.saturating_sub(last));
+                    b.finish_and_clear();
+                }
+            }
+            ImportEvent::LayerSkipped { .. } => {}
+            ImportEvent::Finalizing => total.set_message("writing the EROFS image"),
+            ImportEvent::Finished => total.finish_and_clear(),
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+fn print_summary(s: &ImportSummary) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let o = &s.objects;
+    let skipped = s.layers.iter().filter(|l| l.skipped).count();
+    writeln!(
+        out,
+        "{} {} (image {}) into {} as {}",
+        if s.already_complete {
+            "Already imported"
+        } else {
+            "Imported"
+        },
+        s.reference,
+        short(&s.image_id),
+        s.repository,
+        s.tag
+    )?;
+    writeln!(
+        out,
+        "  layers:   {} ({} already present)",
+        s.layers.len(),
+        skipped
+    )?;
+    writeln!(
+        out,
+        "  objects:  {} reflinked ({}), {} copied ({}), {} already present ({}), {} inline ({} with headers)",
+        o.reflinked,
+        human(o.bytes_reflinked),
+        o.copied,
+        human(o.bytes_copied),
+        o.present,
+        human(o.bytes_present),
+        o.inlined,
+        human(o.bytes_inlined)
+    )?;
+    if let Some(why) = &s.first_reflink_fallback {
+        writeln!(out, "  copied because: {why}")?;
+    }
+    writeln!(
+        out,
+        "  manifest: {} (verity {})",
+        s.manifest_digest, s.manifest_verity
+    )?;
+    writeln!(
+        out,
+        "  config:   {} (verity {})",
+        s.config_digest, s.config_verity
+    )?;
+    writeln!(out, "  image:    {}", s.erofs_image)?;
+    if s.has_usr == Some(false) {
+        writeln!(
+            out,
+            "  note:     the image has no /usr; its root directory keeps the tar's own metadata"
+        )?;
+    }
+    writeln!(out, "  time:     {:.2} s", s.elapsed_seconds)?;
     Ok(())
 }
 
@@ -357,6 +724,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(err) = cause.downcast_ref::<Error>() {
             return match err {
+                Error::ReflinkRequired { .. } => 7,
                 Error::HelperNotFound(_) | Error::Spawn { .. } | Error::HelperDied { .. } => 5,
                 Error::DigestMismatch { .. } | Error::Assemble { .. } => 4,
                 Error::Timeout { .. } => 6,

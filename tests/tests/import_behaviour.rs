@@ -1,0 +1,301 @@
+//! Story: importing behaves the way bootc and a human at a terminal need: progress with
+//! totals up front, layers already present skipped without being read, a reflink-only policy
+//! that refuses to copy, no podman needed as root, and a repository that never holds a
+//! partial layer or image under a final name, however the import is killed.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use composefs::fsverity::Sha512HashValue;
+use cstor_proxy_client::import::{self, CopyPolicy, ImportEvent, ImportOptions};
+use cstor_proxy_client::{Client, Error};
+use cstor_tests::session::{helper_config, runtime};
+use cstor_tests::{skip, standard_images_or_skip};
+
+#[test]
+fn progress_has_totals_up_front_and_present_layers_are_skipped() {
+    let test = "progress_has_totals_up_front_and_present_layers_are_skipped";
+    let Some(images) = standard_images_or_skip(test) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    import::init_repository(work.path()).unwrap();
+    let repo = import::open_repository::<Sha512HashValue>(work.path()).unwrap();
+    let mut config = helper_config(&images.store).unwrap();
+    // As root no podman is needed: a missing podman binary must not matter.
+    config.podman = "/nonexistent/podman".into();
+    config.privilege = cstor_proxy_client::Privilege::Auto;
+    runtime().block_on(async {
+        let client = Client::spawn(&config).await.unwrap();
+        // The base layer first (features), then the commit image on top of it.
+        import::import_image(
+            &client,
+            &repo,
+            &images.features.name,
+            &ImportOptions::default(),
+        )
+        .await
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = ImportOptions {
+            progress: Some(tx),
+            ..ImportOptions::default()
+        };
+        let report = import::import_image(&client, &repo, &images.commit.name, &options)
+            .await
+            .unwrap();
+        drop(options);
+        let mut events = Vec::new();
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        let base = &report.layers[0];
+        let top = &report.layers[1];
+        assert!(base.skipped && !top.skipped);
+        assert_eq!(base.stats, import::ObjectStats::default());
+        match &events[0] {
+            ImportEvent::Started {
+                layers,
+                layers_present,
+                bytes,
+                bytes_present,
+            } => {
+                assert_eq!((*layers, *layers_present), (2, 1));
+                assert_eq!(*bytes, base.bytes + top.bytes);
+                assert_eq!(*bytes_present, base.bytes);
+            }
+            other => panic!("first event: {other:?}"),
+        }
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                ImportEvent::Started { .. } => "started",
+                ImportEvent::LayerStarted { .. } => "layer-started",
+                ImportEvent::LayerProgress { .. } => "layer-progress",
+                ImportEvent::LayerDone { .. } => "layer-done",
+                ImportEvent::LayerSkipped { .. } => "layer-skipped",
+                ImportEvent::Finalizing => "finalizing",
+                ImportEvent::Finished => "finished",
+            })
+            .filter(|k| *k != "layer-progress")
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "started",
+                "layer-skipped",
+                "layer-started",
+                "layer-done",
+                "finalizing",
+                "finished"
+            ]
+        );
+        assert!(events.iter().any(|e| matches!(e,
+            ImportEvent::LayerDone { index: 1, bytes, .. } if *bytes == top.bytes)));
+
+        // Importing again reads no layer at all.
+        let again = import::import_image(
+            &client,
+            &repo,
+            &images.commit.name,
+            &ImportOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(again.already_complete);
+        assert!(again.layers.iter().all(|l| l.skipped));
+        assert_eq!(again.erofs_image, report.erofs_image);
+        client.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn reflink_only_refuses_to_copy() {
+    let test = "reflink_only_refuses_to_copy";
+    let Some(images) = standard_images_or_skip(test) else {
+        return;
+    };
+    // The fixture store and this repository live on ext4 (or at least not on a reflink
+    // filesystem shared with the store).
+    let work = tempfile::tempdir().unwrap();
+    if cstor_tests::reflink_supported(work.path()) {
+        skip::skip_or_fail(
+            test,
+            "the temp dir supports reflinks, so nothing would be refused",
+        );
+        return;
+    }
+    import::init_repository(work.path()).unwrap();
+    let repo = import::open_repository::<Sha512HashValue>(work.path()).unwrap();
+    runtime().block_on(async {
+        let client = Client::spawn(&helper_config(&images.store).unwrap())
+            .await
+            .unwrap();
+        let options = ImportOptions {
+            copy_policy: CopyPolicy::ReflinkOnly,
+            ..ImportOptions::default()
+        };
+        let e = import::import_image(&client, &repo, &images.features.name, &options)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::ReflinkRequired { .. }), "{e}");
+        // Nothing was committed under a final name.
+        let diff_id = client
+            .get_image(&images.features.name)
+            .await
+            .unwrap()
+            .layers[0]
+            .diff_id
+            .clone()
+            .unwrap();
+        assert!(
+            repo.has_stream(&import::layer_identifier(&diff_id))
+                .unwrap()
+                .is_none()
+        );
+        client.shutdown().await.unwrap();
+    });
+    // The CLI says so with exit status 7.
+    let helper = cstor_tests::helper_binary().unwrap();
+    let out = Command::new(helper.with_file_name("cstor"))
+        .arg("--helper")
+        .arg(&helper)
+        .arg("--root")
+        .arg(&images.store.root)
+        .args(["import", "--copy-policy", "reflink-only", "--repo"])
+        .arg(work.path())
+        .arg(&images.features.name)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be reflinked"));
+}
+
+/// Lists `streams/` and `streams/refs/oci/` and checks every stream symlink resolves.
+fn check_repository(repo_dir: &Path) -> (usize, usize) {
+    let repo = import::open_repository::<Sha512HashValue>(repo_dir).unwrap();
+    let fsck = runtime().block_on(repo.fsck()).unwrap();
+    assert!(fsck.is_ok(), "composefs fsck after a kill: {fsck:?}");
+    let count = |d: &Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    (
+        count(&repo_dir.join("streams")),
+        count(&repo_dir.join("streams/refs/oci")),
+    )
+}
+
+#[test]
+fn a_killed_import_never_leaves_a_partial_layer_or_image() {
+    let test = "a_killed_import_never_leaves_a_partial_layer_or_image";
+    let Some(images) = standard_images_or_skip(test) else {
+        return;
+    };
+    let helper = cstor_tests::helper_binary().unwrap();
+    let cstor = helper.with_file_name("cstor");
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    import::init_repository(&repo_dir).unwrap();
+    let run = || {
+        Command::new(&cstor)
+            .arg("--helper")
+            .arg(&helper)
+            .arg("--root")
+            .arg(&images.store.root)
+            .args(["import", "--repo"])
+            .arg(&repo_dir)
+            .arg(&images.commit.name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Kill earlier and later until an import completes; check the repository each time.
+    let mut delay = Duration::from_millis(5);
+    let mut kills = 0;
+    loop {
+        let mut child = run();
+        std::thread::sleep(delay);
+        let finished = child.try_wait().unwrap().is_some_and(|s| s.success());
+        if !finished {
+            let _ = child.kill();
+        }
+        let status = child.wait().unwrap();
+        let (_streams, tags) = check_repository(&repo_dir);
+        if finished || status.success() {
+            assert_eq!(tags, 1);
+            break;
+        }
+        kills += 1;
+        // A tag exists only once the image is complete: if one appeared, the import
+        // finished just before the kill.
+        if tags > 0 {
+            break;
+        }
+        delay = delay * 3 / 2;
+        assert!(kills < 40, "the import never completed");
+    }
+    cstor_tests::note(&format!(
+        "{test}: {kills} imports killed before one completed"
+    ));
+    // The final state is the same as an undisturbed import.
+    let clean = tempfile::tempdir().unwrap();
+    import::init_repository(clean.path()).unwrap();
+    let a = import::open_repository::<Sha512HashValue>(&repo_dir).unwrap();
+    let b = import::open_repository::<Sha512HashValue>(clean.path()).unwrap();
+    runtime().block_on(async {
+        let client = Client::spawn(&helper_config(&images.store).unwrap())
+            .await
+            .unwrap();
+        let ra = import::import_image(&client, &a, &images.commit.name, &ImportOptions::default())
+            .await
+            .unwrap();
+        let rb = import::import_image(&client, &b, &images.commit.name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(ra.erofs_image, rb.erofs_image);
+        assert_eq!(ra.pull.config_verity, rb.pull.config_verity);
+        assert_eq!(ra.pull.manifest_verity, rb.pull.manifest_verity);
+        client.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn a_helper_that_hangs_or_dies_at_start_is_reported() {
+    let work = tempfile::tempdir().unwrap();
+    let hang = work.path().join("hang.sh");
+    let die = work.path().join("die.sh");
+    std::fs::write(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::write(
+        &die,
+        "#!/bin/sh\necho 'cannot open the storage: no such thing' >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&hang, &die] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    runtime().block_on(async {
+        let config = cstor_proxy_client::HelperConfig {
+            program: Some(hang.clone()),
+            privilege: cstor_proxy_client::Privilege::Direct,
+            handshake_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let start = std::time::Instant::now();
+        let e = Client::spawn(&config).await.unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+
+        let config = cstor_proxy_client::HelperConfig {
+            program: Some(die.clone()),
+            privilege: cstor_proxy_client::Privilege::Direct,
+            ..Default::default()
+        };
+        let e = Client::spawn(&config).await.unwrap_err();
+        let Error::HelperDied { status, stderr, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(status.contains('3'), "{status}");
+        assert!(stderr.contains("cannot open the storage"), "{stderr}");
+    });
+}
