@@ -299,3 +299,23 @@ fn a_helper_that_hangs_or_dies_at_start_is_reported() {
         assert!(stderr.contains("cannot open the storage"), "{stderr}");
     });
 }
+
+/// `--init` writes the meta.json `cfsctl init` writes (SHA-512 objects, EROFS format 1),
+/// byte for byte, so upstream tools open the repository as their own.
+#[test]
+fn init_writes_the_meta_json_of_cfsctl_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = import::init_repository(dir.path()).unwrap();
+    assert_ne!(outcome, import::InitOutcome::Existed);
+    let meta = std::fs::read_to_string(dir.path().join("meta.json")).unwrap();
+    let expected = "{\n  \"version\": 1,\n  \"algorithm\": \"fsverity-sha512-12\",\n  \"features\": {\n    \"compatible\": [],\n    \"read-only-compatible\": [\n      \"v1_erofs\"\n    ],\n    \"incompatible\": []\n  },\n  \"erofs_formats\": {\n    \"default\": 1\n  }\n}\n";
+    assert_eq!(meta, expected);
+    assert_eq!(
+        import::init_repository(dir.path()).unwrap(),
+        import::InitOutcome::Existed
+    );
+    assert_eq!(
+        import::repository_algorithm(dir.path()).unwrap(),
+        import::RepoAlgorithm::Sha512
+    );
+}
