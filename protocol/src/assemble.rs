@@ -16,7 +16,9 @@ use crate::stream::{Record, StreamError, StreamReader, StreamSummary};
 /// assert_eq!(CRC64.checksum(b"123456789"), 0xB90956C775A41001);
 /// assert_eq!(CRC64.checksum(b"hello\n"), 0x614c3eeee2d81000);
 /// ```
-pub const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_GO_ISO);
+/// (Slice-by-16 tables: every content byte of a layer goes through it.)
+pub const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
 
 /// Supplies the content fds a stream refers to.
 pub trait ContentSource {

@@ -303,11 +303,7 @@ impl Walker {
             .ok_or_else(|| {
                 self.corrupt(format!("entry {shown:?} with content names the layer root"))
             })?;
-        let file = self.open_content(&rel, &shown)?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat of {shown:?}"), e))?
-            .len();
+        let (file, len) = self.open_content(&rel, &shown)?;
         if len != size {
             return Err(Error::new(
                 ErrorCode::ChecksumMismatch,
@@ -327,9 +323,9 @@ impl Walker {
     }
 
     /// c/storage's getter tries the layer's diff, then each lower diff, first hit wins.
-    fn open_content(&self, rel: &Path, shown: &str) -> Result<File> {
+    fn open_content(&self, rel: &Path, shown: &str) -> Result<(File, u64)> {
         for dir in &self.source.dirs {
-            match confine::open_regular(dir.as_fd(), rel) {
+            match confine::open_regular_sized(dir.as_fd(), rel) {
                 Ok(f) => return Ok(f),
                 // Not in this directory: try the next lower one.
                 Err(e)

@@ -83,6 +83,12 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let mut externals = 0usize;
     let mut buf = vec![0u8; 1 << 20];
     let mut last_report = 0u64;
+    let layer_name: Arc<str> = Arc::from(id);
+    // Where the time goes: waiting for the helper's fds, or for the object workers.
+    let started = std::time::Instant::now();
+    let mut wait_fds = std::time::Duration::ZERO;
+    let mut wait_objects = std::time::Duration::ZERO;
+    let mut wait_stream = std::time::Duration::ZERO;
 
     // Moves finished operations from the head of the queue into the writer, in order; with
     // `block` it waits for the head.
@@ -133,7 +139,10 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     };
 
     loop {
-        let rec = stream.next_record().map_err(|cause| Error::Stream {
+        let t_rec = std::time::Instant::now();
+        let rec = stream.next_record();
+        wait_stream += t_rec.elapsed();
+        let rec = rec.map_err(|cause| Error::Stream {
             layer: id.to_owned(),
             cause,
         })?;
@@ -147,7 +156,10 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             Some(Record::File(f)) => {
                 let Some(fd) = f.fd else { continue };
                 let name = String::from_utf8_lossy(&f.name).into_owned();
-                let file = contents.content(fd).map_err(|cause| {
+                let t_fd = std::time::Instant::now();
+                let file = contents.content(fd);
+                wait_fds += t_fd.elapsed();
+                let file = file.map_err(|cause| {
                     assemble_err(
                         id,
                         AssembleError::Content {
@@ -157,8 +169,9 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         },
                     )
                 })?;
-                // Read every byte once, in tar order: the CRC proves the file is what tar-split
-                // recorded, and the sha256 over the whole stream proves the layer.
+                // Every byte goes through the layer's sha256 here, in tar order; small files
+                // are also CRC-checked here, large ones by the worker that stores them.
+                let inline = f.size <= INLINE_MAX;
                 let mut crc = CRC64.digest();
                 let mut small = Vec::new();
                 let mut off = 0u64;
@@ -185,9 +198,9 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             ));
                         }
                     };
-                    crc.update(&buf[..n]);
                     sha.update(&buf[..n]);
-                    if f.size <= INLINE_MAX {
+                    if inline {
+                        crc.update(&buf[..n]);
                         small.extend_from_slice(&buf[..n]);
                     }
                     off += n as u64;
@@ -203,16 +216,18 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         },
                     ));
                 }
-                let actual = crc.finalize();
-                if actual != f.crc64 {
-                    return Err(assemble_err(
-                        id,
-                        AssembleError::Crc {
-                            name,
-                            expected: f.crc64,
-                            actual,
-                        },
-                    ));
+                if inline {
+                    let actual = crc.finalize();
+                    if actual != f.crc64 {
+                        return Err(assemble_err(
+                            id,
+                            AssembleError::Crc {
+                                name,
+                                expected: f.crc64,
+                                actual,
+                            },
+                        ));
+                    }
                 }
                 tar_size += f.size;
                 if f.size <= INLINE_MAX {
@@ -220,7 +235,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     stats.bytes_inlined += f.size;
                     pending.push_back(Op::Inline(small));
                 } else {
-                    let result = pool.submit(file, f.size, name)?;
+                    let result = pool.submit(file, f.size, f.crc64, name, layer_name.clone())?;
                     pending.push_back(Op::External {
                         size: f.size,
                         result,
@@ -235,9 +250,23 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             Some(Record::End(_)) | None => break,
         }
         let block = externals > lookahead;
+        let t_drain = std::time::Instant::now();
         drain(&mut pending, &mut externals, &mut stats, block)?;
+        if block {
+            wait_objects += t_drain.elapsed();
+        }
     }
+    let t_drain = std::time::Instant::now();
     drain(&mut pending, &mut externals, &mut stats, true)?;
+    wait_objects += t_drain.elapsed();
+    tracing::debug!(
+        layer = id,
+        elapsed = ?started.elapsed(),
+        ?wait_fds,
+        ?wait_objects,
+        ?wait_stream,
+        "layer streamed"
+    );
     progress(tar_size);
 
     let digest = format!("sha256:{}", hex::encode(sha.finalize()));

@@ -24,6 +24,7 @@ mod finalize;
 mod layer;
 mod objects;
 mod repo;
+pub mod verity;
 
 use std::collections::HashMap;
 use std::str::FromStr;

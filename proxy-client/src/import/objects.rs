@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::{ObjectStoreMethod, Repository};
+use cstor_protocol::assemble::{AssembleError, CRC64};
 
 use crate::error::{Error, Result};
 
@@ -119,30 +120,222 @@ fn copy_userspace(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Stores `src` (`size` bytes) as an object, by reflink or copy as `policy` allows.
+/// Reads `src` once: checks its length and tar-split CRC-64, and computes its object id.
+fn digest_source<ObjectID: FsVerityHashValue>(
+    src: &File,
+    size: u64,
+    crc64: u64,
+    name: &str,
+    layer: &str,
+    buf: &mut [u8],
+) -> Result<ObjectID> {
+    use std::os::unix::fs::FileExt;
+    let bad = |cause: AssembleError| Error::Assemble {
+        layer: layer.to_owned(),
+        cause,
+    };
+    let mut verity = super::verity::Hasher::for_id::<ObjectID>();
+    let mut crc = CRC64.digest();
+    let mut off = 0u64;
+    while off < size {
+        let want = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = match src.read_at(&mut buf[..want], off) {
+            Ok(0) => {
+                return Err(bad(AssembleError::Size {
+                    name: name.to_owned(),
+                    expected: size,
+                    actual: off,
+                }));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(cause) => {
+                return Err(bad(AssembleError::Content {
+                    name: name.to_owned(),
+                    fd: 0,
+                    cause,
+                }));
+            }
+        };
+        crc.update(&buf[..n]);
+        verity.update(&buf[..n]);
+        off += n as u64;
+    }
+    let actual = crc.finalize();
+    if actual != crc64 {
+        return Err(bad(AssembleError::Crc {
+            name: name.to_owned(),
+            expected: crc64,
+            actual,
+        }));
+    }
+    Ok(verity.finish())
+}
+
+/// Links a finished tmpfile into the object store under `id`, as composefs does for an
+/// anonymous tmpfile (linkat through /proc/self/fd); an existing object wins.
+fn link_object<ObjectID: FsVerityHashValue>(
+    objects: &std::os::fd::OwnedFd,
+    tmp: &File,
+    id: &ObjectID,
+) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let rel = id.to_object_pathname();
+    let proc = format!("/proc/self/fd/{}", tmp.as_raw_fd());
+    let mut made_dir = false;
+    loop {
+        match rustix::fs::linkat(
+            rustix::fs::CWD,
+            &proc,
+            objects,
+            &rel,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::EXIST) => return Ok(false),
+            Err(rustix::io::Errno::NOENT) if !made_dir => {
+                made_dir = true;
+                match rustix::fs::mkdirat(
+                    objects,
+                    id.to_object_dir(),
+                    rustix::fs::Mode::from_raw_mode(0o755),
+                ) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("creating objects/{}", id.to_object_dir()),
+                            e.into(),
+                        ));
+                    }
+                }
+            }
+            Err(e) => return Err(Error::io(format!("linking objects/{rel}"), e.into())),
+        }
+    }
+}
+
+/// Stores `src` (`size` bytes, whose tar-split CRC-64 is `crc64`) as an object, by reflink
+/// or copy as `policy` allows.
+///
+/// The source is read once, from podman's (warm) page cache, to check its CRC and compute
+/// its fs-verity digest. In an insecure repository (no fs-verity) the object is then named
+/// from that digest and linked like composefs links its own tmpfiles, so composefs never
+/// re-reads the clone, whose page cache is empty (reading it would go to disk). With
+/// fs-verity, the kernel measures the object and composefs links it; both digests must
+/// agree. The bytes hashed are the bytes cloned: layer files do not change while the helper
+/// holds the storage's read lock, and the clone's length is checked.
+///
+/// `buf` is scratch space for reading, reused across calls: zeroing a fresh megabyte per
+/// file would cost more than hashing most files.
 ///
 /// Fails with [`Error::ReflinkRequired`] when the policy demands a reflink the filesystem
-/// cannot make, or [`Error::Repository`] / [`Error::Io`] for repository and I/O failures.
+/// cannot make, [`Error::Assemble`] for a CRC or size mismatch, or [`Error::Repository`] /
+/// [`Error::Io`] for repository and I/O failures.
+#[allow(clippy::too_many_arguments)]
 pub fn store<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
     src: &File,
     size: u64,
+    crc64: u64,
+    name: &str,
+    layer: &str,
+    policy: CopyPolicy,
+    reflink: &ReflinkState,
+    buf: &mut [u8],
+) -> Result<(ObjectID, Stored)> {
+    let id: ObjectID = digest_source(src, size, crc64, name, layer, buf)?;
+    // In an insecure repository we name and link the object ourselves (see above); there
+    // an existing object simply makes linkat fail with EEXIST.
+    let objects = if repo.is_insecure() {
+        Some(
+            repo.objects_dir()
+                .map_err(|e| Error::io("opening the objects directory", e.into()))?,
+        )
+    } else {
+        None
+    };
+    let tmp = match objects {
+        Some(dir) => File::from(
+            rustix::fs::openat(
+                dir,
+                ".",
+                rustix::fs::OFlags::RDWR
+                    | rustix::fs::OFlags::TMPFILE
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o644),
+            )
+            .map_err(|e| Error::io("creating an object tmpfile", e.into()))?,
+        ),
+        None => File::from(
+            repo.create_object_tmpfile()
+                .map_err(repo_err("creating an object tmpfile"))?,
+        ),
+    };
+    let reflinked = clone_or_copy(src, &tmp, size, name, policy, reflink)?;
+    // FICLONE clones the whole file; a source that grew since it was hashed must not slip
+    // through.
+    let len = tmp
+        .metadata()
+        .map_err(|e| Error::io(format!("stat of the object for {name}"), e))?
+        .len();
+    if len != size {
+        return Err(Error::ContentChanged {
+            file: name.to_owned(),
+            detail: format!("expected {size} bytes, the file has {len}"),
+        });
+    }
+    let how = if reflinked {
+        Stored::Reflinked
+    } else {
+        Stored::Copied
+    };
+    match objects {
+        Some(objects) => {
+            let new = link_object(objects, &tmp, &id)?;
+            Ok((id, if new { how } else { Stored::AlreadyPresent }))
+        }
+        None => {
+            let (measured, method) = repo
+                .finalize_object_tmpfile(tmp, size)
+                .map_err(repo_err(format!("storing the object for {name}")))?;
+            if measured != id {
+                return Err(Error::ContentChanged {
+                    file: name.to_owned(),
+                    detail: format!(
+                        "fs-verity measured {} but the content read has {}",
+                        measured.to_hex(),
+                        id.to_hex()
+                    ),
+                });
+            }
+            Ok((
+                id,
+                match method {
+                    ObjectStoreMethod::AlreadyPresent => Stored::AlreadyPresent,
+                    _ => how,
+                },
+            ))
+        }
+    }
+}
+
+/// Fills `tmp` from `src`: FICLONE where allowed and possible, else a kernel copy.
+/// Returns whether it reflinked.
+fn clone_or_copy(
+    src: &File,
+    tmp: &File,
+    size: u64,
     name: &str,
     policy: CopyPolicy,
     reflink: &ReflinkState,
-) -> Result<(ObjectID, Stored)> {
-    let tmp = File::from(
-        repo.create_object_tmpfile()
-            .map_err(repo_err("creating an object tmpfile"))?,
-    );
-    let mut reflinked = false;
+) -> Result<bool> {
     let try_reflink = policy != CopyPolicy::CopyOnly
         && !reflink
             .unsupported
             .load(std::sync::atomic::Ordering::Relaxed);
     if try_reflink {
-        match rustix::fs::ioctl_ficlone(&tmp, src.as_fd()) {
-            Ok(()) => reflinked = true,
+        match rustix::fs::ioctl_ficlone(tmp, src.as_fd()) {
+            Ok(()) => return Ok(true),
             Err(e) => {
                 let why = match e {
                     rustix::io::Errno::XDEV => {
@@ -175,30 +368,8 @@ pub fn store<ObjectID: FsVerityHashValue>(
                 .unwrap_or_else(|| "reflinks are not supported here".into()),
         });
     }
-    if !reflinked {
-        copy_range(src, &tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
-    }
-    // FICLONE clones the whole file; a source that grew since the helper checked it would
-    // slip through unnoticed otherwise.
-    let len = tmp
-        .metadata()
-        .map_err(|e| Error::io(format!("stat of the object for {name}"), e))?
-        .len();
-    if len != size {
-        return Err(Error::ContentChanged {
-            file: name.to_owned(),
-            detail: format!("expected {size} bytes, the file has {len}"),
-        });
-    }
-    let (id, method) = repo
-        .finalize_object_tmpfile(tmp, size)
-        .map_err(repo_err(format!("storing the object for {name}")))?;
-    let stored = match method {
-        ObjectStoreMethod::AlreadyPresent => Stored::AlreadyPresent,
-        _ if reflinked => Stored::Reflinked,
-        _ => Stored::Copied,
-    };
-    Ok((id, stored))
+    copy_range(src, tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
+    Ok(false)
 }
 
 /// A fixed pool of threads storing objects in parallel.
@@ -212,7 +383,9 @@ type JobResult<ObjectID> = Result<(ObjectID, Stored)>;
 struct Job<ObjectID> {
     src: File,
     size: u64,
+    crc64: u64,
     name: String,
+    layer: Arc<str>,
     reply: std::sync::mpsc::SyncSender<JobResult<ObjectID>>,
 }
 
@@ -243,13 +416,17 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
+                        let mut buf = vec![0u8; 1 << 20];
                         loop {
                             let job = {
                                 let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
                                 guard.recv()
                             };
                             let Ok(job) = job else { return };
-                            let r = store(&repo, &job.src, job.size, &job.name, policy, &reflink);
+                            let r = store(
+                                &repo, &job.src, job.size, job.crc64, &job.name, &job.layer,
+                                policy, &reflink, &mut buf,
+                            );
                             let _ = job.reply.send(r);
                         }
                     })
@@ -262,12 +439,14 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         })
     }
 
-    /// Queues `src` for storing; the receiver yields the result.
+    /// Queues `src` (checked against `crc64`) for storing; the receiver yields the result.
     pub fn submit(
         &self,
         src: File,
         size: u64,
+        crc64: u64,
         name: String,
+        layer: Arc<str>,
     ) -> Result<std::sync::mpsc::Receiver<JobResult<ObjectID>>> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.tx
@@ -276,7 +455,9 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                 tx.send(Job {
                     src,
                     size,
+                    crc64,
                     name,
+                    layer,
                     reply,
                 })
                 .ok()

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Summarises a bench/run.sh result directory: medians, ratios, design.md targets.
+
+Usage: report.py RESULT_DIR  (reads runs.jsonl, rss.jsonl, machine.json; writes results.json
+and prints the tables). Standard library only.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+# What each row is compared with: the upstream containers-storage import on the same
+# filesystem (on ext4: its copy mode, as design.md asks), and the upstream tar path.
+UPSTREAM_REF = {"xfs": "cfsctl-xfs", "ext4": "cfsctl-ext4-copy"}
+TAR_REF = "tar-path-xfs"
+
+DESCRIPTIONS = {
+    "cstor-xfs-root": "cstor import, XFS, root (reflink)",
+    "cstor-xfs-rootless": "cstor import, XFS, rootless (reflink)",
+    "cstor-ext4-root": "cstor import, ext4, root (copy)",
+    "cstor-ext4-rootless": "cstor import, ext4, rootless (copy)",
+    "reimport-xfs-root": "cstor re-import (all present), XFS, root",
+    "cfsctl-xfs": "upstream cfsctl --local-fetch auto, XFS",
+    "cfsctl-ext4-copy": "upstream cfsctl, ext4, copy (no CAP_DAC_READ_SEARCH)",
+    "cfsctl-ext4-default": "upstream cfsctl, ext4, root default (hardlink)",
+    "tar-path-xfs": "upstream tar path: skopeo oci: + cfsctl, XFS",
+    "limit-hash": "limit: fs-verity sha512 of every byte, all cores",
+    "limit-read": "limit: read every byte once, all cores",
+    "limit-reflink-parallel": "limit: FICLONE every file, all cores",
+    "limit-reflink-cp": "limit: cp -a --reflink=always (1 thread)",
+    "protocol-xfs-root": "protocol only (fds, no data), root",
+    "protocol-xfs-rootless": "protocol only (fds, no data), rootless",
+}
+
+
+def fs_of(case):
+    if "ext4" in case:
+        return "ext4"
+    if "xfs" in case:
+        return "xfs"
+    return None
+
+
+def load_jsonl(path):
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    out.append(json.loads(line))
+    return out
+
+
+def median_of(runs, key=lambda r: r["seconds"]):
+    vals = [key(r) for r in runs if r["ok"] and key(r) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt_s(v):
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.2f}"
+
+
+def fmt_ratio(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def main():
+    out_dir = sys.argv[1]
+    runs = load_jsonl(os.path.join(out_dir, "runs.jsonl"))
+    rss = load_jsonl(os.path.join(out_dir, "rss.jsonl"))
+    with open(os.path.join(out_dir, "machine.json")) as f:
+        machine = json.load(f)
+    cores = machine["machine"]["cores"]
+
+    cases = []
+    for r in runs:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["case"], r["cache"]), []).append(r)
+
+    medians = {}
+    for (case, cache), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        m = {
+            "median_seconds": median_of(rs),
+            "min_seconds": min((r["seconds"] for r in ok), default=None),
+            "max_seconds": max((r["seconds"] for r in ok), default=None),
+            "runs": len(rs),
+            "failed": len(rs) - len(ok),
+            "errors": [r["error"] for r in rs if not r["ok"]],
+        }
+        cpu = [
+            r["details"]["user_seconds"] + r["details"]["sys_seconds"]
+            for r in ok
+            if "user_seconds" in r["details"]
+        ]
+        if cpu:
+            m["median_cpu_seconds"] = statistics.median(cpu)
+        for k in ("fds_per_second", "entries_per_second", "mb_per_second", "repo_objects",
+                  "repo_objects_hardlinked", "reflinked", "copied", "present"):
+            vals = [r["details"][k] for r in ok if isinstance(r["details"].get(k), (int, float))]
+            if vals:
+                m["median_" + k] = statistics.median(vals)
+        medians.setdefault(case, {})[cache] = m
+
+    def med(case, cache):
+        return medians.get(case, {}).get(cache, {}).get("median_seconds")
+
+    # Limits. Warm: an import must both hash every byte and reflink every file. Neither can
+    # beat its own all-cores wall time, and together they cannot beat their summed CPU time
+    # spread over all cores: limit = max(hash, reflink, (hash_cpu + reflink_cpu) / cores).
+    limits = {}
+    hw, rw = med("limit-hash", "warm"), med("limit-reflink-parallel", "warm")
+    if hw is not None and rw is not None:
+        hc = medians["limit-hash"]["warm"].get("median_cpu_seconds", hw * cores)
+        rc = medians["limit-reflink-parallel"]["warm"].get("median_cpu_seconds", rw)
+        limits["warm"] = max(hw, rw, (hc + rc) / cores)
+        limits["warm_components"] = {
+            "hash_seconds": hw, "hash_cpu_seconds": hc,
+            "reflink_seconds": rw, "reflink_cpu_seconds": rc,
+            "cpu_bound_seconds": (hc + rc) / cores,
+            "max_hash_reflink_seconds": max(hw, rw),
+            "reflink_cp_one_thread_seconds": med("limit-reflink-cp", "warm"),
+        }
+    # Cold: reading every byte once (I/O bound).
+    if med("limit-read", "cold") is not None:
+        limits["cold"] = med("limit-read", "cold")
+
+    rows = []
+    for case in cases:
+        for cache in ("warm", "cold"):
+            m = medians.get(case, {}).get(cache)
+            if not m:
+                continue
+            s = m["median_seconds"]
+            fs = fs_of(case)
+            up = UPSTREAM_REF.get(fs) if fs else None
+            row = {
+                "case": case,
+                "cache": cache,
+                "median_seconds": s,
+                "runs": m["runs"],
+                "failed": m["failed"],
+                "vs_upstream": None,
+                "vs_tar_path": None,
+                "vs_limit": None,
+            }
+            is_import = case.startswith(("cstor-", "cfsctl-", "tar-path", "reimport"))
+            if s is not None and is_import:
+                if up and med(up, cache):
+                    row["vs_upstream"] = s / med(up, cache)
+                    row["upstream_ref"] = up
+                if med(TAR_REF, cache):
+                    row["vs_tar_path"] = s / med(TAR_REF, cache)
+                if limits.get(cache):
+                    row["vs_limit"] = s / limits[cache]
+            rows.append(row)
+
+    # design.md targets.
+    targets = []
+
+    def target(name, value, limit, unit="", note=""):
+        passed = None if value is None or limit is None else value <= limit
+        targets.append({"target": name, "value": value, "threshold": limit, "unit": unit,
+                        "pass": passed, "note": note})
+
+    def ratio(a, b):
+        return None if a is None or b in (None, 0) else a / b
+
+    target("warm, XFS root: <= 1/4 of upstream cfsctl",
+           ratio(med("cstor-xfs-root", "warm"), med("cfsctl-xfs", "warm")), 0.25, "x")
+    target("warm, XFS root: <= 1.5x the warm limit",
+           ratio(med("cstor-xfs-root", "warm"), limits.get("warm")), 1.5, "x",
+           "max(hash, reflink, (hash+reflink CPU)/cores)")
+    target("cold, XFS root: <= 1.3x reading every byte once",
+           ratio(med("cstor-xfs-root", "cold"), limits.get("cold")), 1.3, "x")
+    for case in ("cstor-xfs-root", "cstor-xfs-rootless", "cstor-ext4-root", "cstor-ext4-rootless"):
+        for cache in ("warm", "cold"):
+            if med(case, cache) is not None:
+                target(f"{cache}, {case}: faster than the upstream tar path",
+                       ratio(med(case, cache), med(TAR_REF, cache)), 1.0, "x",
+                       "tar path measured on XFS" if "ext4" in case else "")
+    for case in ("cstor-ext4-root", "cstor-ext4-rootless"):
+        for cache in ("warm", "cold"):
+            if med(case, cache) is not None:
+                target(f"{cache}, {case}: faster than upstream's copy mode",
+                       ratio(med(case, cache), med("cfsctl-ext4-copy", cache)), 1.0, "x")
+    target("re-import, XFS root, warm: < 100 ms", med("reimport-xfs-root", "warm"), 0.1, "s")
+    for r in rss:
+        client = r.get("client_vmhwm_kib")
+        target(f"peak RSS {r['case']}: client < 100 MB",
+               None if not r["ok"] else client * 1024 / 1e6, 100, "MB",
+               f"client+children max {r.get('client_tree_maxrss_kib')} KiB")
+        target(f"peak RSS {r['case']}: helper < 100 MB",
+               None if not r["ok"] or r.get("helper_maxrss_kib") is None
+               else r["helper_maxrss_kib"] * 1024 / 1e6, 100, "MB")
+    for fs in ("xfs", "ext4"):
+        for cache in ("warm", "cold"):
+            target(f"{cache}, {fs}: rootless <= 1.15x rootful",
+                   ratio(med(f"cstor-{fs}-rootless", cache), med(f"cstor-{fs}-root", cache)),
+                   1.15, "x")
+
+    result = dict(machine)
+    result.update({"limits": limits, "medians": medians, "rows": rows, "targets": targets,
+                   "rss": rss, "runs": runs})
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+    # ---- printing ----
+    mach = machine["machine"]
+    img = machine.get("image", {})
+    print()
+    print(f"cstor-proxy benchmark, {machine['date']}")
+    print(f"  machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_kib'] // 1024} MiB, "
+          f"kernel {mach['kernel']}; load {mach['loadavg_start']} -> {mach['loadavg_end']}")
+    print(f"  xfs: {mach['filesystems']['xfs']}")
+    print(f"  ext4: {mach['filesystems']['ext4']}")
+    v = machine["versions"]
+    print(f"  cstor {v['cstor_commit'][:12]}{' (dirty tree)' if v['cstor_tree_dirty'] else ''}; "
+          f"{v['podman']}; {v['skopeo']}; {v['cfsctl']}")
+    if img:
+        print(f"  image: {img.get('name')}: {img.get('files')} files, "
+              f"{(img.get('bytes') or 0) / 1e6:.0f} MB, 2 layers")
+    print(f"  medians of {machine['settings']['runs']} runs; ratios: vs upstream cfsctl on the "
+          "same fs (ext4: its copy mode), vs the tar path (XFS), vs the limit of that cache state")
+    if limits:
+        parts = []
+        if "warm" in limits:
+            c = limits["warm_components"]
+            parts.append(f"warm {limits['warm']:.3f} s (hash {c['hash_seconds']:.3f} s, "
+                         f"reflink {c['reflink_seconds']:.3f} s, CPU bound "
+                         f"{c['cpu_bound_seconds']:.3f} s)")
+        if "cold" in limits:
+            parts.append(f"cold {limits['cold']:.3f} s (read every byte)")
+        print("  limits: " + "; ".join(parts))
+    print()
+    hdr = (f"{'measurement':<54} {'cache':<5} {'median s':>9} {'min-max s':>13} {'vs cfsctl':>9} "
+           f"{'vs tar':>7} {'vs limit':>8}  runs")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        desc = DESCRIPTIONS.get(r["case"], r["case"])
+        extra = ""
+        m = medians[r["case"]][r["cache"]]
+        if "median_fds_per_second" in m:
+            extra = f"  {m['median_fds_per_second']:.0f} files/s"
+        elif "median_mb_per_second" in m:
+            extra = f"  {m['median_mb_per_second']:.0f} MB/s"
+        if m.get("median_repo_objects_hardlinked"):
+            extra += f"  {m['median_repo_objects_hardlinked']:.0f} objects hardlinked"
+        failed = f" ({r['failed']} FAILED)" if r["failed"] else ""
+        spread = "-"
+        if m["min_seconds"] is not None:
+            spread = f"{fmt_s(m['min_seconds'])}-{fmt_s(m['max_seconds'])}"
+        print(f"{desc:<54} {r['cache']:<5} {fmt_s(r['median_seconds']):>9} {spread:>13} "
+              f"{fmt_ratio(r['vs_upstream']):>9} {fmt_ratio(r['vs_tar_path']):>7} "
+              f"{fmt_ratio(r['vs_limit']):>8}  {r['runs']}{failed}{extra}")
+    print()
+    hdr = f"{'design.md target':<62} {'value':>9} {'limit':>7}  result"
+    print(hdr)
+    print("-" * len(hdr))
+    for t in targets:
+        val = "-" if t["value"] is None else (f"{t['value']:.3f}" if t["unit"] != "MB" else f"{t['value']:.1f}") + t["unit"]
+        res = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
+        print(f"{t['target']:<62} {val:>9} {str(t['threshold']) + t['unit']:>7}  {res}")
+    failed_runs = [r for r in runs if not r["ok"]] + [r for r in rss if not r["ok"]]
+    if failed_runs:
+        print()
+        print(f"{len(failed_runs)} measured run(s) FAILED:")
+        for r in failed_runs:
+            print(f"  {r['case']} {r.get('cache', '')} run {r.get('run', '')}: {r['error']}")
+    print()
+    print(f"raw runs, medians and machine: {os.path.join(out_dir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()
