@@ -209,6 +209,27 @@ pub struct LayerReport<ObjectID> {
     pub elapsed: Duration,
 }
 
+impl<ObjectID: Clone> LayerReport<ObjectID> {
+    /// A layer the repository already had (or that repeats an earlier one in the image).
+    fn skipped(
+        index: usize,
+        l: &cstor_protocol::LayerInfo,
+        diff_id: &str,
+        verity: &ObjectID,
+    ) -> Self {
+        Self {
+            index,
+            layer_id: l.id.clone(),
+            diff_id: diff_id.to_owned(),
+            bytes: l.diff_size.unwrap_or(0),
+            verity: verity.clone(),
+            skipped: true,
+            stats: ObjectStats::default(),
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
 /// What [`import_image`] did.
 #[derive(Debug)]
 pub struct ImportReport<ObjectID> {
@@ -348,16 +369,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
                     bytes: l.diff_size.unwrap_or(0),
                 },
             );
-            reports[i] = Some(LayerReport {
-                index: i,
-                layer_id: l.id.clone(),
-                diff_id: diff_ids[i].clone(),
-                bytes: l.diff_size.unwrap_or(0),
-                verity: v.clone(),
-                skipped: true,
-                stats: ObjectStats::default(),
-                elapsed: Duration::ZERO,
-            });
+            reports[i] = Some(LayerReport::skipped(i, l, &diff_ids[i], v));
         }
     }
 
@@ -477,16 +489,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
             if reports[i].is_none()
                 && let Some(v) = verities.get(&diff_ids[i])
             {
-                reports[i] = Some(LayerReport {
-                    index: i,
-                    layer_id: l.id.clone(),
-                    diff_id: diff_ids[i].clone(),
-                    bytes: l.diff_size.unwrap_or(0),
-                    verity: v.clone(),
-                    skipped: true,
-                    stats: ObjectStats::default(),
-                    elapsed: Duration::ZERO,
-                });
+                reports[i] = Some(LayerReport::skipped(i, l, &diff_ids[i], v));
             }
         }
     }
