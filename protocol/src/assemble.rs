@@ -126,48 +126,17 @@ pub fn assemble<R: Read, S: ContentSource, W: Write>(
             Some(Record::File(f)) => {
                 let Some(fd) = f.fd else { continue };
                 let name = String::from_utf8_lossy(&f.name).into_owned();
-                let content_err = |cause| AssembleError::Content {
+                let file = source.content(fd).map_err(|cause| AssembleError::Content {
                     name: name.clone(),
                     fd,
                     cause,
-                };
-                let file = source.content(fd).map_err(content_err)?;
+                })?;
                 let mut crc = CRC64.digest();
-                // Positional reads: the content starts at offset 0 whatever the fd's offset.
-                let mut off = 0u64;
-                while off < f.size {
-                    let want =
-                        usize::try_from((f.size - off).min(buf.len() as u64)).unwrap_or(buf.len());
-                    let n = match file.read_at(&mut buf[..want], off) {
-                        Ok(0) => {
-                            return Err(AssembleError::Size {
-                                name,
-                                expected: f.size,
-                                actual: off,
-                            });
-                        }
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(content_err(e)),
-                    };
-                    crc.update(&buf[..n]);
-                    sha.update(&buf[..n]);
-                    out.write_all(&buf[..n]).map_err(AssembleError::Write)?;
-                    off += n as u64;
-                }
-                // A file that grew is as wrong as one that shrank.
-                let mut probe = [0u8; 1];
-                match file.read_at(&mut probe, f.size) {
-                    Ok(0) => {}
-                    Ok(_) => {
-                        return Err(AssembleError::Size {
-                            name,
-                            expected: f.size,
-                            actual: f.size + 1,
-                        });
-                    }
-                    Err(e) => return Err(content_err(e)),
-                }
+                read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
+                    crc.update(chunk);
+                    sha.update(chunk);
+                    out.write_all(chunk).map_err(AssembleError::Write)
+                })?;
                 let actual = crc.finalize();
                 if actual != f.crc64 {
                     return Err(AssembleError::Crc {
@@ -191,6 +160,72 @@ pub fn assemble<R: Read, S: ContentSource, W: Write>(
                     entries: stream.seen().entries,
                 }));
             }
+        }
+    }
+}
+
+/// Reads exactly `size` bytes of content fd number `fd` (entry `name`) from offset 0 with
+/// positional reads, handing each chunk to `each`, and checks that the file holds no more.
+///
+/// Fails with [`AssembleError::Size`] when the file is shorter or longer than `size`,
+/// [`AssembleError::Content`] when reading fails, or whatever `each` returns.
+///
+/// ```
+/// use std::io::Write;
+/// use cstor_protocol::assemble::read_content;
+/// let mut f = tempfile::tempfile().unwrap();
+/// f.write_all(b"abc").unwrap();
+/// let mut seen = Vec::new();
+/// read_content(&f, 3, "x", 0, &mut [0u8; 2], |c| { seen.extend_from_slice(c); Ok(()) }).unwrap();
+/// assert_eq!(seen, b"abc");
+/// assert!(read_content(&f, 2, "x", 0, &mut [0u8; 2], |_| Ok(())).is_err());
+/// ```
+pub fn read_content(
+    file: &File,
+    size: u64,
+    name: &str,
+    fd: u64,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> Result<(), AssembleError>,
+) -> Result<(), AssembleError> {
+    let content_err = |cause| AssembleError::Content {
+        name: name.to_owned(),
+        fd,
+        cause,
+    };
+    // Positional reads: the content starts at offset 0 whatever the fd's offset.
+    let mut off = 0u64;
+    while off < size {
+        let want = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = match file.read_at(&mut buf[..want], off) {
+            Ok(0) => {
+                return Err(AssembleError::Size {
+                    name: name.to_owned(),
+                    expected: size,
+                    actual: off,
+                });
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(content_err(e)),
+        };
+        each(&buf[..n])?;
+        off += n as u64;
+    }
+    // A file that grew is as wrong as one that shrank.
+    let mut probe = [0u8; 1];
+    loop {
+        match file.read_at(&mut probe, size) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {
+                return Err(AssembleError::Size {
+                    name: name.to_owned(),
+                    expected: size,
+                    actual: size + 1,
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(content_err(e)),
         }
     }
 }

@@ -319,3 +319,52 @@ fn init_writes_the_meta_json_of_cfsctl_init() {
         import::RepoAlgorithm::Sha512
     );
 }
+
+/// A layer file changed behind podman's back (same size, other bytes) is caught by its
+/// tar-split CRC in the object worker, and the layer is not committed.
+#[test]
+fn a_changed_file_fails_the_import_and_commits_nothing() {
+    let test = "a_changed_file_fails_the_import_and_commits_nothing";
+    if !skip::require_root(test) || !skip::require_tools(test, &["podman"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, image) = cstor_tests::small_private_store(dir.path()).unwrap();
+    let layer = store.image_layers(&image.id).unwrap()[0].clone();
+    // Above the 64-byte inline threshold, so it goes through an object worker.
+    let f = store.layer_diff_dir(&layer).join("usr/share/data.txt");
+    let mut content = std::fs::read(&f).unwrap();
+    assert!(content.len() > 64);
+    content[100] ^= 0x20;
+    std::fs::write(&f, content).unwrap();
+    let repo_dir = dir.path().join("repo");
+    import::init_repository(&repo_dir).unwrap();
+    let repo = import::open_repository::<Sha512HashValue>(&repo_dir).unwrap();
+    runtime().block_on(async {
+        let client = Client::spawn(&helper_config(&store).unwrap()).await.unwrap();
+        let e = import::import_image(&client, &repo, &image.name, &ImportOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Assemble { cause: cstor_protocol::assemble::AssembleError::Crc { name, .. }, .. } if name.ends_with("data.txt")),
+            "{e}"
+        );
+        client.shutdown().await.unwrap();
+    });
+    let diff_id = store.layer_record(&layer).unwrap()["diff-digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        repo.has_stream(&import::layer_identifier(&diff_id))
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        std::fs::read_dir(repo_dir.join("streams"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0
+    );
+    store.destroy().unwrap();
+}

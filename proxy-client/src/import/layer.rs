@@ -4,14 +4,13 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
 use cstor_protocol::LayerInfo;
-use cstor_protocol::assemble::{AssembleError, CRC64, ContentSource};
+use cstor_protocol::assemble::{AssembleError, CRC64, ContentSource, read_content};
 use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
@@ -174,48 +173,15 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                 let inline = f.size <= INLINE_MAX;
                 let mut crc = CRC64.digest();
                 let mut small = Vec::new();
-                let mut off = 0u64;
-                while off < f.size {
-                    let want =
-                        usize::try_from((f.size - off).min(buf.len() as u64)).unwrap_or(buf.len());
-                    let n = match file.read_at(&mut buf[..want], off) {
-                        Ok(0) => {
-                            return Err(assemble_err(
-                                id,
-                                AssembleError::Size {
-                                    name,
-                                    expected: f.size,
-                                    actual: off,
-                                },
-                            ));
-                        }
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(cause) => {
-                            return Err(assemble_err(
-                                id,
-                                AssembleError::Content { name, fd, cause },
-                            ));
-                        }
-                    };
-                    sha.update(&buf[..n]);
+                read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
+                    sha.update(chunk);
                     if inline {
-                        crc.update(&buf[..n]);
-                        small.extend_from_slice(&buf[..n]);
+                        crc.update(chunk);
+                        small.extend_from_slice(chunk);
                     }
-                    off += n as u64;
-                }
-                let mut probe = [0u8; 1];
-                if matches!(file.read_at(&mut probe, f.size), Ok(n) if n > 0) {
-                    return Err(assemble_err(
-                        id,
-                        AssembleError::Size {
-                            name,
-                            expected: f.size,
-                            actual: f.size + 1,
-                        },
-                    ));
-                }
+                    Ok(())
+                })
+                .map_err(|cause| assemble_err(id, cause))?;
                 if inline {
                     let actual = crc.finalize();
                     if actual != f.crc64 {

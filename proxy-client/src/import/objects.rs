@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::{ObjectStoreMethod, Repository};
-use cstor_protocol::assemble::{AssembleError, CRC64};
+use cstor_protocol::assemble::{AssembleError, CRC64, read_content};
 
 use crate::error::{Error, Result};
 
@@ -129,38 +129,18 @@ fn digest_source<ObjectID: FsVerityHashValue>(
     layer: &str,
     buf: &mut [u8],
 ) -> Result<ObjectID> {
-    use std::os::unix::fs::FileExt;
     let bad = |cause: AssembleError| Error::Assemble {
         layer: layer.to_owned(),
         cause,
     };
     let mut verity = super::verity::Hasher::for_id::<ObjectID>();
     let mut crc = CRC64.digest();
-    let mut off = 0u64;
-    while off < size {
-        let want = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = match src.read_at(&mut buf[..want], off) {
-            Ok(0) => {
-                return Err(bad(AssembleError::Size {
-                    name: name.to_owned(),
-                    expected: size,
-                    actual: off,
-                }));
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(cause) => {
-                return Err(bad(AssembleError::Content {
-                    name: name.to_owned(),
-                    fd: 0,
-                    cause,
-                }));
-            }
-        };
-        crc.update(&buf[..n]);
-        verity.update(&buf[..n]);
-        off += n as u64;
-    }
+    read_content(src, size, name, 0, buf, |chunk| {
+        crc.update(chunk);
+        verity.update(chunk);
+        Ok(())
+    })
+    .map_err(bad)?;
     let actual = crc.finalize();
     if actual != crc64 {
         return Err(bad(AssembleError::Crc {
