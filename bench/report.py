@@ -20,6 +20,7 @@ DESCRIPTIONS = {
     "cstor-xfs-rootless": "cstor import, XFS, rootless (reflink)",
     "cstor-ext4-root": "cstor import, ext4, root (copy)",
     "cstor-ext4-rootless": "cstor import, ext4, rootless (copy)",
+    "cstor-ext4-hardlink": "cstor import, ext4, root, --copy-policy reflink-or-hardlink",
     "reimport-xfs-root": "cstor re-import (all present), XFS, root",
     "cfsctl-xfs": "upstream cfsctl --local-fetch auto, XFS",
     "cfsctl-ext4-copy": "upstream cfsctl, ext4, copy (no CAP_DAC_READ_SEARCH)",
@@ -141,6 +142,8 @@ def main():
             s = m["median_seconds"]
             fs = fs_of(case)
             up = UPSTREAM_REF.get(fs) if fs else None
+            if case == "cstor-ext4-hardlink":
+                up = "cfsctl-ext4-default"  # both hardlink: compare like with like
             row = {
                 "case": case,
                 "cache": cache,

@@ -331,7 +331,7 @@ repo_stats() { # path -> json {repo_objects, repo_objects_hardlinked}
         awk '{ n++; if ($1 > 1) l++ } END { printf "{\"repo_objects\": %d, \"repo_objects_hardlinked\": %d}\n", n, l }'
 }
 
-# cstor import: who fs(xfs|ext4) [reimport]
+# cstor import: who fs(xfs|ext4) [import|reimport|hardlink]
 cstor_import() {
     local who=$1 fs=$2 kind=${3:-import}
     local g r repo
@@ -342,7 +342,9 @@ cstor_import() {
     user-ext4) g=$EU r=$EU_RUN repo=$SCRATCH_EXT4/user/repo ;;
     esac
     local keep=$MNT/scratch/imported-repo # cstor-xfs-root's repository, kept for the re-import
-    local cmd=("$BIN/cstor" --root "$g" --runroot "$r" --storage-driver overlay --json import --repo "$repo" "$IMAGE")
+    local policy=()
+    [[ $kind == hardlink ]] && policy=(--copy-policy reflink-or-hardlink)
+    local cmd=("$BIN/cstor" --root "$g" --runroot "$r" --storage-driver overlay --json import "${policy[@]}" --repo "$repo" "$IMAGE")
     [[ $who == user ]] && cmd=(as_user "${cmd[@]}")
     if [[ $kind == reimport && -d $keep ]]; then
         rm -rf "$repo"
@@ -357,7 +359,7 @@ cstor_import() {
     if ((CASE_RC == 0)); then
         local rep
         if ! rep=$(jq -ce '{reflinked: .objects.reflinked, copied: .objects.copied,
-                present: .objects.present, inlined: .objects.inlined,
+                present: .objects.present, inlined: .objects.inlined, hardlinked: .objects.hardlinked,
                 bytes_reflinked: .objects.bytes_reflinked, bytes_copied: .objects.bytes_copied,
                 already_complete: .already_complete, layers_skipped: ([.layers[] | select(.skipped)] | length),
                 reported_seconds: (.elapsed_seconds // .elapsed), first_reflink_fallback: .first_reflink_fallback}' \
@@ -369,7 +371,12 @@ cstor_import() {
             copied=$(jq -r .copied <<<"$rep")
             reflinked=$(jq -r .reflinked <<<"$rep")
             present=$(jq -r .present <<<"$rep")
-            if [[ $kind == reimport ]]; then
+            if [[ $kind == hardlink ]]; then
+                local hardlinked
+                hardlinked=$(jq -r .hardlinked <<<"$rep")
+                [[ $reflinked == 0 && $hardlinked -gt 0 ]] ||
+                    CASE_ERR="hardlink policy on ext4: $hardlinked hardlinked, $reflinked reflinked"
+            elif [[ $kind == reimport ]]; then
                 [[ $copied == 0 && $reflinked == 0 ]] ||
                     CASE_ERR="re-import stored objects again: $reflinked reflinked, $copied copied"
             elif [[ $fs == xfs ]]; then
@@ -508,7 +515,7 @@ protocol_only() { # root|user
 # The cases, in the order each round runs them (tools alternate).
 ALL_CASES=(
     cstor-xfs-root cfsctl-xfs cstor-xfs-rootless tar-path-xfs
-    cstor-ext4-root cfsctl-ext4-copy cstor-ext4-rootless cfsctl-ext4-default
+    cstor-ext4-root cfsctl-ext4-copy cstor-ext4-rootless cfsctl-ext4-default cstor-ext4-hardlink
     reimport-xfs-root
     limit-hash limit-read limit-reflink-parallel limit-reflink-cp
     protocol-xfs-root protocol-xfs-rootless
@@ -519,6 +526,7 @@ run_case() {
     cstor-xfs-rootless) cstor_import user xfs ;;
     cstor-ext4-root) cstor_import root ext4 ;;
     cstor-ext4-rootless) cstor_import user ext4 ;;
+    cstor-ext4-hardlink) cstor_import root ext4 hardlink ;;
     reimport-xfs-root) cstor_import root xfs reimport ;;
     cfsctl-xfs) cfsctl_pull xfs default ;;
     cfsctl-ext4-default) cfsctl_pull ext4 default ;;

@@ -15,10 +15,54 @@ use crate::stream::{Record, StreamError, StreamReader, StreamSummary};
 /// use cstor_protocol::assemble::CRC64;
 /// assert_eq!(CRC64.checksum(b"123456789"), 0xB90956C775A41001);
 /// assert_eq!(CRC64.checksum(b"hello\n"), 0x614c3eeee2d81000);
+/// let mut d = CRC64.digest();
+/// d.update(b"hel");
+/// d.update(b"lo\n");
+/// assert_eq!(d.finalize(), 0x614c3eeee2d81000);
 /// ```
-/// (Slice-by-16 tables: every content byte of a layer goes through it.)
-pub const CRC64: crc::Crc<u64, crc::Table<16>> =
-    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_GO_ISO);
+pub const CRC64: Crc64 = Crc64(());
+
+/// The CRC-64/GO-ISO function; use the [`CRC64`] constant.
+///
+/// Every content byte of a layer goes through it, so it is computed with carry-less
+/// multiplication (PCLMULQDQ/VPCLMULQDQ, or PMULL on aarch64) where the CPU has it, by the
+/// `crc-fast` crate: about 20x faster than a slice-by-16 table here.
+#[derive(Debug, Clone, Copy)]
+pub struct Crc64(());
+
+impl Crc64 {
+    /// The checksum of `data`.
+    pub fn checksum(&self, data: &[u8]) -> u64 {
+        crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64GoIso, data)
+    }
+
+    /// An incremental checksum.
+    pub fn digest(&self) -> Crc64Digest {
+        Crc64Digest(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64GoIso))
+    }
+}
+
+/// An incremental CRC-64/GO-ISO (see [`CRC64`]).
+#[derive(Clone)]
+pub struct Crc64Digest(crc_fast::Digest);
+
+impl Crc64Digest {
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The checksum of all bytes added.
+    pub fn finalize(self) -> u64 {
+        self.0.finalize()
+    }
+}
+
+impl std::fmt::Debug for Crc64Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crc64Digest").finish_non_exhaustive()
+    }
+}
 
 /// Supplies the content fds a stream refers to.
 pub trait ContentSource {
@@ -212,7 +256,64 @@ pub fn read_content(
         each(&buf[..n])?;
         off += n as u64;
     }
-    // A file that grew is as wrong as one that shrank.
+    check_no_more(file, size, name, fd)
+}
+
+/// Reads a content file of exactly `dest.len()` bytes into `dest`, calling `each` with every
+/// chunk (at most 256 KiB, still in the CPU cache) right after it was read.
+///
+/// Fails like [`read_content`].
+///
+/// ```
+/// # use std::io::Write;
+/// use cstor_protocol::assemble::read_content_into;
+/// let mut f = tempfile::tempfile().unwrap();
+/// f.write_all(b"hello\n").unwrap();
+/// let mut dest = vec![0u8; 6];
+/// let mut seen = 0;
+/// read_content_into(&f, "hello.txt", 0, &mut dest, |c| { seen += c.len(); Ok(()) }).unwrap();
+/// assert_eq!((&dest[..], seen), (&b"hello\n"[..], 6));
+/// // A shorter record than the file is a size mismatch.
+/// assert!(read_content_into(&f, "hello.txt", 0, &mut dest[..5], |_| Ok(())).is_err());
+/// ```
+pub fn read_content_into(
+    file: &File,
+    name: &str,
+    fd: u64,
+    dest: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> Result<(), AssembleError>,
+) -> Result<(), AssembleError> {
+    const CHUNK: usize = 256 << 10;
+    let size = dest.len() as u64;
+    let mut off = 0usize;
+    while off < dest.len() {
+        let end = dest.len().min(off + CHUNK);
+        let n = match file.read_at(&mut dest[off..end], off as u64) {
+            Ok(0) => {
+                return Err(AssembleError::Size {
+                    name: name.to_owned(),
+                    expected: size,
+                    actual: off as u64,
+                });
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(cause) => {
+                return Err(AssembleError::Content {
+                    name: name.to_owned(),
+                    fd,
+                    cause,
+                });
+            }
+        };
+        each(&dest[off..off + n])?;
+        off += n;
+    }
+    check_no_more(file, size, name, fd)
+}
+
+/// A file that grew is as wrong as one that shrank: there must be nothing at `size`.
+fn check_no_more(file: &File, size: u64, name: &str, fd: u64) -> Result<(), AssembleError> {
     let mut probe = [0u8; 1];
     loop {
         match file.read_at(&mut probe, size) {
@@ -225,7 +326,13 @@ pub fn read_content(
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(content_err(e)),
+            Err(cause) => {
+                return Err(AssembleError::Content {
+                    name: name.to_owned(),
+                    fd,
+                    cause,
+                });
+            }
         }
     }
 }

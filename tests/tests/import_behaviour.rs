@@ -368,3 +368,118 @@ fn a_changed_file_fails_the_import_and_commits_nothing() {
     );
     store.destroy().unwrap();
 }
+
+/// Counts the repository's objects whose inode has other names (hardlinked from elsewhere),
+/// and checks that none is setuid/setgid or writable by group or others.
+fn shared_objects(repo_dir: &Path) -> (usize, usize) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut all, mut shared) = (0, 0);
+    for dir in std::fs::read_dir(repo_dir.join("objects")).unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let f = f.unwrap();
+            let md = f.metadata().unwrap();
+            assert_eq!(
+                md.mode() & 0o6022,
+                0,
+                "{:?}: mode {:o}",
+                f.path(),
+                md.mode()
+            );
+            if md.is_file() {
+                all += 1;
+                if md.nlink() > 1 {
+                    shared += 1;
+                }
+            }
+        }
+    }
+    (all, shared)
+}
+
+#[test]
+fn a_privileged_caller_without_reflinks_can_opt_into_hardlinks() {
+    let test = "a_privileged_caller_without_reflinks_can_opt_into_hardlinks";
+    let Some(images) = standard_images_or_skip(test) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    if cstor_tests::reflink_supported(work.path()) {
+        skip::skip_or_fail(
+            test,
+            "the temp dir supports reflinks, so the hardlink fallback would not be used",
+        );
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        skip::skip_or_fail(
+            test,
+            "hardlinking podman's files needs root (fs.protected_hardlinks)",
+        );
+        return;
+    }
+    let linked_dir = work.path().join("linked");
+    let copied_dir = work.path().join("copied");
+    let outcome = import::init_repository(&linked_dir).unwrap();
+    import::init_repository(&copied_dir).unwrap();
+    let linked = import::open_repository::<Sha512HashValue>(&linked_dir).unwrap();
+    let copied = import::open_repository::<Sha512HashValue>(&copied_dir).unwrap();
+    let image = &images.features.name;
+    let (hl, cp) = runtime().block_on(async {
+        let client = Client::spawn(&helper_config(&images.store).unwrap())
+            .await
+            .unwrap();
+        let hardlink = ImportOptions {
+            copy_policy: CopyPolicy::ReflinkOrHardlink,
+            ..ImportOptions::default()
+        };
+        let hl = import::import_image(&client, &linked, image, &hardlink)
+            .await
+            .unwrap();
+        let cp = import::import_image(&client, &copied, image, &ImportOptions::default())
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        (hl, cp)
+    });
+    // Linking changes how objects are stored, never what the repository says.
+    assert_eq!(hl.erofs_image, cp.erofs_image);
+    assert_eq!(hl.pull.manifest_verity, cp.pull.manifest_verity);
+    let new_objects = |o: &import::ObjectStats| o.reflinked + o.copied + o.hardlinked;
+    assert_eq!(new_objects(&hl.objects), new_objects(&cp.objects));
+    let (all, shared) = shared_objects(&linked_dir);
+    match outcome {
+        import::InitOutcome::CreatedInsecure => {
+            assert!(hl.objects.hardlinked > 0, "{:?}", hl.objects);
+            assert_eq!(shared as u64, hl.objects.hardlinked, "{all} objects");
+            // What could not be linked (setuid files above the inline size, say) was copied,
+            // and the report says why.
+            if hl.objects.copied > 0 {
+                let why = hl.first_reflink_fallback.clone().unwrap_or_default();
+                assert!(why.contains("not hardlinked"), "{why}");
+            }
+        }
+        _ => {
+            // fs-verity would have to be enabled on podman's files: everything is copied.
+            assert_eq!((hl.objects.hardlinked, shared), (0, 0));
+            let why = hl.first_reflink_fallback.clone().unwrap_or_default();
+            assert!(why.contains("fs-verity"), "{why}");
+        }
+    }
+    let fsck = runtime().block_on(linked.fsck()).unwrap();
+    assert!(fsck.is_ok(), "{fsck:?}");
+    // podman's files are unchanged: the layers still verify against their diff ids.
+    let helper = cstor_tests::helper_binary().unwrap();
+    let out = Command::new(helper.with_file_name("cstor"))
+        .arg("--helper")
+        .arg(&helper)
+        .arg("--root")
+        .arg(&images.store.root)
+        .args(["verify", image])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

@@ -140,6 +140,9 @@ enum CopyPolicyArg {
     ReflinkOnly,
     /// Always copy.
     Copy,
+    /// Reflink where possible, else hardlink the layer file itself (privileged callers,
+    /// insecure repositories; the object shares podman's inode), else copy.
+    ReflinkOrHardlink,
 }
 
 fn init_logging(verbose: u8) {
@@ -429,6 +432,7 @@ async fn run(cli: Cli) -> Result<()> {
                     CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
                     CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
                     CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
+                    CopyPolicyArg::ReflinkOrHardlink => CopyPolicy::ReflinkOrHardlink,
                 },
                 object_threads: *jobs,
                 ..ImportOptions::default()
@@ -666,11 +670,20 @@ fn print_summary(s: &ImportSummary) -> std::io::Result<()> {
     )?;
     writeln!(
         out,
-        "  objects:  {} reflinked ({}), {} copied ({}), {} already present ({}), {} inline ({} with headers)",
+        "  objects:  {} reflinked ({}), {} copied ({}),{} {} already present ({}), {} inline ({} with headers)",
         o.reflinked,
         human(o.bytes_reflinked),
         o.copied,
         human(o.bytes_copied),
+        if o.hardlinked > 0 {
+            format!(
+                " {} hardlinked ({}),",
+                o.hardlinked,
+                human(o.bytes_hardlinked)
+            )
+        } else {
+            String::new()
+        },
         o.present,
         human(o.bytes_present),
         o.inlined,

@@ -204,6 +204,7 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
                 .map_err(repo_err(format!("applying layer {diff_id}")))?;
         }
     }
+    super::log_memory("tree built");
     let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
     if has_usr {
         fs.transform_for_oci(&Default::default())
@@ -219,6 +220,7 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
         fs.filter_xattrs(is_allowed_container_xattr);
         fs.compact();
     }
+    super::log_memory("tree transformed");
     let images = fs
         .commit_images(repo, None)
         .map_err(repo_err("writing the EROFS image"))?;

@@ -10,11 +10,13 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
 use cstor_protocol::LayerInfo;
-use cstor_protocol::assemble::{AssembleError, CRC64, ContentSource, read_content};
+use cstor_protocol::assemble::{
+    AssembleError, CRC64, ContentSource, read_content, read_content_into,
+};
 use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
-use super::objects::{Pool, Stored};
+use super::objects::Pool;
 use super::{ObjectStats, layer_identifier};
 use crate::error::{Error, Result};
 use crate::layer::Contents;
@@ -23,11 +25,26 @@ use crate::layer::Contents;
 /// (`INLINE_CONTENT_MAX_V0`).
 pub const INLINE_MAX: u64 = 64;
 
+/// Files up to this size are read once, into memory, and the bytes go both into the layer's
+/// sha256 and (in a worker) into the CRC and fs-verity digest. Larger files are read twice
+/// (here and by the worker) rather than held whole.
+const BUFFERED_MAX: u64 = 4 << 20;
+
+/// Bytes of buffered file contents a layer may have queued for the workers.
+const INFLIGHT_BYTES: u64 = 8 << 20;
+
+/// Returned buffers kept for reuse (recycling them avoids zeroing fresh memory per file),
+/// and the largest buffer worth keeping.
+const SPARE_BUFFERS: usize = 32;
+const SPARE_MAX: usize = 256 << 10;
+
 enum Op<ObjectID> {
     Inline(Vec<u8>),
     External {
         size: u64,
-        result: Receiver<Result<(ObjectID, Stored)>>,
+        /// Bytes buffered for the worker (0: it reads the file itself).
+        buffered: u64,
+        result: Receiver<super::objects::JobResult<ObjectID>>,
     },
 }
 
@@ -80,6 +97,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let mut stats = ObjectStats::default();
     let mut pending: VecDeque<Op<ObjectID>> = VecDeque::new();
     let mut externals = 0usize;
+    let mut inflight = 0u64;
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut last_report = 0u64;
     let layer_name: Arc<str> = Arc::from(id);
@@ -89,12 +108,15 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let mut wait_objects = std::time::Duration::ZERO;
     let mut wait_stream = std::time::Duration::ZERO;
 
-    // Moves finished operations from the head of the queue into the writer, in order; with
-    // `block` it waits for the head.
+    // Moves finished operations from the head of the queue into the writer, in order. It
+    // waits for the head while the queue is over its limits (so the workers always have
+    // work queued while this thread reads ahead), and for everything with `all`.
     let mut drain = |pending: &mut VecDeque<Op<ObjectID>>,
                      externals: &mut usize,
+                     inflight: &mut u64,
+                     spare: &mut Vec<Vec<u8>>,
                      stats: &mut ObjectStats,
-                     block: bool|
+                     all: bool|
      -> Result<()> {
         while let Some(op) = pending.front() {
             match op {
@@ -104,6 +126,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     }
                 }
                 Op::External { result, .. } => {
+                    let block = all || *externals > lookahead || *inflight > INFLIGHT_BYTES;
                     let r = if block {
                         result.recv().map_err(|_| ())
                     } else {
@@ -113,16 +136,24 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             Err(TryRecvError::Disconnected) => Err(()),
                         }
                     };
-                    let Some(Op::External { size, .. }) = pending.pop_front() else {
+                    let Some(Op::External { size, buffered, .. }) = pending.pop_front() else {
                         continue;
                     };
                     *externals -= 1;
-                    let (obj, how) = r.map_err(|_| {
+                    *inflight -= buffered;
+                    let (r, data) = r.map_err(|_| {
                         Error::io(
                             "storing an object",
                             std::io::Error::other("an object worker stopped"),
                         )
-                    })??;
+                    })?;
+                    if let Some(data) = data
+                        && spare.len() < SPARE_BUFFERS
+                        && data.capacity() <= SPARE_MAX
+                    {
+                        spare.push(data);
+                    }
+                    let (obj, how) = r?;
                     stats.count(how, size);
                     writer.add_external_size(size);
                     writer
@@ -168,21 +199,21 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         },
                     )
                 })?;
-                // Every byte goes through the layer's sha256 here, in tar order; small files
-                // are also CRC-checked here, large ones by the worker that stores them.
-                let inline = f.size <= INLINE_MAX;
-                let mut crc = CRC64.digest();
-                let mut small = Vec::new();
-                read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
-                    sha.update(chunk);
-                    if inline {
+                // Every byte goes through the layer's sha256 here, in tar order. Files up to
+                // BUFFERED_MAX are read once, into a buffer the worker then CRC-checks and
+                // hashes; larger ones are streamed here and read again by the worker;
+                // tiny ones are checked here and stored inline.
+                tar_size += f.size;
+                if f.size <= INLINE_MAX {
+                    let mut crc = CRC64.digest();
+                    let mut small = Vec::new();
+                    read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
+                        sha.update(chunk);
                         crc.update(chunk);
                         small.extend_from_slice(chunk);
-                    }
-                    Ok(())
-                })
-                .map_err(|cause| assemble_err(id, cause))?;
-                if inline {
+                        Ok(())
+                    })
+                    .map_err(|cause| assemble_err(id, cause))?;
                     let actual = crc.finalize();
                     if actual != f.crc64 {
                         return Err(assemble_err(
@@ -194,19 +225,38 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             },
                         ));
                     }
-                }
-                tar_size += f.size;
-                if f.size <= INLINE_MAX {
                     stats.inlined += 1;
                     stats.bytes_inlined += f.size;
                     pending.push_back(Op::Inline(small));
                 } else {
-                    let result = pool.submit(file, f.size, f.crc64, name, layer_name.clone())?;
+                    let data = if f.size <= BUFFERED_MAX {
+                        let mut data = spare.pop().unwrap_or_default();
+                        // Only growth is zero-filled; recycled buffers rarely need any.
+                        data.resize(f.size as usize, 0);
+                        read_content_into(&file, &name, fd, &mut data, |chunk| {
+                            sha.update(chunk);
+                            Ok(())
+                        })
+                        .map_err(|cause| assemble_err(id, cause))?;
+                        Some(data)
+                    } else {
+                        read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
+                            sha.update(chunk);
+                            Ok(())
+                        })
+                        .map_err(|cause| assemble_err(id, cause))?;
+                        None
+                    };
+                    let buffered = data.as_ref().map_or(0, |d| d.len() as u64);
+                    let result =
+                        pool.submit(file, data, f.size, f.crc64, name, layer_name.clone())?;
                     pending.push_back(Op::External {
                         size: f.size,
+                        buffered,
                         result,
                     });
                     externals += 1;
+                    inflight += buffered;
                 }
                 if tar_size - last_report >= 4 << 20 {
                     last_report = tar_size;
@@ -215,15 +265,29 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             }
             Some(Record::End(_)) | None => break,
         }
-        let block = externals > lookahead;
+        let block = externals > lookahead || inflight > INFLIGHT_BYTES;
         let t_drain = std::time::Instant::now();
-        drain(&mut pending, &mut externals, &mut stats, block)?;
+        drain(
+            &mut pending,
+            &mut externals,
+            &mut inflight,
+            &mut spare,
+            &mut stats,
+            false,
+        )?;
         if block {
             wait_objects += t_drain.elapsed();
         }
     }
     let t_drain = std::time::Instant::now();
-    drain(&mut pending, &mut externals, &mut stats, true)?;
+    drain(
+        &mut pending,
+        &mut externals,
+        &mut inflight,
+        &mut spare,
+        &mut stats,
+        true,
+    )?;
     wait_objects += t_drain.elapsed();
     tracing::debug!(
         layer = id,

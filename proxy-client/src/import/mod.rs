@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 pub use layer::INLINE_MAX;
 pub use objects::CopyPolicy;
-use objects::{Pool, ReflinkState, Stored};
+use objects::{Pool, Stored, WorkerState};
 pub use repo::{
     InitOutcome, RepoAlgorithm, init_repository, open_repository, repository_algorithm,
 };
@@ -59,6 +59,9 @@ pub struct ObjectStats {
     pub reflinked: u64,
     /// New objects made by copying.
     pub copied: u64,
+    /// New objects that are the layer file itself, hardlinked
+    /// ([`CopyPolicy::ReflinkOrHardlink`]).
+    pub hardlinked: u64,
     /// Objects the repository already had.
     pub present: u64,
     /// Files stored inline in the splitstream (64 bytes or less).
@@ -67,6 +70,8 @@ pub struct ObjectStats {
     pub bytes_reflinked: u64,
     /// Bytes of copied objects.
     pub bytes_copied: u64,
+    /// Bytes of hardlinked objects.
+    pub bytes_hardlinked: u64,
     /// Bytes of objects already present.
     pub bytes_present: u64,
     /// Bytes inline: small files plus every tar header and padding byte.
@@ -84,6 +89,10 @@ impl ObjectStats {
                 self.copied += 1;
                 self.bytes_copied += size;
             }
+            Stored::Hardlinked => {
+                self.hardlinked += 1;
+                self.bytes_hardlinked += size;
+            }
             Stored::AlreadyPresent => {
                 self.present += 1;
                 self.bytes_present += size;
@@ -94,6 +103,8 @@ impl ObjectStats {
     fn add(&mut self, o: &ObjectStats) {
         self.reflinked += o.reflinked;
         self.copied += o.copied;
+        self.hardlinked += o.hardlinked;
+        self.bytes_hardlinked += o.bytes_hardlinked;
         self.present += o.present;
         self.inlined += o.inlined;
         self.bytes_reflinked += o.bytes_reflinked;
@@ -377,7 +388,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         .map(|n| n.get())
         .unwrap_or(2);
     let threads = options.object_threads.unwrap_or(cpus).max(1);
-    let reflink = Arc::new(ReflinkState::default());
+    let reflink = Arc::new(WorkerState::default());
     if !todo.is_empty() {
         let pool = Arc::new(Pool::new(
             repo.clone(),
@@ -504,6 +515,9 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         .collect::<Result<_>>()?;
 
     send(&options.progress, ImportEvent::Finalizing);
+    // Building the EROFS image holds the whole tree in memory: give the streaming phase's
+    // buffers back to the system first so that the two peaks do not add up.
+    log_memory("layers done");
     let refs: Vec<(OciDigest, ObjectID)> = layers
         .iter()
         .map(|l| Ok((parse_digest(&l.diff_id, "diff id")?, l.verity.clone())))
@@ -517,6 +531,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
     })
     .await
     .map_err(|e| Error::io("joining the finalize step", std::io::Error::other(e)))??;
+    log_memory("finalized");
     send(&options.progress, ImportEvent::Finished);
 
     let mut objects = ObjectStats::default();
@@ -528,11 +543,11 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         layers_already_present: layers.iter().filter(|l| l.skipped).count() as u64,
         objects_copied: objects.copied,
         objects_reflinked: objects.reflinked,
-        objects_hardlinked: 0,
+        objects_hardlinked: objects.hardlinked,
         objects_already_present: objects.present,
         bytes_copied: objects.bytes_copied,
         bytes_reflinked: objects.bytes_reflinked,
-        bytes_hardlinked: 0,
+        bytes_hardlinked: objects.bytes_hardlinked,
         bytes_inlined: objects.bytes_inlined,
     };
     Ok(ImportReport {
@@ -554,4 +569,28 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         has_usr: fin.has_usr,
         elapsed: start.elapsed(),
     })
+}
+
+/// Logs the process's resident and peak memory at `phase` (debug level, from /proc).
+pub(crate) fn log_memory(phase: &str) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tracing::debug!(
+        phase,
+        rss_kib = field("VmRSS:"),
+        peak_kib = field("VmHWM:"),
+        "memory"
+    );
 }

@@ -1,9 +1,10 @@
 //! Storing file contents as repository objects: reflink (FICLONE) where the filesystem
-//! allows, a kernel-side copy otherwise, never a hardlink to the source.
+//! allows, a kernel-side copy otherwise, and a hardlink to the source only when the caller
+//! opted into [`CopyPolicy::ReflinkOrHardlink`].
 //!
-//! The source fd belongs to containers-storage. We clone or copy its bytes into an
-//! `O_TMPFILE` of the repository and let composefs name and link it, so the object never
-//! shares an inode (mode, owner, SELinux label, fs-verity state) with the layer file.
+//! The source fd belongs to containers-storage. By default we clone or copy its bytes into
+//! an `O_TMPFILE` of the repository and link that under the object's name, so the object
+//! never shares an inode (mode, owner, SELinux label, fs-verity state) with the layer file.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -26,6 +27,19 @@ pub enum CopyPolicy {
     ReflinkOnly,
     /// Always copy (e.g. to measure, or to decouple the repository from podman's disk).
     CopyOnly,
+    /// Reflink where possible; where not (ext4), **hardlink** the layer file itself into
+    /// the repository, and copy only what cannot be linked.
+    ///
+    /// Zero-copy without reflinks, as upstream composefs does by default as root, but an
+    /// explicit opt-in here because the object *is* the layer file: one inode, so its mode,
+    /// owner, timestamps, xattrs and SELinux label are podman's, a later change to either
+    /// side (chmod, relabel, an in-place write by a misbehaving tool) shows on both, and
+    /// disk space stays in use until both the image and the object are gone. Needs a
+    /// privileged caller (the kernel's `fs.protected_hardlinks` rule: owner or
+    /// CAP_FOWNER) and an insecure repository (enabling fs-verity would change podman's
+    /// file). Files with setuid/setgid bits or writable by group or others are copied, not
+    /// linked: linking would make them reachable through the repository's object store.
+    ReflinkOrHardlink,
 }
 
 /// How one object was stored.
@@ -35,19 +49,45 @@ pub enum Stored {
     Reflinked,
     /// Copied with copy_file_range.
     Copied,
+    /// The layer file itself, hardlinked ([`CopyPolicy::ReflinkOrHardlink`]).
+    Hardlinked,
     /// The repository already had it.
     AlreadyPresent,
 }
 
-/// Remembers the first reason reflinking failed, so the report can say why data was copied.
+/// What the object workers of one import share: what they learnt about the filesystem, and
+/// which objects are already stored.
 #[derive(Debug, Default)]
-pub struct ReflinkState {
+pub struct WorkerState {
+    /// The first reason reflinking failed, so the report can say why data was copied.
     first_fallback: Mutex<Option<String>>,
     /// Once FICLONE failed with EXDEV/EOPNOTSUPP, later files skip the attempt.
     unsupported: std::sync::atomic::AtomicBool,
+    /// Whether `linkat(fd, "", AT_EMPTY_PATH)` works here (0 not tried, 1 yes, 2 no): it
+    /// needs CAP_DAC_READ_SEARCH or a kernel that allows it for the file's opener; the
+    /// fallback goes through /proc/self/fd, a path lookup more per object.
+    flink: std::sync::atomic::AtomicU8,
+    /// Objects known to be in the repository: stored by this import or found there.
+    /// Only completed objects go in, so a layer never references one still in flight
+    /// elsewhere.
+    present: Mutex<std::collections::HashSet<Box<[u8]>>>,
 }
 
-impl ReflinkState {
+impl WorkerState {
+    fn is_present(&self, id: &[u8]) -> bool {
+        self.present
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    fn set_present(&self, id: &[u8]) {
+        self.present
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.into());
+    }
+
     /// The first reason a reflink fell back to a copy.
     pub fn first_fallback(&self) -> Option<String> {
         self.first_fallback
@@ -120,9 +160,13 @@ fn copy_userspace(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads `src` once: checks its length and tar-split CRC-64, and computes its object id.
+/// Checks a file's bytes against its tar-split CRC-64 and computes its object id.
+///
+/// The bytes are `data` when the caller already read them (the importer reads each file
+/// once, for the layer's sha256, and hands the bytes over), else they are read from `src`.
 fn digest_source<ObjectID: FsVerityHashValue>(
     src: &File,
+    data: Option<&[u8]>,
     size: u64,
     crc64: u64,
     name: &str,
@@ -135,12 +179,25 @@ fn digest_source<ObjectID: FsVerityHashValue>(
     };
     let mut verity = super::verity::Hasher::for_id::<ObjectID>();
     let mut crc = CRC64.digest();
-    read_content(src, size, name, 0, buf, |chunk| {
-        crc.update(chunk);
-        verity.update(chunk);
-        Ok(())
-    })
-    .map_err(bad)?;
+    match data {
+        Some(bytes) => {
+            if bytes.len() as u64 != size {
+                return Err(bad(AssembleError::Size {
+                    name: name.to_owned(),
+                    expected: size,
+                    actual: bytes.len() as u64,
+                }));
+            }
+            crc.update(bytes);
+            verity.update(bytes);
+        }
+        None => read_content(src, size, name, 0, buf, |chunk| {
+            crc.update(chunk);
+            verity.update(chunk);
+            Ok(())
+        })
+        .map_err(bad)?,
+    }
     let actual = crc.finalize();
     if actual != crc64 {
         return Err(bad(AssembleError::Crc {
@@ -152,25 +209,66 @@ fn digest_source<ObjectID: FsVerityHashValue>(
     Ok(verity.finish())
 }
 
-/// Links a finished tmpfile into the object store under `id`, as composefs does for an
-/// anonymous tmpfile (linkat through /proc/self/fd); an existing object wins.
+/// Gives a finished tmpfile its name in the object store, `id`; an existing object wins.
+///
+/// `linkat(tmp, "", AT_EMPTY_PATH)` where the kernel allows it, else through
+/// /proc/self/fd as composefs does for its own tmpfiles.
+///
+/// With `proc_only` it always goes through /proc/self/fd: for files this process did not
+/// create, where AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH but the /proc route only the
+/// `fs.protected_hardlinks` rules.
 fn link_object<ObjectID: FsVerityHashValue>(
     objects: &std::os::fd::OwnedFd,
     tmp: &File,
     id: &ObjectID,
+    state: &WorkerState,
+    proc_only: bool,
 ) -> Result<bool> {
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
     let rel = id.to_object_pathname();
-    let proc = format!("/proc/self/fd/{}", tmp.as_raw_fd());
     let mut made_dir = false;
     loop {
-        match rustix::fs::linkat(
-            rustix::fs::CWD,
-            &proc,
-            objects,
-            &rel,
-            rustix::fs::AtFlags::SYMLINK_FOLLOW,
-        ) {
+        let flink = if proc_only {
+            2
+        } else {
+            state.flink.load(Ordering::Relaxed)
+        };
+        let r = if flink != 2 {
+            let r = rustix::fs::linkat(tmp, "", objects, &rel, rustix::fs::AtFlags::EMPTY_PATH);
+            match r {
+                // Refused for lack of privilege (ENOENT is what older kernels say).
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) if flink == 0 => {
+                    // Tell "not allowed" from "no objects/XX directory yet".
+                    match rustix::fs::statat(
+                        objects,
+                        id.to_object_dir(),
+                        rustix::fs::AtFlags::empty(),
+                    ) {
+                        Ok(_) => {
+                            state.flink.store(2, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(_) => r,
+                    }
+                }
+                Ok(()) => {
+                    state.flink.store(1, Ordering::Relaxed);
+                    r
+                }
+                other => other,
+            }
+        } else {
+            let proc = format!("/proc/self/fd/{}", tmp.as_raw_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                &proc,
+                objects,
+                &rel,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+        };
+        match r {
             Ok(()) => return Ok(true),
             Err(rustix::io::Errno::EXIST) => return Ok(false),
             Err(rustix::io::Errno::NOENT) if !made_dir => {
@@ -205,8 +303,9 @@ fn link_object<ObjectID: FsVerityHashValue>(
 /// agree. The bytes hashed are the bytes cloned: layer files do not change while the helper
 /// holds the storage's read lock, and the clone's length is checked.
 ///
-/// `buf` is scratch space for reading, reused across calls: zeroing a fresh megabyte per
-/// file would cost more than hashing most files.
+/// `data`, when given, holds the file's bytes as the caller read them from `src`; otherwise
+/// `src` is read here, into `buf`, scratch space reused across calls (zeroing a fresh
+/// megabyte per file would cost more than hashing most files).
 ///
 /// Fails with [`Error::ReflinkRequired`] when the policy demands a reflink the filesystem
 /// cannot make, [`Error::Assemble`] for a CRC or size mismatch, or [`Error::Repository`] /
@@ -215,25 +314,51 @@ fn link_object<ObjectID: FsVerityHashValue>(
 pub fn store<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
     src: &File,
+    data: Option<&[u8]>,
     size: u64,
     crc64: u64,
     name: &str,
     layer: &str,
     policy: CopyPolicy,
-    reflink: &ReflinkState,
+    state: &WorkerState,
     buf: &mut [u8],
 ) -> Result<(ObjectID, Stored)> {
-    let id: ObjectID = digest_source(src, size, crc64, name, layer, buf)?;
+    let id: ObjectID = digest_source(src, data, size, crc64, name, layer, buf)?;
+    // Objects seen before cost a set lookup (duplicates within the image) or a stat (in the
+    // repository already) instead of a tmpfile, a clone and an inode to free again.
+    if state.is_present(id.as_bytes()) {
+        return Ok((id, Stored::AlreadyPresent));
+    }
+    let objects_dir = repo
+        .objects_dir()
+        .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    if rustix::fs::statat(
+        objects_dir,
+        id.to_object_pathname(),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .is_ok()
+    {
+        state.set_present(id.as_bytes());
+        return Ok((id, Stored::AlreadyPresent));
+    }
     // In an insecure repository we name and link the object ourselves (see above); there
     // an existing object simply makes linkat fail with EEXIST.
-    let objects = if repo.is_insecure() {
-        Some(
-            repo.objects_dir()
-                .map_err(|e| Error::io("opening the objects directory", e.into()))?,
-        )
-    } else {
-        None
-    };
+    let objects = repo.is_insecure().then_some(objects_dir);
+    if policy == CopyPolicy::ReflinkOrHardlink
+        && state.unsupported.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // Not linkable (None): copied below, and the report says why.
+        if let Some(new) = hardlink(objects, src, &id, name, state)? {
+            state.set_present(id.as_bytes());
+            let how = if new {
+                Stored::Hardlinked
+            } else {
+                Stored::AlreadyPresent
+            };
+            return Ok((id, how));
+        }
+    }
     let tmp = match objects {
         Some(dir) => File::from(
             rustix::fs::openat(
@@ -251,7 +376,22 @@ pub fn store<ObjectID: FsVerityHashValue>(
                 .map_err(repo_err("creating an object tmpfile"))?,
         ),
     };
-    let reflinked = clone_or_copy(src, &tmp, size, name, policy, reflink)?;
+    let reflinked = match clone_or_copy(src, &tmp, size, name, policy, state)? {
+        Some(reflinked) => reflinked,
+        None => {
+            if let Some(new) = hardlink(objects, src, &id, name, state)? {
+                state.set_present(id.as_bytes());
+                let how = if new {
+                    Stored::Hardlinked
+                } else {
+                    Stored::AlreadyPresent
+                };
+                return Ok((id, how));
+            }
+            copy_range(src, &tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
+            false
+        }
+    };
     // FICLONE clones the whole file; a source that grew since it was hashed must not slip
     // through.
     let len = tmp
@@ -271,7 +411,8 @@ pub fn store<ObjectID: FsVerityHashValue>(
     };
     match objects {
         Some(objects) => {
-            let new = link_object(objects, &tmp, &id)?;
+            let new = link_object(objects, &tmp, &id, state, false)?;
+            state.set_present(id.as_bytes());
             Ok((id, if new { how } else { Stored::AlreadyPresent }))
         }
         None => {
@@ -288,6 +429,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
                     ),
                 });
             }
+            state.set_present(id.as_bytes());
             Ok((
                 id,
                 match method {
@@ -299,23 +441,64 @@ pub fn store<ObjectID: FsVerityHashValue>(
     }
 }
 
+/// Hardlinks the layer file `src` into the object store as `id`, if it may be linked: in an
+/// insecure repository, not setuid/setgid, not writable by group or others. `Some(new)`
+/// when linked or already there, `None` when it must be copied instead (the first reason is
+/// noted for the report).
+fn hardlink<ObjectID: FsVerityHashValue>(
+    objects: Option<&std::os::fd::OwnedFd>,
+    src: &File,
+    id: &ObjectID,
+    name: &str,
+    state: &WorkerState,
+) -> Result<Option<bool>> {
+    let Some(objects) = objects else {
+        state.note(format!(
+            "{name}: not hardlinked: the repository uses fs-verity, which would have to be \
+             enabled on podman's own file"
+        ));
+        return Ok(None);
+    };
+    let mode = rustix::fs::fstat(src)
+        .map_err(|e| Error::io(format!("stat of {name}"), e.into()))?
+        .st_mode;
+    if mode & 0o6022 != 0 {
+        state.note(format!(
+            "{name}: not hardlinked: mode {:o} (setuid/setgid or writable by others)",
+            mode & 0o7777
+        ));
+        return Ok(None);
+    }
+    match link_object(objects, src, id, state, true) {
+        Ok(new) => Ok(Some(new)),
+        Err(Error::Io { cause, .. })
+            if [rustix::io::Errno::PERM, rustix::io::Errno::XDEV]
+                .iter()
+                .any(|e| cause.raw_os_error() == Some(e.raw_os_error())) =>
+        {
+            state.note(format!("{name}: not hardlinked: {cause}"));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Fills `tmp` from `src`: FICLONE where allowed and possible, else a kernel copy.
-/// Returns whether it reflinked.
+/// Returns whether it reflinked, or `None` (nothing written) when the filesystem has no
+/// reflinks and the policy prefers a hardlink.
 fn clone_or_copy(
     src: &File,
     tmp: &File,
     size: u64,
     name: &str,
     policy: CopyPolicy,
-    reflink: &ReflinkState,
-) -> Result<bool> {
+    state: &WorkerState,
+) -> Result<Option<bool>> {
     let try_reflink = policy != CopyPolicy::CopyOnly
-        && !reflink
-            .unsupported
-            .load(std::sync::atomic::Ordering::Relaxed);
+        && !state.unsupported.load(std::sync::atomic::Ordering::Relaxed);
     if try_reflink {
         match rustix::fs::ioctl_ficlone(tmp, src.as_fd()) {
-            Ok(()) => return Ok(true),
+            Ok(()) => return Ok(Some(true)),
             Err(e) => {
                 let why = match e {
                     rustix::io::Errno::XDEV => {
@@ -327,9 +510,12 @@ fn clone_or_copy(
                     other => format!("FICLONE failed: {other}"),
                 };
                 if matches!(e, rustix::io::Errno::XDEV | rustix::io::Errno::OPNOTSUPP) {
-                    reflink
+                    state
                         .unsupported
                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if policy == CopyPolicy::ReflinkOrHardlink {
+                        return Ok(None);
+                    }
                 }
                 if policy == CopyPolicy::ReflinkOnly {
                     return Err(Error::ReflinkRequired {
@@ -337,19 +523,19 @@ fn clone_or_copy(
                         reason: why,
                     });
                 }
-                reflink.note(format!("{name}: {why}"));
+                state.note(format!("{name}: {why}"));
             }
         }
     } else if policy == CopyPolicy::ReflinkOnly {
         return Err(Error::ReflinkRequired {
             file: name.to_owned(),
-            reason: reflink
+            reason: state
                 .first_fallback()
                 .unwrap_or_else(|| "reflinks are not supported here".into()),
         });
     }
     copy_range(src, tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
-    Ok(false)
+    Ok(Some(false))
 }
 
 /// A fixed pool of threads storing objects in parallel.
@@ -358,10 +544,12 @@ pub struct Pool<ObjectID: FsVerityHashValue> {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-type JobResult<ObjectID> = Result<(ObjectID, Stored)>;
+/// What a worker hands back: the object (or why not), and the job's buffer for reuse.
+pub type JobResult<ObjectID> = (Result<(ObjectID, Stored)>, Option<Vec<u8>>);
 
 struct Job<ObjectID> {
     src: File,
+    data: Option<Vec<u8>>,
     size: u64,
     crc64: u64,
     name: String,
@@ -383,7 +571,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         repo: Arc<Repository<ObjectID>>,
         n: usize,
         policy: CopyPolicy,
-        reflink: Arc<ReflinkState>,
+        state: Arc<WorkerState>,
     ) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job<ObjectID>>();
         let rx = Arc::new(Mutex::new(rx));
@@ -391,7 +579,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         for i in 0..n.max(1) {
             let rx = rx.clone();
             let repo = repo.clone();
-            let reflink = reflink.clone();
+            let state = state.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
@@ -404,10 +592,18 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                             };
                             let Ok(job) = job else { return };
                             let r = store(
-                                &repo, &job.src, job.size, job.crc64, &job.name, &job.layer,
-                                policy, &reflink, &mut buf,
+                                &repo,
+                                &job.src,
+                                job.data.as_deref(),
+                                job.size,
+                                job.crc64,
+                                &job.name,
+                                &job.layer,
+                                policy,
+                                &state,
+                                &mut buf,
                             );
-                            let _ = job.reply.send(r);
+                            let _ = job.reply.send((r, job.data));
                         }
                     })
                     .map_err(|e| Error::io("starting an object worker", e))?,
@@ -420,9 +616,12 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
     }
 
     /// Queues `src` (checked against `crc64`) for storing; the receiver yields the result.
+    /// `data`, if given, must hold the `size` bytes just read from `src`: the worker then
+    /// hashes them instead of reading the file again, and hands the buffer back.
     pub fn submit(
         &self,
         src: File,
+        data: Option<Vec<u8>>,
         size: u64,
         crc64: u64,
         name: String,
@@ -434,6 +633,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
             .and_then(|tx| {
                 tx.send(Job {
                     src,
+                    data,
                     size,
                     crc64,
                     name,
