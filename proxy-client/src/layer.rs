@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 /// Content fds received ahead of the reader.
 const PREFETCH: usize = 256;
 
+/// Bytes of each prefetched content file the kernel is asked to read ahead.
+const READAHEAD: u64 = 4 << 20;
+
 /// A layer opened with [`Client::open_layer`]. The helper keeps it pinned (read-locked)
 /// until [`Layer::release`] is called or the `Layer` is dropped.
 ///
@@ -97,6 +100,15 @@ impl Layer {
                                 return;
                             }
                             for (i, fd) in fds.into_iter().enumerate() {
+                                // The reader will read every byte: start reading ahead now,
+                                // so that a cold cache sees many reads in flight rather
+                                // than one file at a time (a page-cache lookup when warm).
+                                let _ = rustix::fs::fadvise(
+                                    &fd,
+                                    0,
+                                    std::num::NonZeroU64::new(READAHEAD),
+                                    rustix::fs::Advice::WillNeed,
+                                );
                                 if tx.send((res.first + i as u64, fd)).await.is_err() {
                                     return;
                                 }
