@@ -660,3 +660,127 @@ impl<ObjectID: FsVerityHashValue> Drop for Pool<ObjectID> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::atomic::Ordering;
+
+    use composefs::fsverity::{Algorithm, Sha512HashValue};
+    use composefs::repository::RepositoryConfig;
+    use cstor_protocol::assemble::CRC64;
+
+    use super::*;
+
+    fn insecure_repo(dir: &std::path::Path) -> Repository<Sha512HashValue> {
+        let config = RepositoryConfig::new(Algorithm::SHA512).set_insecure();
+        Repository::init_path(rustix::fs::CWD, dir, config)
+            .expect("a repository in a temp dir")
+            .0
+    }
+
+    fn source(dir: &std::path::Path, name: &str, content: &[u8], mode: u32) -> File {
+        let path = dir.join(name);
+        let mut f = File::create(&path).unwrap();
+        f.write_all(content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        File::open(&path).unwrap()
+    }
+
+    /// With reflinks known to be unavailable, the hardlink policy links plain files and
+    /// copies what must not become reachable through the object store.
+    #[test]
+    fn hardlink_policy_links_plain_files_and_copies_setuid_ones() {
+        if !rustix::process::geteuid().is_root() {
+            let why = "hardlinking another's file needs root (fs.protected_hardlinks)";
+            // CI sets CSTOR_TEST_NO_SKIP: there a skip would hide a missing test.
+            assert!(std::env::var_os("CSTOR_TEST_NO_SKIP").is_none(), "{why}");
+            eprintln!("SKIP hardlink_policy_links_plain_files_and_copies_setuid_ones: {why}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = insecure_repo(&tmp.path().join("repo"));
+        let state = WorkerState::default();
+        state.unsupported.store(true, Ordering::Relaxed);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut store_file = |name: &str, content: &[u8], mode: u32| {
+            let src = source(tmp.path(), name, content, mode);
+            let (id, how) = store(
+                &repo,
+                &src,
+                Some(content),
+                content.len() as u64,
+                CRC64.checksum(content),
+                name,
+                "test-layer",
+                CopyPolicy::ReflinkOrHardlink,
+                &state,
+                &mut buf,
+            )
+            .unwrap();
+            let object = tmp
+                .path()
+                .join("repo/objects")
+                .join(id.to_object_pathname());
+            (how, object, src)
+        };
+
+        let (how, object, src) = store_file("plain", &[7u8; 5000], 0o644);
+        assert_eq!(how, Stored::Hardlinked);
+        assert_eq!(
+            std::fs::metadata(&object).unwrap().ino(),
+            src.metadata().unwrap().ino()
+        );
+
+        for (name, mode) in [("setuid", 0o4755), ("setgid", 0o2755), ("writable", 0o666)] {
+            let content = format!("{name} content, long enough to be an object").repeat(10);
+            let (how, object, src) = store_file(name, content.as_bytes(), mode);
+            assert_eq!(how, Stored::Copied, "{name}");
+            let md = std::fs::metadata(&object).unwrap();
+            assert_ne!(md.ino(), src.metadata().unwrap().ino(), "{name}");
+            assert_eq!(md.mode() & 0o7777, 0o644, "{name}");
+            assert_eq!(std::fs::read(&object).unwrap(), content.as_bytes());
+        }
+        let why = state.first_fallback().unwrap_or_default();
+        assert!(
+            why.contains("setuid") && why.contains("not hardlinked"),
+            "{why}"
+        );
+
+        // The same content again is found, not stored twice.
+        let (how, _, _) = store_file("again", &[7u8; 5000], 0o644);
+        assert_eq!(how, Stored::AlreadyPresent);
+    }
+
+    #[test]
+    fn a_wrong_crc_stores_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = insecure_repo(&tmp.path().join("repo"));
+        let content = [1u8; 300];
+        let src = source(tmp.path(), "f", &content, 0o644);
+        let e = store(
+            &repo,
+            &src,
+            Some(&content),
+            300,
+            CRC64.checksum(&content) ^ 1,
+            "f",
+            "test-layer",
+            CopyPolicy::ReflinkOrCopy,
+            &WorkerState::default(),
+            &mut [0u8; 4096],
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Assemble { .. }), "{e}");
+        // objects/ appears with the first object.
+        let objects: usize = std::fs::read_dir(tmp.path().join("repo/objects"))
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.ok())
+            .filter(|d| d.path().is_dir())
+            .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+            .sum();
+        assert_eq!(objects, 0);
+    }
+}
