@@ -273,6 +273,20 @@ impl std::fmt::Debug for Hasher {
     }
 }
 
+/// Deterministic pseudo-random test data (xorshift64).
+#[cfg(test)]
+pub(crate) fn test_data(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,15 +296,7 @@ mod tests {
     /// whole tree against composefs in cstor-proxy-client).
     #[test]
     fn chunking_and_multi_buffer_do_not_change_the_digest() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..(70 * BLOCK + 123))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = test_data(0x9e37_79b9_7f4a_7c15, 70 * BLOCK + 123);
         for n in [
             0,
             1,

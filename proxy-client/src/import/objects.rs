@@ -349,13 +349,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
         && state.unsupported.load(std::sync::atomic::Ordering::Relaxed)
     {
         // Not linkable (None): copied below, and the report says why.
-        if let Some(new) = hardlink(objects, src, &id, name, state)? {
-            state.set_present(id.as_bytes());
-            let how = if new {
-                Stored::Hardlinked
-            } else {
-                Stored::AlreadyPresent
-            };
+        if let Some(how) = hardlink(objects, src, &id, name, state)? {
             return Ok((id, how));
         }
     }
@@ -379,13 +373,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
     let reflinked = match clone_or_copy(src, &tmp, size, name, policy, state)? {
         Some(reflinked) => reflinked,
         None => {
-            if let Some(new) = hardlink(objects, src, &id, name, state)? {
-                state.set_present(id.as_bytes());
-                let how = if new {
-                    Stored::Hardlinked
-                } else {
-                    Stored::AlreadyPresent
-                };
+            if let Some(how) = hardlink(objects, src, &id, name, state)? {
                 return Ok((id, how));
             }
             copy_range(src, &tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
@@ -442,16 +430,16 @@ pub fn store<ObjectID: FsVerityHashValue>(
 }
 
 /// Hardlinks the layer file `src` into the object store as `id`, if it may be linked: in an
-/// insecure repository, not setuid/setgid, not writable by group or others. `Some(new)`
-/// when linked or already there, `None` when it must be copied instead (the first reason is
-/// noted for the report).
+/// insecure repository, not setuid/setgid, not writable by group or others. Says how the
+/// object got there (hardlinked, or already present), or `None` when the file must be
+/// copied instead (the first reason is noted for the report).
 fn hardlink<ObjectID: FsVerityHashValue>(
     objects: Option<&std::os::fd::OwnedFd>,
     src: &File,
     id: &ObjectID,
     name: &str,
     state: &WorkerState,
-) -> Result<Option<bool>> {
+) -> Result<Option<Stored>> {
     let Some(objects) = objects else {
         state.note(format!(
             "{name}: not hardlinked: the repository uses fs-verity, which would have to be \
@@ -470,7 +458,14 @@ fn hardlink<ObjectID: FsVerityHashValue>(
         return Ok(None);
     }
     match link_object(objects, src, id, state, true) {
-        Ok(new) => Ok(Some(new)),
+        Ok(new) => {
+            state.set_present(id.as_bytes());
+            Ok(Some(if new {
+                Stored::Hardlinked
+            } else {
+                Stored::AlreadyPresent
+            }))
+        }
         Err(Error::Io { cause, .. })
             if [rustix::io::Errno::PERM, rustix::io::Errno::XDEV]
                 .iter()
