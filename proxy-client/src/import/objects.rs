@@ -160,19 +160,37 @@ fn copy_userspace(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One file to store: the layer file and what tar-split recorded for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The layer file, as the helper opened it.
+    pub file: &'a File,
+    /// Its bytes when the caller already read them (the importer reads each file once, for
+    /// the layer's sha256, and hands the bytes over); else they are read from `file`.
+    pub data: Option<&'a [u8]>,
+    /// Length recorded in tar-split.
+    pub size: u64,
+    /// CRC-64 recorded in tar-split.
+    pub crc64: u64,
+    /// Entry name, for errors and the report.
+    pub name: &'a str,
+    /// Layer id, for errors.
+    pub layer: &'a str,
+}
+
 /// Checks a file's bytes against its tar-split CRC-64 and computes its object id.
-///
-/// The bytes are `data` when the caller already read them (the importer reads each file
-/// once, for the layer's sha256, and hands the bytes over), else they are read from `src`.
 fn digest_source<ObjectID: FsVerityHashValue>(
-    src: &File,
-    data: Option<&[u8]>,
-    size: u64,
-    crc64: u64,
-    name: &str,
-    layer: &str,
+    source: &Source<'_>,
     buf: &mut [u8],
 ) -> Result<ObjectID> {
+    let Source {
+        file: src,
+        data,
+        size,
+        crc64,
+        name,
+        layer,
+    } = *source;
     let bad = |cause: AssembleError| Error::Assemble {
         layer: layer.to_owned(),
         cause,
@@ -292,8 +310,8 @@ fn link_object<ObjectID: FsVerityHashValue>(
     }
 }
 
-/// Stores `src` (`size` bytes, whose tar-split CRC-64 is `crc64`) as an object, by reflink
-/// or copy as `policy` allows.
+/// Stores `source` (checked against its tar-split length and CRC-64) as an object, by
+/// reflink, copy or hardlink as `policy` allows.
 ///
 /// The source is read once, from podman's (warm) page cache, to check its CRC and compute
 /// its fs-verity digest. In an insecure repository (no fs-verity) the object is then named
@@ -303,27 +321,26 @@ fn link_object<ObjectID: FsVerityHashValue>(
 /// agree. The bytes hashed are the bytes cloned: layer files do not change while the helper
 /// holds the storage's read lock, and the clone's length is checked.
 ///
-/// `data`, when given, holds the file's bytes as the caller read them from `src`; otherwise
-/// `src` is read here, into `buf`, scratch space reused across calls (zeroing a fresh
-/// megabyte per file would cost more than hashing most files).
+/// Without [`Source::data`] the file is read here, into `buf`, scratch space reused across
+/// calls (zeroing a fresh megabyte per file would cost more than hashing most files).
 ///
 /// Fails with [`Error::ReflinkRequired`] when the policy demands a reflink the filesystem
 /// cannot make, [`Error::Assemble`] for a CRC or size mismatch, or [`Error::Repository`] /
 /// [`Error::Io`] for repository and I/O failures.
-#[allow(clippy::too_many_arguments)]
 pub fn store<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
-    src: &File,
-    data: Option<&[u8]>,
-    size: u64,
-    crc64: u64,
-    name: &str,
-    layer: &str,
+    source: &Source<'_>,
     policy: CopyPolicy,
     state: &WorkerState,
     buf: &mut [u8],
 ) -> Result<(ObjectID, Stored)> {
-    let id: ObjectID = digest_source(src, data, size, crc64, name, layer, buf)?;
+    let id: ObjectID = digest_source(source, buf)?;
+    let Source {
+        file: src,
+        size,
+        name,
+        ..
+    } = *source;
     // Objects seen before cost a set lookup (duplicates within the image) or a stat (in the
     // repository already) instead of a tmpfile, a clone and an inode to free again.
     if state.is_present(id.as_bytes()) {
@@ -586,18 +603,15 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                                 guard.recv()
                             };
                             let Ok(job) = job else { return };
-                            let r = store(
-                                &repo,
-                                &job.src,
-                                job.data.as_deref(),
-                                job.size,
-                                job.crc64,
-                                &job.name,
-                                &job.layer,
-                                policy,
-                                &state,
-                                &mut buf,
-                            );
+                            let source = Source {
+                                file: &job.src,
+                                data: job.data.as_deref(),
+                                size: job.size,
+                                crc64: job.crc64,
+                                name: &job.name,
+                                layer: &job.layer,
+                            };
+                            let r = store(&repo, &source, policy, &state, &mut buf);
                             let _ = job.reply.send((r, job.data));
                         }
                     })
@@ -701,14 +715,17 @@ mod tests {
         let mut buf = vec![0u8; 1 << 16];
         let mut store_file = |name: &str, content: &[u8], mode: u32| {
             let src = source(tmp.path(), name, content, mode);
+            let source = Source {
+                file: &src,
+                data: Some(content),
+                size: content.len() as u64,
+                crc64: CRC64.checksum(content),
+                name,
+                layer: "test-layer",
+            };
             let (id, how) = store(
                 &repo,
-                &src,
-                Some(content),
-                content.len() as u64,
-                CRC64.checksum(content),
-                name,
-                "test-layer",
+                &source,
                 CopyPolicy::ReflinkOrHardlink,
                 &state,
                 &mut buf,
@@ -754,14 +771,17 @@ mod tests {
         let repo = insecure_repo(&tmp.path().join("repo"));
         let content = [1u8; 300];
         let src = source(tmp.path(), "f", &content, 0o644);
+        let source = Source {
+            file: &src,
+            data: Some(&content),
+            size: 300,
+            crc64: CRC64.checksum(&content) ^ 1,
+            name: "f",
+            layer: "test-layer",
+        };
         let e = store(
             &repo,
-            &src,
-            Some(&content),
-            300,
-            CRC64.checksum(&content) ^ 1,
-            "f",
-            "test-layer",
+            &source,
             CopyPolicy::ReflinkOrCopy,
             &WorkerState::default(),
             &mut [0u8; 4096],
