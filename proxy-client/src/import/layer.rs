@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
+use composefs::splitstream::SplitStreamWriter;
 use cstor_protocol::LayerInfo;
 use cstor_protocol::assemble::{
     AssembleError, CRC64, ContentSource, read_content, read_content_into,
@@ -46,6 +47,105 @@ enum Op<ObjectID> {
         buffered: u64,
         result: Receiver<super::objects::JobResult<ObjectID>>,
     },
+}
+
+/// Operations waiting to go into the splitstream in tar order, and the buffers they hold.
+struct Queue<ObjectID> {
+    ops: VecDeque<Op<ObjectID>>,
+    /// Objects queued for the workers, and the bytes buffered for them.
+    externals: usize,
+    inflight: u64,
+    /// Above this many queued objects (or INFLIGHT_BYTES), the reader waits.
+    lookahead: usize,
+    /// Buffers handed back by the workers, for reuse.
+    spare: Vec<Vec<u8>>,
+}
+
+impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
+    fn over_limits(&self) -> bool {
+        self.externals > self.lookahead || self.inflight > INFLIGHT_BYTES
+    }
+
+    /// A buffer of `size` bytes, recycled where possible (only growth is zero-filled).
+    fn buffer(&mut self, size: usize) -> Vec<u8> {
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.resize(size, 0);
+        data
+    }
+
+    fn push_external(
+        &mut self,
+        size: u64,
+        buffered: u64,
+        result: Receiver<super::objects::JobResult<ObjectID>>,
+    ) {
+        self.ops.push_back(Op::External {
+            size,
+            buffered,
+            result,
+        });
+        self.externals += 1;
+        self.inflight += buffered;
+    }
+
+    /// Moves finished operations from the head of the queue into `writer`, in order. It
+    /// waits for the head while the queue is over its limits (so the workers always have
+    /// work queued while the reader reads ahead), and for everything with `all`.
+    fn drain(
+        &mut self,
+        writer: &mut SplitStreamWriter<ObjectID>,
+        stats: &mut ObjectStats,
+        layer: &str,
+        all: bool,
+    ) -> Result<()> {
+        while let Some(op) = self.ops.front() {
+            match op {
+                Op::Inline(_) => {
+                    if let Some(Op::Inline(b)) = self.ops.pop_front() {
+                        writer.write_inline(&b);
+                    }
+                }
+                Op::External { result, .. } => {
+                    let r = if all || self.over_limits() {
+                        result.recv().map_err(|_| ())
+                    } else {
+                        match result.try_recv() {
+                            Ok(r) => Ok(r),
+                            Err(TryRecvError::Empty) => return Ok(()),
+                            Err(TryRecvError::Disconnected) => Err(()),
+                        }
+                    };
+                    let Some(Op::External { size, buffered, .. }) = self.ops.pop_front() else {
+                        continue;
+                    };
+                    self.externals -= 1;
+                    self.inflight -= buffered;
+                    let (r, data) = r.map_err(|_| {
+                        Error::io(
+                            "storing an object",
+                            std::io::Error::other("an object worker stopped"),
+                        )
+                    })?;
+                    if let Some(data) = data
+                        && self.spare.len() < SPARE_BUFFERS
+                        && data.capacity() <= SPARE_MAX
+                    {
+                        self.spare.push(data);
+                    }
+                    let (obj, how) = r?;
+                    stats.count(how, size);
+                    writer.add_external_size(size);
+                    writer
+                        .write_reference(obj)
+                        .map_err(|cause| Error::Repository {
+                            doing: format!("writing the splitstream of layer {layer}"),
+                            cause,
+                        })?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What importing a layer produced.
@@ -95,10 +195,13 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let mut sha = Sha256::new();
     let mut tar_size = 0u64;
     let mut stats = ObjectStats::default();
-    let mut pending: VecDeque<Op<ObjectID>> = VecDeque::new();
-    let mut externals = 0usize;
-    let mut inflight = 0u64;
-    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut queue = Queue {
+        ops: VecDeque::new(),
+        externals: 0,
+        inflight: 0,
+        lookahead,
+        spare: Vec::new(),
+    };
     let mut buf = vec![0u8; 1 << 20];
     let mut last_report = 0u64;
     let layer_name: Arc<str> = Arc::from(id);
@@ -107,66 +210,6 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let mut wait_fds = std::time::Duration::ZERO;
     let mut wait_objects = std::time::Duration::ZERO;
     let mut wait_stream = std::time::Duration::ZERO;
-
-    // Moves finished operations from the head of the queue into the writer, in order. It
-    // waits for the head while the queue is over its limits (so the workers always have
-    // work queued while this thread reads ahead), and for everything with `all`.
-    let mut drain = |pending: &mut VecDeque<Op<ObjectID>>,
-                     externals: &mut usize,
-                     inflight: &mut u64,
-                     spare: &mut Vec<Vec<u8>>,
-                     stats: &mut ObjectStats,
-                     all: bool|
-     -> Result<()> {
-        while let Some(op) = pending.front() {
-            match op {
-                Op::Inline(_) => {
-                    if let Some(Op::Inline(b)) = pending.pop_front() {
-                        writer.write_inline(&b);
-                    }
-                }
-                Op::External { result, .. } => {
-                    let block = all || *externals > lookahead || *inflight > INFLIGHT_BYTES;
-                    let r = if block {
-                        result.recv().map_err(|_| ())
-                    } else {
-                        match result.try_recv() {
-                            Ok(r) => Ok(r),
-                            Err(TryRecvError::Empty) => return Ok(()),
-                            Err(TryRecvError::Disconnected) => Err(()),
-                        }
-                    };
-                    let Some(Op::External { size, buffered, .. }) = pending.pop_front() else {
-                        continue;
-                    };
-                    *externals -= 1;
-                    *inflight -= buffered;
-                    let (r, data) = r.map_err(|_| {
-                        Error::io(
-                            "storing an object",
-                            std::io::Error::other("an object worker stopped"),
-                        )
-                    })?;
-                    if let Some(data) = data
-                        && spare.len() < SPARE_BUFFERS
-                        && data.capacity() <= SPARE_MAX
-                    {
-                        spare.push(data);
-                    }
-                    let (obj, how) = r?;
-                    stats.count(how, size);
-                    writer.add_external_size(size);
-                    writer
-                        .write_reference(obj)
-                        .map_err(|cause| Error::Repository {
-                            doing: format!("writing the splitstream of layer {id}"),
-                            cause,
-                        })?;
-                }
-            }
-        }
-        Ok(())
-    };
 
     loop {
         let t_rec = std::time::Instant::now();
@@ -181,7 +224,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                 sha.update(&bytes);
                 tar_size += bytes.len() as u64;
                 stats.bytes_inlined += bytes.len() as u64;
-                pending.push_back(Op::Inline(bytes));
+                queue.ops.push_back(Op::Inline(bytes));
             }
             Some(Record::File(f)) => {
                 let Some(fd) = f.fd else { continue };
@@ -227,12 +270,10 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     }
                     stats.inlined += 1;
                     stats.bytes_inlined += f.size;
-                    pending.push_back(Op::Inline(small));
+                    queue.ops.push_back(Op::Inline(small));
                 } else {
                     let data = if f.size <= BUFFERED_MAX {
-                        let mut data = spare.pop().unwrap_or_default();
-                        // Only growth is zero-filled; recycled buffers rarely need any.
-                        data.resize(f.size as usize, 0);
+                        let mut data = queue.buffer(f.size as usize);
                         read_content_into(&file, &name, fd, &mut data, |chunk| {
                             sha.update(chunk);
                             Ok(())
@@ -250,13 +291,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     let buffered = data.as_ref().map_or(0, |d| d.len() as u64);
                     let result =
                         pool.submit(file, data, f.size, f.crc64, name, layer_name.clone())?;
-                    pending.push_back(Op::External {
-                        size: f.size,
-                        buffered,
-                        result,
-                    });
-                    externals += 1;
-                    inflight += buffered;
+                    queue.push_external(f.size, buffered, result);
                 }
                 if tar_size - last_report >= 4 << 20 {
                     last_report = tar_size;
@@ -265,29 +300,15 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             }
             Some(Record::End(_)) | None => break,
         }
-        let block = externals > lookahead || inflight > INFLIGHT_BYTES;
+        let block = queue.over_limits();
         let t_drain = std::time::Instant::now();
-        drain(
-            &mut pending,
-            &mut externals,
-            &mut inflight,
-            &mut spare,
-            &mut stats,
-            false,
-        )?;
+        queue.drain(&mut writer, &mut stats, id, false)?;
         if block {
             wait_objects += t_drain.elapsed();
         }
     }
     let t_drain = std::time::Instant::now();
-    drain(
-        &mut pending,
-        &mut externals,
-        &mut inflight,
-        &mut spare,
-        &mut stats,
-        true,
-    )?;
+    queue.drain(&mut writer, &mut stats, id, true)?;
     wait_objects += t_drain.elapsed();
     tracing::debug!(
         layer = id,

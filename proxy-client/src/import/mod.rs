@@ -504,6 +504,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
             }
         }
     }
+    // The workers are gone: their set of stored objects need not stay for the EROFS build.
+    reflink.forget_objects();
     let layers: Vec<LayerReport<ObjectID>> = reports
         .into_iter()
         .enumerate()

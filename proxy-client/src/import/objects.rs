@@ -81,6 +81,11 @@ impl WorkerState {
             .contains(id)
     }
 
+    /// Drops the set of stored objects (about 100 bytes each) once no worker needs it.
+    pub fn forget_objects(&self) {
+        *self.present.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    }
+
     fn set_present(&self, id: &[u8]) {
         self.present
             .lock()
