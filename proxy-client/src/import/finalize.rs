@@ -221,8 +221,48 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
         fs.compact();
     }
     super::log_memory("tree transformed");
-    let images = fs
-        .commit_images(repo, None)
-        .map_err(repo_err("writing the EROFS image"))?;
+    let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
+    let images = if versions == [FormatVersion::V1] {
+        let id = write_v1_image(repo, &fs)?;
+        HashMap::from([(FormatVersion::V1, id)])
+    } else {
+        // Other formats (legacy V2, or V1 plus V2) are rare enough to leave to composefs.
+        fs.commit_images(repo, None)
+            .map_err(repo_err("writing the EROFS image"))?
+    };
     Ok((images, has_usr))
+}
+
+/// Streams the V1 EROFS image of `fs` into a repository object and names it `images/<id>`,
+/// as `commit_images` does, without holding the image (or composefs' per-file xattr copies)
+/// in memory: this is where an import used to reach its peak memory.
+fn write_v1_image<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    fs: &FileSystem<ObjectID>,
+) -> Result<ObjectID> {
+    let write_err = |e: cstor_erofs::Error| repo_err("writing the EROFS image")(e.into());
+    let tmp = match repo.create_object_tmpfile() {
+        Ok(fd) => std::fs::File::from(fd),
+        // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
+        Err(_) => {
+            let mut image = Vec::new();
+            cstor_erofs::write_image(fs, FormatVersion::V1, &mut image).map_err(write_err)?;
+            return repo
+                .write_image(None, &image)
+                .map_err(repo_err("storing the EROFS image"));
+        }
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &tmp);
+    let len = cstor_erofs::write_image(fs, FormatVersion::V1, &mut out).map_err(write_err)?;
+    drop(out);
+    super::log_memory("image written");
+    let (id, _) = repo
+        .finalize_object_tmpfile(tmp, len)
+        .map_err(repo_err("storing the EROFS image"))?;
+    repo.symlink(
+        format!("images/{}", id.to_hex()),
+        format!("objects/{}", id.to_object_pathname()),
+    )
+    .map_err(repo_err("naming the EROFS image"))?;
+    Ok(id)
 }

@@ -1,0 +1,314 @@
+//! Extended attributes: which an inode carries, which are shared, and how they are encoded.
+//!
+//! Every external file carries `trusted.overlay.metacopy` (with its fs-verity digest) and
+//! `trusted.overlay.redirect` (its object path). Both are derived from the object id, so they
+//! are represented by the id and only turned into bytes when written; counting them needs one
+//! map entry per object, not two heap copies per file. An attribute (name and value) used by
+//! more than one inode goes to the shared table, in descending order of name, then value
+//! length, then value, which is the order C mkcomposefs writes.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+
+use composefs::erofs::composefs::OverlayMetacopy;
+use composefs::erofs::format::{
+    XATTR_FILTER_SEED, XATTR_INDEX_LUSTRE, XATTR_INDEX_POSIX_ACL_ACCESS,
+    XATTR_INDEX_POSIX_ACL_DEFAULT, XATTR_OVERLAY_ESCAPED_PREFIX, XATTR_OVERLAY_METACOPY,
+    XATTR_OVERLAY_OPAQUE, XATTR_OVERLAY_OPAQUE_ROOT, XATTR_OVERLAY_PREFIX, XATTR_OVERLAY_REDIRECT,
+    XATTR_OVERLAY_WHITEOUT, XATTR_OVERLAY_WHITEOUTS, XATTR_PREFIXES, XATTR_USERXATTR_OPAQUE,
+    XATTR_USERXATTR_WHITEOUT, XATTR_USERXATTR_WHITEOUTS,
+};
+use composefs::fsverity::FsVerityHashValue;
+use composefs::tree::{LeafContent, RegularFile};
+use zerocopy::IntoBytes;
+
+use crate::Error;
+use crate::collect::{Kind, Node, Tree};
+
+/// On-disk size of an inode's xattr header (filter, shared count, reserved).
+pub(crate) const IBODY_HEADER_SIZE: usize = 12;
+/// On-disk size of an xattr entry header (name length, prefix index, value size).
+pub(crate) const ENTRY_HEADER_SIZE: usize = 4;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Value<'a, ObjectID: FsVerityHashValue> {
+    Bytes(&'a [u8]),
+    Metacopy(&'a ObjectID),
+    Redirect(&'a ObjectID),
+}
+
+impl<ObjectID: FsVerityHashValue> Value<'_, ObjectID> {
+    pub fn len(&self) -> usize {
+        match self {
+            Value::Bytes(b) => b.len(),
+            Value::Metacopy(_) => size_of::<OverlayMetacopy<ObjectID>>(),
+            // "/" + 2 hex digits + "/" + the remaining bytes in hex
+            Value::Redirect(_) => 2 * size_of::<ObjectID>() + 2,
+        }
+    }
+
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        match self {
+            Value::Bytes(b) => Cow::Borrowed(b),
+            Value::Metacopy(id) => Cow::Owned(OverlayMetacopy::new(*id).as_bytes().to_vec()),
+            Value::Redirect(id) => Cow::Owned(format!("/{}", id.to_object_pathname()).into_bytes()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct XAttr<'a, ObjectID: FsVerityHashValue> {
+    /// The full name, `trusted.overlay.*` of the tree already escaped.
+    pub name: Cow<'a, [u8]>,
+    pub value: Value<'a, ObjectID>,
+}
+
+impl<ObjectID: FsVerityHashValue> XAttr<'_, ObjectID> {
+    /// Name, then value length, then value: C mkcomposefs' order.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.name
+            .cmp(&other.name)
+            .then_with(|| self.value.len().cmp(&other.value.len()))
+            .then_with(|| self.value.bytes().cmp(&other.value.bytes()))
+    }
+
+    /// The prefix index and the rest of the name. V1 does not know the lustre prefix.
+    pub fn split(&self) -> (u8, &[u8]) {
+        for (idx, prefix) in XATTR_PREFIXES.iter().enumerate().rev() {
+            if idx == usize::from(XATTR_INDEX_LUSTRE) {
+                continue;
+            }
+            if let Some(suffix) = self.name.strip_prefix(*prefix) {
+                return (idx as u8, suffix);
+            }
+        }
+        (0, &self.name)
+    }
+
+    /// Bytes of the entry, padded to 4.
+    pub fn entry_size(&self) -> usize {
+        (ENTRY_HEADER_SIZE + self.split().1.len() + self.value.len()).next_multiple_of(4)
+    }
+
+    pub fn filter_bit(&self) -> u32 {
+        let (idx, suffix) = self.split();
+        1 << (xxhash_rust::xxh32::xxh32(suffix, XATTR_FILTER_SEED + u32::from(idx)) % 32)
+    }
+
+    /// Checks the limits of the on-disk entry header.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.split().1.len() > usize::from(u8::MAX) || self.value.len() > usize::from(u16::MAX) {
+            return Err(Error::Unrepresentable(format!(
+                "xattr {} with a {}-byte value",
+                String::from_utf8_lossy(&self.name),
+                self.value.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<'a, ObjectID: FsVerityHashValue> XAttr<'a, ObjectID> {
+    fn key(&self) -> Key<'a, ObjectID> {
+        match self.value {
+            Value::Bytes(b) => Key::Bytes(self.name.clone(), b),
+            Value::Metacopy(id) => Key::Object(id, 0),
+            Value::Redirect(id) => Key::Object(id, 1),
+        }
+    }
+}
+
+enum Key<'k, ObjectID: FsVerityHashValue> {
+    Bytes(Cow<'k, [u8]>, &'k [u8]),
+    Object(&'k ObjectID, usize),
+}
+
+/// The xattrs of inode `idx`, sorted as they are written.
+pub(crate) fn of<'a, ObjectID: FsVerityHashValue>(
+    tree: &Tree<'a, ObjectID>,
+    idx: usize,
+) -> Vec<XAttr<'a, ObjectID>> {
+    let node: &Node<'a, ObjectID> = &tree.nodes[idx];
+    let mut out = Vec::new();
+    let mut push = |name: &'a [u8], value: Value<'a, ObjectID>| {
+        out.push(XAttr {
+            name: Cow::Borrowed(name),
+            value,
+        })
+    };
+    if let Kind::Leaf(LeafContent::Regular(file)) = node.kind {
+        match file {
+            RegularFile::External(id, _) => {
+                push(XATTR_OVERLAY_METACOPY, Value::Metacopy(id));
+                push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
+            }
+            RegularFile::ExternalNoVerity(id, _) => {
+                push(XATTR_OVERLAY_METACOPY, Value::Bytes(b""));
+                push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
+            }
+            RegularFile::Sparse(_) => push(XATTR_OVERLAY_METACOPY, Value::Bytes(b"")),
+            RegularFile::Inline(_) => {}
+        }
+    }
+    for (name, value) in &node.stat.xattrs {
+        let name = name.as_bytes();
+        // The tree's own overlay xattrs must not steer the overlay mount: escape them.
+        let name = match name.strip_prefix(XATTR_OVERLAY_PREFIX) {
+            Some(rest) => Cow::Owned([XATTR_OVERLAY_ESCAPED_PREFIX, rest].concat()),
+            None => Cow::Borrowed(name),
+        };
+        out.push(XAttr {
+            name,
+            value: Value::Bytes(value),
+        });
+    }
+    let mut push = |name: &'a [u8], value: &'a [u8]| {
+        out.push(XAttr {
+            name: Cow::Borrowed(name),
+            value: Value::Bytes(value),
+        })
+    };
+    if node.escaped_whiteout {
+        push(XATTR_OVERLAY_WHITEOUT, b"");
+        push(XATTR_USERXATTR_WHITEOUT, b"");
+    }
+    if node.holds_whiteouts {
+        push(XATTR_OVERLAY_WHITEOUTS, b"");
+        push(XATTR_USERXATTR_WHITEOUTS, b"");
+        push(XATTR_OVERLAY_OPAQUE, b"x");
+        push(XATTR_USERXATTR_OPAQUE, b"x");
+    }
+    if idx == 0 {
+        push(XATTR_OVERLAY_OPAQUE_ROOT, b"y");
+    }
+    out.sort_by(|a, b| a.cmp(b));
+    out
+}
+
+const NOT_SHARED: u32 = u32::MAX;
+
+/// The shared xattr table and, for every attribute, its index in it.
+#[derive(Debug)]
+pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
+    /// Count while counting, then the index in `table` or [`NOT_SHARED`].
+    bytes: HashMap<(Cow<'a, [u8]>, &'a [u8]), u32>,
+    /// Per object: metacopy and redirect, as above.
+    objects: HashMap<&'a ObjectID, [u32; 2]>,
+    /// In on-disk order.
+    pub table: Vec<XAttr<'a, ObjectID>>,
+    /// Some inode has a POSIX ACL (the image header says so).
+    pub has_acl: bool,
+}
+
+impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
+    pub fn count(tree: &Tree<'a, ObjectID>) -> Self {
+        let mut this = Shared {
+            bytes: HashMap::new(),
+            objects: HashMap::new(),
+            table: Vec::new(),
+            has_acl: false,
+        };
+        for idx in 0..tree.nodes.len() {
+            for x in of(tree, idx) {
+                let (prefix, _) = x.split();
+                this.has_acl |= prefix == XATTR_INDEX_POSIX_ACL_ACCESS
+                    || prefix == XATTR_INDEX_POSIX_ACL_DEFAULT;
+                match x.value {
+                    Value::Bytes(b) => *this.bytes.entry((x.name, b)).or_default() += 1,
+                    Value::Metacopy(id) => this.objects.entry(id).or_default()[0] += 1,
+                    Value::Redirect(id) => this.objects.entry(id).or_default()[1] += 1,
+                }
+            }
+        }
+        let mut shared: Vec<XAttr<'a, ObjectID>> = Vec::new();
+        for ((name, value), count) in &this.bytes {
+            if *count > 1 {
+                shared.push(XAttr {
+                    name: name.clone(),
+                    value: Value::Bytes(value),
+                });
+            }
+        }
+        for (id, counts) in &this.objects {
+            if counts[0] > 1 {
+                shared.push(XAttr {
+                    name: Cow::Borrowed(XATTR_OVERLAY_METACOPY),
+                    value: Value::Metacopy(id),
+                });
+            }
+            if counts[1] > 1 {
+                shared.push(XAttr {
+                    name: Cow::Borrowed(XATTR_OVERLAY_REDIRECT),
+                    value: Value::Redirect(id),
+                });
+            }
+        }
+        shared.sort_by(|a, b| b.cmp(a));
+        this.bytes.values_mut().for_each(|v| *v = NOT_SHARED);
+        this.objects.values_mut().for_each(|v| *v = [NOT_SHARED; 2]);
+        for (i, x) in shared.iter().enumerate() {
+            let i = i as u32;
+            match x.key() {
+                Key::Bytes(name, value) => {
+                    if let Some(v) = this.bytes.get_mut(&(name, value)) {
+                        *v = i;
+                    }
+                }
+                Key::Object(id, which) => {
+                    if let Some(v) = this.objects.get_mut(id) {
+                        v[which] = i;
+                    }
+                }
+            }
+        }
+        this.table = shared;
+        this
+    }
+
+    /// The index of `x` in the shared table, if it is shared.
+    pub fn index(&self, x: &XAttr<'a, ObjectID>) -> Option<u32> {
+        let i = match x.key() {
+            Key::Bytes(name, value) => *self.bytes.get(&(name, value))?,
+            Key::Object(id, which) => self.objects.get(id)?[which],
+        };
+        (i != NOT_SHARED).then_some(i)
+    }
+}
+
+/// How inode `idx`'s xattrs are laid out: shared references (in order), local entries.
+#[derive(Debug)]
+pub(crate) struct InodeXAttrs<'a, ObjectID: FsVerityHashValue> {
+    pub shared: Vec<u32>,
+    pub local: Vec<XAttr<'a, ObjectID>>,
+    pub filter: u32,
+}
+
+impl<'a, ObjectID: FsVerityHashValue> InodeXAttrs<'a, ObjectID> {
+    pub fn new(tree: &Tree<'a, ObjectID>, shared: &Shared<'a, ObjectID>, idx: usize) -> Self {
+        let mut this = InodeXAttrs {
+            shared: Vec::new(),
+            local: Vec::new(),
+            filter: 0,
+        };
+        for x in of(tree, idx) {
+            this.filter |= x.filter_bit();
+            match shared.index(&x) {
+                Some(i) => this.shared.push(i),
+                None => this.local.push(x),
+            }
+        }
+        this
+    }
+
+    /// Bytes after the inode header: 0 without xattrs.
+    pub fn size(&self) -> usize {
+        if self.filter == 0 {
+            return 0;
+        }
+        IBODY_HEADER_SIZE
+            + 4 * self.shared.len()
+            + self.local.iter().map(XAttr::entry_size).sum::<usize>()
+    }
+}
