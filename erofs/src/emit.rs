@@ -359,11 +359,14 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
             )?;
         }
 
-        let xattrs = InodeXAttrs::new(self.tree, self.shared, idx);
-        if xattrs.size() != xattr_size {
-            return Err(Error::Internal("xattr size changed between passes".into()));
-        }
-        if xattr_size > 0 {
+        if first {
+            // Only the size matters here, and it is known.
+            s.zeros(xattr_size as u64)?;
+        } else if xattr_size > 0 {
+            let xattrs = InodeXAttrs::new(self.tree, self.shared, idx);
+            if xattrs.size() != xattr_size {
+                return Err(Error::Internal("xattr size changed between passes".into()));
+            }
             s.put(
                 InodeXAttrHeader {
                     name_filter: (!xattrs.filter).into(),
@@ -375,15 +378,11 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
                 .as_bytes(),
             )?;
             for &i in &xattrs.shared {
-                let reference = if first {
-                    0
-                } else {
-                    // Counted in 4-byte words from the start of the block holding the end of
-                    // the inode table.
-                    let at = layout.xattrs[i as usize];
-                    let base = layout.inodes_end - layout.inodes_end % BLOCK;
-                    to_u32((at - base) / 4, "shared xattr reference")?
-                };
+                // Counted in 4-byte words from the start of the block holding the end of the
+                // inode table.
+                let at = layout.xattrs[i as usize];
+                let base = layout.inodes_end - layout.inodes_end % BLOCK;
+                let reference = to_u32((at - base) / 4, "shared xattr reference")?;
                 s.put(&reference.to_le_bytes())?;
             }
             for x in &xattrs.local {

@@ -53,10 +53,46 @@ impl<ObjectID: FsVerityHashValue> Value<'_, ObjectID> {
         match self {
             Value::Bytes(b) => Cow::Borrowed(b),
             Value::Metacopy(id) => Cow::Owned(OverlayMetacopy::new(*id).as_bytes().to_vec()),
-            Value::Redirect(id) => Cow::Owned(format!("/{}", id.to_object_pathname()).into_bytes()),
+            Value::Redirect(id) => Cow::Owned(redirect(*id)),
         }
     }
 }
+
+/// `/XX/rest`: the object's path below the repository's `objects/` (what composefs'
+/// `to_object_pathname` gives, without going through a char iterator per digit).
+fn redirect<ObjectID: FsVerityHashValue>(id: &ObjectID) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = id.as_bytes();
+    let mut out = Vec::with_capacity(2 * bytes.len() + 2);
+    for (i, b) in bytes.iter().enumerate() {
+        if i < 2 {
+            out.push(b'/');
+        }
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 15)]);
+    }
+    out
+}
+
+/// Object ids are digests: their first bytes are as good a hash as any, and much cheaper
+/// than SipHash over 32 or 64 bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+type IdMap<'a, ObjectID> = HashMap<&'a ObjectID, [u32; 2], std::hash::BuildHasherDefault<IdHasher>>;
 
 #[derive(Debug)]
 pub(crate) struct XAttr<'a, ObjectID: FsVerityHashValue> {
@@ -195,7 +231,7 @@ pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
     /// Count while counting, then the index in `table` or [`NOT_SHARED`].
     bytes: HashMap<(Cow<'a, [u8]>, &'a [u8]), u32>,
     /// Per object: metacopy and redirect, as above.
-    objects: HashMap<&'a ObjectID, [u32; 2]>,
+    objects: IdMap<'a, ObjectID>,
     /// In on-disk order.
     pub table: Vec<XAttr<'a, ObjectID>>,
     /// Some inode has a POSIX ACL (the image header says so).
@@ -206,7 +242,7 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
     pub fn count(tree: &Tree<'a, ObjectID>) -> Self {
         let mut this = Shared {
             bytes: HashMap::new(),
-            objects: HashMap::new(),
+            objects: IdMap::default(),
             table: Vec::new(),
             has_acl: false,
         };
