@@ -404,13 +404,9 @@ pub fn store<ObjectID: FsVerityHashValue>(
             return Ok((id, how));
         }
     }
-    let tmp = match objects {
-        Some(dir) => object_tmpfile(dir, &id)?,
-        None => File::from(
-            repo.create_object_tmpfile()
-                .map_err(repo_err("creating an object tmpfile"))?,
-        ),
-    };
+    // With fs-verity too: composefs' finalize_object_tmpfile takes a tmpfile from anywhere
+    // in the repository's filesystem.
+    let tmp = object_tmpfile(objects_dir, &id)?;
     let reflinked = match clone_or_copy(src, &tmp, size, name, policy, state)? {
         Some(reflinked) => reflinked,
         None => {
