@@ -106,8 +106,7 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
     shared: &Shared<'_, ObjectID>,
     out: impl Write,
 ) -> Result<u64, Error> {
-    let mut nodes_data_blocks: Vec<(u32, usize)> =
-        tree.nodes.iter().map(|n| (n.data_blocks, n.tail)).collect();
+    let mut data: Vec<(u32, usize)> = tree.nodes.iter().map(|n| (n.data_blocks, n.tail)).collect();
     let min_mtime = tree
         .nodes
         .iter()
@@ -117,7 +116,7 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
     let mut shapes = Vec::with_capacity(tree.nodes.len());
     for (idx, node) in tree.nodes.iter().enumerate() {
         let xattr_size = InodeXAttrs::new(tree, shared, idx).size();
-        let (blocks, tail) = &mut nodes_data_blocks[idx];
+        let (blocks, tail) = &mut data[idx];
         // Symlinks whose inode would not fit a block, and chunk indexes that would cross one,
         // move to a data block of their own.
         if *tail > 0 {
@@ -146,7 +145,7 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
         tree,
         shared,
         shapes,
-        data: nodes_data_blocks,
+        data,
         min_mtime,
     };
     let mut layout = Layout::default();
