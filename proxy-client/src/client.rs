@@ -212,7 +212,18 @@ impl Client {
     }
 
     /// Opens a layer by id or diff id; it stays pinned until [`Layer::release`] or drop.
+    ///
+    /// The layer receives up to 456 content fds ahead of its reader, fewer when the
+    /// process's soft `RLIMIT_NOFILE` leaves less than twice that; open several layers at
+    /// once with [`Client::open_layer_with_prefetch`] to share a low limit.
     pub async fn open_layer(&self, layer: &str) -> Result<Layer> {
+        let prefetch = crate::layer::PREFETCH.min(crate::layer::fd_budget() / 2);
+        self.open_layer_with_prefetch(layer, prefetch).await
+    }
+
+    /// Like [`Client::open_layer`], holding at most `prefetch` content fds (at least 2)
+    /// ahead of the layer's reader.
+    pub async fn open_layer_with_prefetch(&self, layer: &str, prefetch: usize) -> Result<Layer> {
         let (r, fds): (GetLayerResult, _) = self
             .call(
                 method::GET_LAYER,
@@ -228,7 +239,7 @@ impl Client {
                 method: method::GET_LAYER.into(),
                 detail: "the reply carries no stream fd".into(),
             })?;
-        Ok(Layer::new(self.clone(), r, stream))
+        Ok(Layer::new(self.clone(), r, stream, prefetch.max(2)))
     }
 
     /// Asks the helper to release everything and exit, then waits for it.

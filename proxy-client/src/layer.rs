@@ -17,8 +17,22 @@ use tokio::sync::mpsc;
 use crate::client::Client;
 use crate::error::{Error, Result};
 
-/// Content fds received ahead of the reader.
-const PREFETCH: usize = 256;
+/// Content fds a layer holds ahead of its reader by default: a queue of 256 and a batch of
+/// up to 200 being received. Less when the process's fd limit is low, see [`fd_budget`].
+pub(crate) const PREFETCH: usize = 456;
+
+/// How many fds this process may still open (its soft `RLIMIT_NOFILE` less a reserve for
+/// everything else), or `usize::MAX` without a limit.
+///
+/// Content fds arrive by `SCM_RIGHTS`; a receiver at its fd limit gets the message with its
+/// fds silently dropped, so every consumer of content fds sizes its queues from this.
+pub(crate) fn fd_budget() -> usize {
+    const RESERVE: u64 = 64;
+    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        Some(n) => usize::try_from(n.saturating_sub(RESERVE)).unwrap_or(usize::MAX),
+        None => usize::MAX,
+    }
+}
 
 /// Bytes of each prefetched content file the kernel is asked to read ahead.
 const READAHEAD: u64 = 4 << 20;
@@ -94,11 +108,18 @@ impl ContentSource for Contents {
 }
 
 impl Layer {
-    pub(crate) fn new(client: Client, r: GetLayerResult, stream: OwnedFd) -> Self {
+    /// `prefetch`: the most content fds held ahead of the reader (half queued, half in the
+    /// batch being received).
+    pub(crate) fn new(client: Client, r: GetLayerResult, stream: OwnedFd, prefetch: usize) -> Self {
         let handle = r.handle;
-        let (tx, rx) = mpsc::channel(PREFETCH);
+        let half = (prefetch / 2).max(1);
+        let (tx, rx) = mpsc::channel(half);
         let failure: Arc<Mutex<Option<Error>>> = Arc::default();
-        let max = client.info().limits.max_fds_per_message;
+        let max = client
+            .info()
+            .limits
+            .max_fds_per_message
+            .min(u32::try_from(half).unwrap_or(u32::MAX));
         let prefetch = {
             let client = client.clone();
             let failure = failure.clone();

@@ -177,3 +177,54 @@ fn thousands_of_files_under_a_1024_fd_limit() {
     assert_eq!(entries, FILES as u64);
     store.destroy().unwrap();
 }
+
+/// Content fds arrive ahead of the reader and objects queue for the workers, each holding its
+/// fd: at a low fd limit the importer must hold fewer, not fail with EMFILE (or worse, lose
+/// fds in `SCM_RIGHTS` and meet the wrong file).
+#[test]
+fn an_import_under_a_256_fd_limit() {
+    let test = "an_import_under_a_256_fd_limit";
+    if !skip::require_root(test) || !skip::require_tools(test, &["podman", "tar", "prlimit"]) {
+        return;
+    }
+    const FILES: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    for i in 0..FILES {
+        let d = root.join(format!("d{:02}", i % 30));
+        std::fs::create_dir_all(&d).unwrap();
+        // Over 64 bytes: every file becomes an object, queued with its fd.
+        std::fs::write(d.join(format!("f{i}")), format!("{i:0>200}\n")).unwrap();
+    }
+    let tar = dir.path().join("many.tar");
+    cstor_tests::tar_rootfs(&root, &tar).unwrap();
+    let store = PodmanStore::new(&dir.path().join("store")).unwrap();
+    store
+        .import_tar(&tar, "localhost/many-objects:latest")
+        .unwrap();
+    let helper = cstor_tests::helper_binary().unwrap();
+    let repo = dir.path().join("repo");
+    let out = Command::new("prlimit")
+        .arg("--nofile=256:256")
+        .arg(helper.with_file_name("cstor"))
+        .arg("--helper")
+        .arg(&helper)
+        .arg("--root")
+        .arg(&store.root)
+        .arg("--runroot")
+        .arg(&store.runroot)
+        .args(["--json", "import", "--init", "--repo"])
+        .arg(&repo)
+        .arg("localhost/many-objects")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let o = &report["objects"];
+    let stored = ["reflinked", "copied", "present"]
+        .iter()
+        .map(|k| o[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(stored, FILES as u64, "{report}");
+    store.destroy().unwrap();
+}

@@ -288,6 +288,43 @@ fn parse_digest(d: &str, what: &str) -> Result<OciDigest> {
         .map_err(|e| Error::ImageMismatch(format!("{what} {d:?} is not a digest: {e}")))
 }
 
+/// How an import shares the process's fds between layers: content fds received ahead of each
+/// layer's reader (`prefetch`) and objects queued to the workers (`lookahead`, each holding
+/// its content fd). A receiver over its fd limit loses `SCM_RIGHTS` fds without an error the
+/// protocol could see (the size and CRC checks catch the misplaced files, and the import fails),
+/// so the totals stay within the soft `RLIMIT_NOFILE`: with fewer fds, fewer layers run at
+/// once and each holds less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FdShare {
+    jobs: usize,
+    prefetch: usize,
+    lookahead: usize,
+}
+
+impl FdShare {
+    /// Fewest fds worth giving one layer.
+    const MIN_LAYER: usize = 48;
+
+    fn new(budget: usize, jobs: usize, threads: usize) -> Self {
+        // Each worker also holds a tmpfile and the file it clones.
+        let budget = budget.saturating_sub(2 * threads);
+        let jobs = jobs.min(budget / Self::MIN_LAYER).max(1);
+        let per_layer = budget / jobs;
+        let prefetch = crate::layer::PREFETCH.min(per_layer / 2).max(2);
+        // When the object waited for is a large file, the other workers need enough small
+        // ones queued behind it not to run dry (with 4 per worker they idled ~0.4 s per
+        // import of the reference image).
+        let lookahead = (threads * 32 + 64)
+            .min(per_layer.saturating_sub(prefetch + 8))
+            .max(1);
+        FdShare {
+            jobs,
+            prefetch,
+            lookahead,
+        }
+    }
+}
+
 /// Imports `reference` from the helper's storage into `repo`.
 ///
 /// Fails with the helper's errors ([`Error::Remote`]), [`Error::DigestMismatch`] when a
@@ -397,6 +434,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
             reflink.clone(),
         )?);
         let jobs = options.layer_jobs.unwrap_or(cpus.min(4)).max(1);
+        let fds = FdShare::new(crate::layer::fd_budget(), jobs, threads);
+        let jobs = fds.jobs;
         let sem = Arc::new(tokio::sync::Semaphore::new(jobs));
         let mut set = tokio::task::JoinSet::new();
         // Largest first, so the longest layer does not start last.
@@ -415,10 +454,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
             let info = img.layers[i].clone();
             let progress = options.progress.clone();
             let diff_id = diff_ids[i].clone();
-            // Objects a layer may have queued beyond the one it waits for: when that one is a
-            // large file, the other workers need enough small ones behind it not to run dry
-            // (with 4 per worker they idled ~0.4 s per import of the reference image).
-            let lookahead = threads * 32 + 64;
+            let lookahead = fds.lookahead;
+            let prefetch = fds.prefetch;
             set.spawn(async move {
                 let _permit = permit;
                 let t = Instant::now();
@@ -431,7 +468,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
                         bytes,
                     },
                 );
-                let mut opened = client.open_layer(&info.id).await?;
+                let mut opened = client.open_layer_with_prefetch(&info.id, prefetch).await?;
                 let during = format!("streaming layer {}", info.id);
                 let reader = opened
                     .take_reader()
@@ -598,4 +635,33 @@ pub(crate) fn log_memory(phase: &str) {
         peak_kib = field("VmHWM:"),
         "memory"
     );
+}
+
+#[cfg(test)]
+mod fd_share {
+    use super::FdShare;
+
+    /// Most fds one import holds: content fds ahead of each layer's reader, objects queued
+    /// behind the one waited for (each with its fd), two per worker.
+    fn held(s: FdShare, threads: usize) -> usize {
+        s.jobs * (s.prefetch + s.lookahead + 1) + 2 * threads
+    }
+
+    #[test]
+    fn a_generous_limit_changes_nothing() {
+        let s = FdShare::new(1 << 20, 4, 4);
+        assert_eq!((s.jobs, s.prefetch, s.lookahead), (4, 456, 4 * 32 + 64));
+    }
+
+    #[test]
+    fn a_low_limit_is_shared_not_exceeded() {
+        for (budget, jobs, threads) in [(960, 2, 2), (960, 4, 8), (192, 4, 2), (100, 4, 4)] {
+            let s = FdShare::new(budget, jobs, threads);
+            assert!(s.jobs >= 1 && s.jobs <= jobs, "{s:?}");
+            assert!(
+                held(s, threads) <= budget,
+                "{budget} {jobs} {threads}: {s:?}"
+            );
+        }
+    }
 }
