@@ -118,6 +118,18 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Shrinks the per-layer fd queue when even the raised limit is low (a hard limit of 1024,
+/// say): clients open up to 4 layers at once, and a helper at its limit fails the layer.
+fn fit_fd_limit(mut config: ServerConfig) -> ServerConfig {
+    use rustix::process::{Resource, getrlimit};
+    if let Some(limit) = getrlimit(Resource::Nofile).current {
+        let per_layer = u32::try_from(limit.saturating_sub(64) / 4).unwrap_or(u32::MAX);
+        config.max_fds_queued = config.max_fds_queued.min(per_layer).max(8);
+        config.max_fds_per_message = config.max_fds_per_message.min(config.max_fds_queued);
+    }
+    config
+}
+
 fn run(cli: Cli) -> Result<()> {
     raise_nofile_limit();
     let mut env = ConfigEnv::from_process();
@@ -140,12 +152,12 @@ fn run(cli: Cli) -> Result<()> {
     let storage = Storage::open(options, cli.lock_timeout).context("opening the storage")?;
     let helper = Arc::new(Helper {
         storage,
-        config: ServerConfig {
+        config: fit_fd_limit(ServerConfig {
             lease: cli.lease_timeout,
             dump_tar: cli.dump_tar.clone(),
             describe_limit: cli.describe_limit,
             ..ServerConfig::default()
-        },
+        }),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -179,12 +179,12 @@ fn thousands_of_files_under_a_1024_fd_limit() {
 }
 
 /// Content fds arrive ahead of the reader and objects queue for the workers, each holding its
-/// fd: at a low soft fd limit (1024 is common for users, and several layers share it) the importer must hold fewer, not
-/// fail with EMFILE (or worse, lose fds in `SCM_RIGHTS` and meet the wrong file). The hard
-/// limit stays higher, as it usually is: the helper raises its soft limit to it.
+/// fd; the helper opens content files ahead of the client. At a low fd limit both sides must
+/// hold fewer, not fail with EMFILE (or worse, lose fds in `SCM_RIGHTS` and meet the wrong
+/// file). Here client and helper get 256 fds, soft and hard.
 #[test]
-fn an_import_under_a_soft_limit_of_512_fds() {
-    let test = "an_import_under_a_soft_limit_of_512_fds";
+fn an_import_where_client_and_helper_have_256_fds() {
+    let test = "an_import_where_client_and_helper_have_256_fds";
     if !skip::require_root(test) || !skip::require_tools(test, &["podman", "tar", "prlimit"]) {
         return;
     }
@@ -206,7 +206,7 @@ fn an_import_under_a_soft_limit_of_512_fds() {
     let helper = cstor_tests::helper_binary().unwrap();
     let repo = dir.path().join("repo");
     let out = Command::new("prlimit")
-        .arg("--nofile=512:4096")
+        .arg("--nofile=256:256")
         .arg(helper.with_file_name("cstor"))
         .arg("--helper")
         .arg(&helper)
