@@ -154,8 +154,12 @@ impl PodmanStore {
             toml_string(&store.runroot)?,
         );
         write_if_changed(&store.storage_conf, &storage_conf)?;
+        // lock_type = "file": podman's default shm lock table (/libpod_lock)
+        // is global, and on a freshly booted machine two stores' first podman
+        // commands race to create it ("failed to create 2048 locks ... file
+        // exists"). File locks live in the store's own tmp_dir.
         let containers_conf = format!(
-            "# Written by cstor-tests for a private test store.\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"none\"\ntmp_dir = {}\n",
+            "# Written by cstor-tests for a private test store.\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"none\"\nlock_type = \"file\"\ntmp_dir = {}\n",
             toml_string(&store.tmpdir)?,
         );
         write_if_changed(&store.containers_conf, &containers_conf)?;

@@ -323,7 +323,9 @@ fn skopeo_export_matches_diff_digests_and_settles() {
         .store
         .skopeo_export(&img.loaded.id, &tmp.path().join("loaded"))
         .unwrap();
-    assert!(!img.store.overlay_bind_mounted().unwrap());
+    // No bind-mount check here: other tests run podman and skopeo on the
+    // shared store at the same time, so its mount state at any instant is
+    // theirs too. The private store above covers settling.
     let layer = &img.store.image_layers(&img.loaded.id).unwrap()[0];
     let rec = img.store.layer_record(layer).unwrap();
     assert_eq!(
