@@ -369,6 +369,70 @@ fn a_changed_file_fails_the_import_and_commits_nothing() {
     store.destroy().unwrap();
 }
 
+/// When one layer fails, the layers stored beside it still get their names (after a
+/// syncfs), so that the retry, once the damage is repaired, skips them.
+#[test]
+fn a_failed_layer_keeps_the_layers_stored_beside_it_for_the_retry() {
+    let test = "a_failed_layer_keeps_the_layers_stored_beside_it_for_the_retry";
+    if !skip::require_root(test) || !skip::require_tools(test, &["podman"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, base) = cstor_tests::small_private_store(dir.path()).unwrap();
+    let top_name = "localhost/cstor-test/two-layers:latest";
+    let top_id = store
+        .commit_with(&base.name, top_name, |root| {
+            std::fs::write(root.join("top.txt"), "top layer ".repeat(20))
+                .map_err(anyhow::Error::from)
+        })
+        .unwrap();
+    let layers = store.image_layers(&top_id).unwrap();
+    assert_eq!(layers.len(), 2);
+    let diff_id = |layer: &str| {
+        store.layer_record(layer).unwrap()["diff-digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let f = store.layer_diff_dir(&layers[1]).join("top.txt");
+    let good = std::fs::read(&f).unwrap();
+    let mut bad = good.clone();
+    bad[100] ^= 0x20;
+    std::fs::write(&f, &bad).unwrap();
+
+    let repo_dir = dir.path().join("repo");
+    import::init_repository(&repo_dir).unwrap();
+    let repo = import::open_repository::<Sha512HashValue>(&repo_dir).unwrap();
+    let import = || {
+        runtime().block_on(async {
+            let client = Client::spawn(&helper_config(&store).unwrap())
+                .await
+                .unwrap();
+            let r = import::import_image(&client, &repo, top_name, &ImportOptions::default()).await;
+            client.shutdown().await.unwrap();
+            r
+        })
+    };
+    let e = import().unwrap_err();
+    assert!(e.to_string().contains("top.txt"), "{e}");
+    let named = |layer: &str| {
+        repo.has_stream(&import::layer_identifier(&diff_id(layer)))
+            .unwrap()
+            .is_some()
+    };
+    assert!(
+        named(&layers[0]),
+        "the base layer was stored and must be named"
+    );
+    assert!(!named(&layers[1]), "the damaged layer must not be");
+
+    std::fs::write(&f, &good).unwrap();
+    let report = import().unwrap();
+    assert_eq!(report.stats().layers_already_present, 1, "{report:?}");
+    assert!(named(&layers[1]));
+    store.destroy().unwrap();
+}
+
 /// Counts the repository's objects whose inode has other names (hardlinked from elsewhere),
 /// and checks that none is setuid/setgid or writable by group or others.
 fn shared_objects(repo_dir: &Path) -> (usize, usize) {

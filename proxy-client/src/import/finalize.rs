@@ -60,15 +60,81 @@ fn repo_err(doing: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
     move |cause| Error::Repository { doing, cause }
 }
 
+/// A layer stream stored by this import but not named yet: its diff id and verity.
+pub type Unnamed<ObjectID> = (String, ObjectID);
+
+/// A `syncfs` of the repository running in the background.
+pub struct PendingSync(std::thread::JoinHandle<anyhow::Result<()>>);
+
+impl PendingSync {
+    /// Starts `syncfs` on the repository's filesystem in a thread of its own.
+    pub fn start<ObjectID: FsVerityHashValue>(repo: &Arc<Repository<ObjectID>>) -> Result<Self> {
+        let repo = repo.clone();
+        std::thread::Builder::new()
+            .name("cstor-syncfs".into())
+            .spawn(move || repo.sync())
+            .map(Self)
+            .map_err(|e| Error::io("starting the syncfs thread", e))
+    }
+
+    /// Waits for it.
+    pub fn wait(self) -> Result<()> {
+        self.0
+            .join()
+            .map_err(|_| {
+                Error::io(
+                    "syncing the repository",
+                    std::io::Error::other("the syncfs thread panicked"),
+                )
+            })?
+            .map_err(repo_err("syncing the repository"))
+    }
+}
+
+/// Names the layer streams in `layers` (`streams/oci-layer-<diff id>`), once `sync` (a
+/// `syncfs` started after they were stored, or a new one if `None`) has made them and their
+/// objects durable: a named stream never refers to data that is not on disk, as with
+/// composefs' `write_stream`, which syncs once per stream.
+pub fn name_layers<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    sync: Option<PendingSync>,
+    layers: &[Unnamed<ObjectID>],
+) -> Result<()> {
+    match sync {
+        Some(sync) => sync.wait()?,
+        None if layers.is_empty() => return Ok(()),
+        None => repo.sync().map_err(repo_err("syncing the repository"))?,
+    }
+    for (diff_id, verity) in layers {
+        repo.symlink(
+            format!("streams/{}", super::layer_identifier(diff_id)),
+            format!("objects/{}", verity.to_object_pathname()),
+        )
+        .map_err(repo_err(format!("naming the layer stream of {diff_id}")))?;
+    }
+    Ok(())
+}
+
 /// Writes the config and manifest streams, the EROFS image and the tag of an image whose
-/// layers (`layers`, in config `diff_ids` order) are committed. Idempotent.
+/// layers (`layers`, in config `diff_ids` order) are stored, and names the layer streams
+/// this import stored (`unnamed`). Idempotent.
+///
+/// The `syncfs` that must precede naming those layer streams runs in the background while
+/// the EROFS image is built (about 0.1 s each for the reference image of the benchmark,
+/// which used to run one after the other).
 pub fn finalize<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     manifest_json: &[u8],
     config_json: &[u8],
     layers: &[(OciDigest, ObjectID)],
     tag: &str,
+    unnamed: &[Unnamed<ObjectID>],
 ) -> Result<Finalized<ObjectID>> {
+    let sync = if unnamed.is_empty() {
+        None
+    } else {
+        Some(PendingSync::start(repo)?)
+    };
     let config_digest = composefs_oci::sha256_content_digest(config_json);
     let config_id = config_identifier(&config_digest);
     let manifest_digest = composefs_oci::sha256_content_digest(manifest_json);
@@ -90,6 +156,7 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
             .has_stream(&config_id)
             .map_err(repo_err("looking up the config stream"))?
     {
+        name_layers(repo, sync, unnamed)?;
         tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
         return Ok(Finalized {
             manifest: (manifest_digest, manifest_verity),
@@ -100,7 +167,10 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
         });
     }
 
-    let (mut images, has_usr) = build_erofs(repo, layers)?;
+    let built = build_erofs(repo, layers);
+    // Named even when the build failed: a later import then skips those layers.
+    name_layers(repo, sync, unnamed)?;
+    let (mut images, has_usr) = built?;
     let image_v2 = images.remove(&FormatVersion::V2);
     let image_v1 = images.remove(&FormatVersion::V1);
     let erofs = match version {

@@ -17,8 +17,8 @@ use cstor_protocol::assemble::{
 use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
+use super::ObjectStats;
 use super::objects::Pool;
-use super::{ObjectStats, layer_identifier};
 use crate::error::{Error, Result};
 use crate::layer::Contents;
 
@@ -151,7 +151,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
 /// What importing a layer produced.
 #[derive(Debug)]
 pub struct Imported<ObjectID> {
-    /// The layer splitstream's fs-verity id.
+    /// The layer splitstream's fs-verity id (an object, not yet named as a stream).
     pub verity: ObjectID,
     /// How its objects were stored.
     pub stats: ObjectStats,
@@ -333,12 +333,13 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             actual: format!("{digest} ({tar_size} bytes)"),
         });
     }
-    let verity = repo
-        .write_stream(writer, &layer_identifier(diff_id), None)
-        .map_err(|cause| Error::Repository {
-            doing: format!("committing the splitstream of layer {id}"),
-            cause,
-        })?;
+    // Stored, but not named yet: the stream gets its name under streams/ once a syncfs has
+    // made it and its objects durable (finalize::publish_layers), so that one syncfs serves
+    // every layer and runs while the EROFS image is being built.
+    let verity = writer.done().map_err(|cause| Error::Repository {
+        doing: format!("storing the splitstream of layer {id}"),
+        cause,
+    })?;
     Ok(Imported {
         verity,
         stats,

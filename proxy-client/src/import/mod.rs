@@ -23,6 +23,7 @@
 mod finalize;
 mod layer;
 mod objects;
+mod placement;
 mod repo;
 pub mod verity;
 
@@ -426,6 +427,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         .unwrap_or(2);
     let threads = options.object_threads.unwrap_or(cpus).max(1);
     let reflink = Arc::new(WorkerState::default());
+    // Layer streams stored by this import, named by the finalize step after one syncfs.
+    let mut unnamed: Vec<finalize::Unnamed<ObjectID>> = Vec::new();
     if !todo.is_empty() {
         let pool = Arc::new(Pool::new(
             repo.clone(),
@@ -528,12 +531,35 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
                 })
             });
         }
+        let mut failed = None;
         while let Some(r) = set.join_next().await {
-            let r =
-                r.map_err(|e| Error::io("joining a layer import", std::io::Error::other(e)))??;
+            let r = match r
+                .map_err(|e| Error::io("joining a layer import", std::io::Error::other(e)))
+                .and_then(|r| r)
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // The other layers run on (their threads cannot be stopped anyway), so
+                    // that what they store can be named for the next attempt.
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            unnamed.push((r.diff_id.clone(), r.verity.clone()));
             verities.insert(r.diff_id.clone(), r.verity.clone());
             let i = r.index;
             reports[i] = Some(r);
+        }
+        if let Some(e) = failed {
+            // Name the layers that made it, so that a retry skips them.
+            let repo = repo.clone();
+            let named =
+                tokio::task::spawn_blocking(move || finalize::name_layers(&repo, None, &unnamed))
+                    .await;
+            if let Ok(Err(n)) = named {
+                tracing::warn!("naming the layers stored before the failure: {n}");
+            }
+            return Err(e);
         }
         // Duplicated diff ids share the import of their first occurrence.
         for (i, l) in img.layers.iter().enumerate() {
@@ -569,7 +595,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
     let repo2 = repo.clone();
     let tag2 = tag.clone();
     let fin = tokio::task::spawn_blocking(move || {
-        finalize::finalize(&repo2, &manifest_json, &config_json, &refs, &tag2)
+        finalize::finalize(&repo2, &manifest_json, &config_json, &refs, &tag2, &unnamed)
     })
     .await
     .map_err(|e| Error::io("joining the finalize step", std::io::Error::other(e)))??;

@@ -363,6 +363,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
     source: &Source<'_>,
     policy: CopyPolicy,
     state: &WorkerState,
+    tmp_dir: Option<&str>,
     buf: &mut [u8],
 ) -> Result<(ObjectID, Stored)> {
     let id: ObjectID = digest_source(source, buf)?;
@@ -406,7 +407,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
     }
     // With fs-verity too: composefs' finalize_object_tmpfile takes a tmpfile from anywhere
     // in the repository's filesystem.
-    let tmp = object_tmpfile(objects_dir, &id)?;
+    let tmp = object_tmpfile(objects_dir, tmp_dir.unwrap_or(&object_dir(&id)))?;
     let reflinked = match clone_or_copy(src, &tmp, size, name, policy, state)? {
         Some(reflinked) => reflinked,
         None => {
@@ -490,28 +491,25 @@ fn object_dir<ObjectID: FsVerityHashValue>(id: &ObjectID) -> String {
     hex::encode(&id.as_bytes()[..1])
 }
 
-/// An `O_TMPFILE` in the directory that will hold object `id` (created if missing).
+/// An `O_TMPFILE` in `objects/<dir>` (created if missing): the worker's own directory
+/// (see [`super::placement`]) or the one that will hold the object.
 ///
 /// Not in `objects/` itself: XFS allocates a file's inode in the allocation group of its
 /// directory and takes that group's AGI lock to create a tmpfile and again to link it, so with
 /// every tmpfile in `objects/` all object workers queue on one lock (profiled: about a fifth of
-/// each worker's time). The 256 `objects/XX` directories are spread over all groups.
-fn object_tmpfile<ObjectID: FsVerityHashValue>(
-    objects: &std::os::fd::OwnedFd,
-    id: &ObjectID,
-) -> Result<File> {
-    let dir = object_dir(id);
+/// each worker's time).
+fn object_tmpfile(objects: &std::os::fd::OwnedFd, dir: &str) -> Result<File> {
     let open = || {
         rustix::fs::openat(
             objects,
-            &dir,
+            dir,
             rustix::fs::OFlags::RDWR | rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::from_raw_mode(0o644),
         )
     };
     let fd = match open() {
         Err(rustix::io::Errno::NOENT) => {
-            match rustix::fs::mkdirat(objects, &dir, rustix::fs::Mode::from_raw_mode(0o755)) {
+            match rustix::fs::mkdirat(objects, dir, rustix::fs::Mode::from_raw_mode(0o755)) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => open(),
                 Err(e) => Err(e),
             }
@@ -668,11 +666,17 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
     ) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Job<ObjectID>>();
         let rx = Arc::new(Mutex::new(rx));
+        let n = n.max(1);
+        let mut tmp_dirs = match repo.objects_dir() {
+            Ok(objects) => super::placement::worker_dirs(objects.as_fd(), n),
+            Err(_) => vec![None; n],
+        };
         let mut threads = Vec::new();
-        for i in 0..n.max(1) {
+        for i in 0..n {
             let rx = rx.clone();
             let repo = repo.clone();
             let state = state.clone();
+            let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
@@ -692,7 +696,8 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                                 name: &job.name,
                                 layer: &job.layer,
                             };
-                            let r = store(&repo, &source, policy, &state, &mut buf);
+                            let r =
+                                store(&repo, &source, policy, &state, tmp_dir.as_deref(), &mut buf);
                             let _ = job.reply.send((r, job.data));
                         }
                     })
@@ -810,6 +815,8 @@ mod tests {
                 &source,
                 CopyPolicy::ReflinkOrHardlink,
                 &state,
+                // Copies start as tmpfiles in another directory than their own.
+                Some("00"),
                 &mut buf,
             )
             .unwrap();
@@ -866,6 +873,7 @@ mod tests {
             &source,
             CopyPolicy::ReflinkOrCopy,
             &WorkerState::default(),
+            None,
             &mut [0u8; 4096],
         )
         .unwrap_err();
