@@ -480,3 +480,45 @@ pub fn small_private_store(dir: &Path) -> Result<(PodmanStore, ImageRef)> {
         },
     ))
 }
+
+/// A fresh private store at `store_dir` holding image `name`: one layer of `files` regular
+/// files, `dNN/fI` spread over `dirs` directories, file `I` holding `content(I)`. The tree
+/// and its tar are built under `work`. For stories about many files (fd limits, object
+/// placement). Needs root; call [`PodmanStore::destroy`] when done.
+pub fn many_files_store(
+    store_dir: &Path,
+    work: &Path,
+    name: &str,
+    files: usize,
+    dirs: usize,
+    content: impl Fn(usize) -> String,
+) -> Result<(PodmanStore, ImageRef)> {
+    let what = || {
+        format!(
+            "building a store of {files} files in {}",
+            store_dir.display()
+        )
+    };
+    let root = work.join("many-files-rootfs");
+    for i in 0..files {
+        let d = root.join(format!("d{:02}", i % dirs.max(1)));
+        std::fs::create_dir_all(&d)
+            .with_context(|| format!("creating {}", d.display()))
+            .with_context(what)?;
+        let f = d.join(format!("f{i}"));
+        std::fs::write(&f, content(i))
+            .with_context(|| format!("writing {}", f.display()))
+            .with_context(what)?;
+    }
+    let tar = work.join("many-files.tar");
+    tar_rootfs(&root, &tar).with_context(what)?;
+    let store = PodmanStore::new(store_dir).with_context(what)?;
+    let id = store.import_tar(&tar, name).with_context(what)?;
+    Ok((
+        store,
+        ImageRef {
+            name: name.into(),
+            id,
+        },
+    ))
+}

@@ -50,8 +50,8 @@ pub mod skip;
 pub mod xfs;
 
 pub use images::{
-    FIXTURE_VERSION, StandardImages, fixture_base_dir, small_private_store, standard_images,
-    standard_images_or_skip,
+    FIXTURE_VERSION, StandardImages, fixture_base_dir, many_files_store, small_private_store,
+    standard_images, standard_images_or_skip,
 };
 pub use podman::{ImageRef, OciExport, PodmanStore};
 pub use rootfs::{FeatureManifest, tar_rootfs, write_feature_rootfs};

@@ -128,18 +128,15 @@ fn thousands_of_files_under_a_1024_fd_limit() {
     }
     const FILES: usize = 6000;
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    for i in 0..FILES {
-        let d = root.join(format!("d{:02}", i % 50));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}")), format!("{i}\n")).unwrap();
-    }
-    let tar = dir.path().join("many.tar");
-    cstor_tests::tar_rootfs(&root, &tar).unwrap();
-    let store = PodmanStore::new(&dir.path().join("store")).unwrap();
-    store
-        .import_tar(&tar, "localhost/many-files:latest")
-        .unwrap();
+    let (store, _) = cstor_tests::many_files_store(
+        &dir.path().join("store"),
+        dir.path(),
+        "localhost/many-files:latest",
+        FILES,
+        50,
+        |i| format!("{i}\n"),
+    )
+    .unwrap();
 
     // Both sides run with a hard limit of 1024 fds: the helper through prlimit, this test
     // process by lowering its own soft limit (this file holds no other test).
@@ -190,19 +187,16 @@ fn an_import_where_client_and_helper_have_256_fds() {
     }
     const FILES: usize = 3000;
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    for i in 0..FILES {
-        let d = root.join(format!("d{:02}", i % 30));
-        std::fs::create_dir_all(&d).unwrap();
-        // Over 64 bytes: every file becomes an object, queued with its fd.
-        std::fs::write(d.join(format!("f{i}")), format!("{i:0>200}\n")).unwrap();
-    }
-    let tar = dir.path().join("many.tar");
-    cstor_tests::tar_rootfs(&root, &tar).unwrap();
-    let store = PodmanStore::new(&dir.path().join("store")).unwrap();
-    store
-        .import_tar(&tar, "localhost/many-objects:latest")
-        .unwrap();
+    // Over 64 bytes: every file becomes an object, queued with its fd.
+    let (store, _) = cstor_tests::many_files_store(
+        &dir.path().join("store"),
+        dir.path(),
+        "localhost/many-objects:latest",
+        FILES,
+        30,
+        |i| format!("{i:0>200}\n"),
+    )
+    .unwrap();
     let helper = cstor_tests::helper_binary().unwrap();
     let repo = dir.path().join("repo");
     let out = Command::new("prlimit")

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use cstor_tests::{PodmanStore, loop_xfs_or_skip, run_command, skip};
+use cstor_tests::{loop_xfs_or_skip, run_command, skip};
 
 /// `(agcount, bits of an inode number below the group number)` from `xfs_info MOUNTPOINT`.
 fn xfs_groups(mountpoint: &Path) -> (u64, u32) {
@@ -56,18 +56,15 @@ fn each_object_worker_creates_inodes_in_its_own_allocation_group() {
     }
     const FILES: usize = 800;
     let work = tempfile::tempdir().unwrap();
-    let root = work.path().join("rootfs");
-    for i in 0..FILES {
-        let d = root.join(format!("d{:02}", i % 40));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}")), format!("{i:0>300}\n")).unwrap();
-    }
-    let tar = work.path().join("files.tar");
-    cstor_tests::tar_rootfs(&root, &tar).unwrap();
-    let store = PodmanStore::new(&xfs.path("store")).unwrap();
-    store
-        .import_tar(&tar, "localhost/placement:latest")
-        .unwrap();
+    let (store, _) = cstor_tests::many_files_store(
+        &xfs.path("store"),
+        work.path(),
+        "localhost/placement:latest",
+        FILES,
+        40,
+        |i| format!("{i:0>300}\n"),
+    )
+    .unwrap();
     let helper = cstor_tests::helper_binary().unwrap();
     let repo = xfs.path("repo");
     let out = run_command(

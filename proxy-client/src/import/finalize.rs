@@ -2,7 +2,7 @@
 //! layers are in the repository.
 //!
 //! This follows what composefs-oci's own pull does, step by step, so that the result is what
-//! `cfsctl oci pull` produces (see docs/dev/composefs-0.9.4-notes.md), with two deliberate
+//! `cfsctl oci pull` produces (see docs/dev/composefs-0.9.4-notes.md), with these deliberate
 //! differences:
 //! - images without `/usr` (a scratch image with one static binary) get an EROFS image too:
 //!   upstream's `transform_for_oci` copies the root directory's metadata from `/usr` and
@@ -13,7 +13,10 @@
 //! - upstream writes a config and a manifest stream before the EROFS image and both again
 //!   after it (the first pair stays behind as unreferenced objects); a fresh import here
 //!   writes only the final pair;
-//! - the V1 EROFS image is streamed by `cstor-erofs` (same bytes, a fraction of the memory).
+//! - the V1 EROFS image is streamed by `cstor-erofs` (same bytes, a fraction of the memory);
+//! - layer streams are stored without a name and named here after a single `syncfs`, which
+//!   runs while the EROFS image is built (upstream's `write_stream` syncs once per layer,
+//!   and the last of those syncs delays everything after it).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

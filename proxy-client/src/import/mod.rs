@@ -3,9 +3,11 @@
 //! Layers stream from the helper; every regular file above 64 bytes becomes a repository
 //! object by reflink (or copy), smaller ones and all tar headers go inline into the layer's
 //! splitstream, exactly as composefs-oci's tar import splits them. Each layer's rebuilt tar
-//! is checked against its diff id before the layer stream is committed, and the image's
-//! config, manifest, EROFS image and tag are written last, so an interrupted import leaves
-//! only unreferenced objects behind, never a partial layer or image under a final name.
+//! is checked against its diff id before the layer stream is stored; layer streams get their
+//! names after one `syncfs` at the end (also when another layer failed, so that a retry
+//! skips them), and the image's config, manifest, EROFS image and tag are written last, so
+//! an interrupted import leaves only unreferenced objects behind, never a partial layer or
+//! image under a final name.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), cstor_proxy_client::Error> {
@@ -146,7 +148,7 @@ pub enum ImportEvent {
         /// Bytes done.
         bytes_done: u64,
     },
-    /// A layer was committed.
+    /// A layer was stored (it is named with the others at the end).
     LayerDone {
         /// Position in the image.
         index: usize,
@@ -329,7 +331,8 @@ impl FdShare {
 /// Imports `reference` from the helper's storage into `repo`.
 ///
 /// Fails with the helper's errors ([`Error::Remote`]), [`Error::DigestMismatch`] when a
-/// layer does not rebuild to its diff id (nothing of that layer is committed),
+/// layer does not rebuild to its diff id (nothing of that layer is stored; the layers that
+/// were are named first, so a retry skips them),
 /// [`Error::ReflinkRequired`] under [`CopyPolicy::ReflinkOnly`], [`Error::ImageMismatch`]
 /// when the config's diff ids and the layer chain disagree, [`Error::Repository`].
 pub async fn import_image<ObjectID: FsVerityHashValue>(
