@@ -37,6 +37,9 @@ pub(crate) fn fd_budget() -> usize {
 /// Bytes of each prefetched content file the kernel is asked to read ahead.
 const READAHEAD: u64 = 4 << 20;
 
+/// Content fds passed to the reader's channel at once, when it has room for that many.
+const HANDOFF: usize = 32;
+
 /// Asks the kernel to start reading a content file the reader will read in full, if its
 /// start is not in the page cache: with a cold cache, the files queued ahead of the reader
 /// are then read in parallel instead of one at a time. The probe (a one-byte `RWF_NOWAIT`
@@ -142,11 +145,22 @@ impl Layer {
                                     });
                                 return;
                             }
-                            for (i, fd) in fds.into_iter().enumerate() {
-                                read_ahead(&fd);
-                                if tx.send((res.first + i as u64, fd)).await.is_err() {
+                            // Handed over HANDOFF at a time: a send per fd into the full
+                            // channel would wake this task (and the runtime's thread) for
+                            // every fd the reader takes, ~50k wakeups for the reference image.
+                            let total = fds.len();
+                            let mut fds = fds.into_iter().enumerate();
+                            let mut sent = 0;
+                            while sent < total {
+                                let n = (total - sent).min(HANDOFF).min(tx.max_capacity());
+                                let Ok(permits) = tx.reserve_many(n).await else {
                                     return;
+                                };
+                                for (permit, (i, fd)) in permits.zip(fds.by_ref()) {
+                                    read_ahead(&fd);
+                                    permit.send((res.first + i as u64, fd));
                                 }
+                                sent += n;
                             }
                             if res.done {
                                 return;
