@@ -23,6 +23,7 @@
 //! ```
 
 mod finalize;
+mod jobs;
 mod layer;
 mod objects;
 mod placement;

@@ -14,6 +14,7 @@ use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::{ObjectStoreMethod, Repository};
 use cstor_protocol::assemble::{AssembleError, CRC64, read_content};
 
+use super::jobs::GroupQueue;
 use crate::error::{Error, Result};
 
 /// How file contents get into the repository.
@@ -631,7 +632,9 @@ fn clone_or_copy(
 
 /// A fixed pool of threads storing objects in parallel.
 pub struct Pool<ObjectID: FsVerityHashValue> {
-    tx: Option<std::sync::mpsc::Sender<Job<ObjectID>>>,
+    queue: Arc<GroupQueue<Job<ObjectID>>>,
+    /// The repository filesystem's XFS allocation groups, to tag jobs with their source's.
+    groups: Option<super::placement::Groups>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -664,16 +667,18 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         policy: CopyPolicy,
         state: Arc<WorkerState>,
     ) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job<ObjectID>>();
-        let rx = Arc::new(Mutex::new(rx));
         let n = n.max(1);
-        let mut tmp_dirs = match repo.objects_dir() {
-            Ok(objects) => super::placement::worker_dirs(objects.as_fd(), n),
-            Err(_) => vec![None; n],
+        let queue = Arc::new(GroupQueue::<Job<ObjectID>>::new(n));
+        let (mut tmp_dirs, groups) = match repo.objects_dir() {
+            Ok(objects) => (
+                super::placement::worker_dirs(objects.as_fd(), n),
+                super::placement::groups_of_dir(objects.as_fd()).filter(|_| n > 1),
+            ),
+            Err(_) => (vec![None; n], None),
         };
         let mut threads = Vec::new();
         for i in 0..n {
-            let rx = rx.clone();
+            let queue = queue.clone();
             let repo = repo.clone();
             let state = state.clone();
             let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
@@ -682,12 +687,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
                         let mut buf = vec![0u8; 1 << 20];
-                        loop {
-                            let job = {
-                                let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
-                                guard.recv()
-                            };
-                            let Ok(job) = job else { return };
+                        while let Some(job) = queue.pop(i) {
                             let source = Source {
                                 file: &job.src,
                                 data: job.data.as_deref(),
@@ -705,7 +705,8 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
             );
         }
         Ok(Self {
-            tx: Some(tx),
+            queue,
+            groups,
             threads,
         })
     }
@@ -723,10 +724,15 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         layer: Arc<str>,
     ) -> Result<std::sync::mpsc::Receiver<JobResult<ObjectID>>> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .as_ref()
-            .and_then(|tx| {
-                tx.send(Job {
+        // The source's inode group stands for its data's: XFS puts a file's extents in its
+        // inode's group while that has room.
+        let group = self
+            .groups
+            .and_then(|g| rustix::fs::fstat(&src).ok().map(|st| g.of(st.st_ino)));
+        self.queue
+            .push(
+                group,
+                Job {
                     src,
                     data,
                     size,
@@ -734,10 +740,9 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                     name,
                     layer,
                     reply,
-                })
-                .ok()
-            })
-            .ok_or_else(|| {
+                },
+            )
+            .map_err(|_| {
                 Error::io(
                     "queueing an object",
                     std::io::Error::other("the object workers stopped"),
@@ -749,7 +754,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
 
 impl<ObjectID: FsVerityHashValue> Drop for Pool<ObjectID> {
     fn drop(&mut self) {
-        drop(self.tx.take());
+        self.queue.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

@@ -100,6 +100,19 @@ pub(crate) fn xfs_groups(fd: BorrowedFd<'_>) -> Option<Groups> {
     Groups::from_geometry(&geometry.ok()?)
 }
 
+/// [`xfs_groups`] of the filesystem holding directory `dir`, which may be an `O_PATH`
+/// descriptor (as the repository hands out; ioctl refuses those with `EBADF`).
+pub(crate) fn groups_of_dir(dir: BorrowedFd<'_>) -> Option<Groups> {
+    let dir = rustix::fs::openat(
+        dir,
+        ".",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    xfs_groups(dir.as_fd())
+}
+
 /// For each of `workers` object workers, the `objects/XX` directory (a name relative to
 /// `objects`) to create its tmpfiles in, or `None` to use each object's own directory.
 ///
@@ -113,16 +126,7 @@ pub(crate) fn worker_dirs(objects: BorrowedFd<'_>, workers: usize) -> Vec<Option
     if workers < 2 {
         return none;
     }
-    // The repository hands out an O_PATH descriptor, which ioctl refuses (EBADF).
-    let Ok(dir) = rustix::fs::openat(
-        objects,
-        ".",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    ) else {
-        return none;
-    };
-    let Some(groups) = xfs_groups(dir.as_fd()) else {
+    let Some(groups) = groups_of_dir(objects) else {
         return none;
     };
     if groups.count < 2 {
