@@ -113,9 +113,9 @@ fn each_object_worker_creates_inodes_in_its_own_allocation_group() {
     // Without placement each object's inode would sit in its directory's group: spread
     // over all of them, as the directories are.
     assert!(dir_groups.len() >= 3, "{dir_groups:?}");
-    // The workers' objects in two groups; composefs' own objects (the layer stream, the
-    // EROFS image, config and manifest streams) are made in objects/ and may sit elsewhere.
+    // Every one of the workers' objects in two groups (composefs' own few objects, the
+    // streams and the EROFS image, are made in objects/ and may sit anywhere).
     assert!(total >= FILES, "{inode_groups:?}");
-    assert!(total - in_two <= 4, "{inode_groups:?}");
+    assert!(in_two >= FILES, "{inode_groups:?}");
     store.destroy().unwrap();
 }

@@ -118,6 +118,47 @@ pub fn name_layers<ObjectID: FsVerityHashValue>(
     Ok(())
 }
 
+/// Names this import's layer streams once the background syncfs is done: at
+/// [`finish`](Self::finish), or when dropped on an early return (best effort: a later
+/// import then skips those layers).
+struct Naming<'a, ObjectID: FsVerityHashValue> {
+    repo: &'a Arc<Repository<ObjectID>>,
+    sync: Option<PendingSync>,
+    layers: &'a [Unnamed<ObjectID>],
+    done: bool,
+}
+
+impl<'a, ObjectID: FsVerityHashValue> Naming<'a, ObjectID> {
+    fn start(repo: &'a Arc<Repository<ObjectID>>, layers: &'a [Unnamed<ObjectID>]) -> Result<Self> {
+        let sync = if layers.is_empty() {
+            None
+        } else {
+            Some(PendingSync::start(repo)?)
+        };
+        Ok(Self {
+            repo,
+            sync,
+            layers,
+            done: layers.is_empty(),
+        })
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.done, true) {
+            return Ok(());
+        }
+        name_layers(self.repo, self.sync.take(), self.layers)
+    }
+}
+
+impl<ObjectID: FsVerityHashValue> Drop for Naming<'_, ObjectID> {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            tracing::warn!("naming the layer streams of a failed import: {e}");
+        }
+    }
+}
+
 /// Writes the config and manifest streams, the EROFS image and the tag of an image whose
 /// layers (`layers`, in config `diff_ids` order) are stored, and names the layer streams
 /// this import stored (`unnamed`). Idempotent.
@@ -133,11 +174,7 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
     tag: &str,
     unnamed: &[Unnamed<ObjectID>],
 ) -> Result<Finalized<ObjectID>> {
-    let sync = if unnamed.is_empty() {
-        None
-    } else {
-        Some(PendingSync::start(repo)?)
-    };
+    let mut naming = Naming::start(repo, unnamed)?;
     let config_digest = composefs_oci::sha256_content_digest(config_json);
     let config_id = config_identifier(&config_digest);
     let manifest_digest = composefs_oci::sha256_content_digest(manifest_json);
@@ -159,7 +196,7 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
             .has_stream(&config_id)
             .map_err(repo_err("looking up the config stream"))?
     {
-        name_layers(repo, sync, unnamed)?;
+        naming.finish()?;
         tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
         return Ok(Finalized {
             manifest: (manifest_digest, manifest_verity),
@@ -172,7 +209,7 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
 
     let built = build_erofs(repo, layers);
     // Named even when the build failed: a later import then skips those layers.
-    name_layers(repo, sync, unnamed)?;
+    naming.finish()?;
     let (mut images, has_usr) = built?;
     let image_v2 = images.remove(&FormatVersion::V2);
     let image_v1 = images.remove(&FormatVersion::V1);
