@@ -334,7 +334,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
         });
     }
     // Stored, but not named yet: the stream gets its name under streams/ once a syncfs has
-    // made it and its objects durable (finalize::publish_layers), so that one syncfs serves
+    // made it and its objects durable (finalize::name_layers), so that one syncfs serves
     // every layer and runs while the EROFS image is being built.
     let verity = writer.done().map_err(|cause| Error::Repository {
         doing: format!("storing the splitstream of layer {id}"),

@@ -408,7 +408,10 @@ pub fn store<ObjectID: FsVerityHashValue>(
     }
     // With fs-verity too: composefs' finalize_object_tmpfile takes a tmpfile from anywhere
     // in the repository's filesystem.
-    let tmp = object_tmpfile(objects_dir, tmp_dir.unwrap_or(&object_dir(&id)))?;
+    let tmp = match tmp_dir {
+        Some(dir) => object_tmpfile(objects_dir, dir)?,
+        None => object_tmpfile(objects_dir, &object_dir(&id))?,
+    };
     let reflinked = match clone_or_copy(src, &tmp, size, name, policy, state)? {
         Some(reflinked) => reflinked,
         None => {
@@ -670,10 +673,13 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         let n = n.max(1);
         let queue = Arc::new(GroupQueue::<Job<ObjectID>>::new(n));
         let (mut tmp_dirs, groups) = match repo.objects_dir() {
-            Ok(objects) => (
-                super::placement::worker_dirs(objects.as_fd(), n),
-                super::placement::groups_of_dir(objects.as_fd()).filter(|_| n > 1),
-            ),
+            Ok(objects) => {
+                let groups = super::placement::groups_of_dir(objects.as_fd()).filter(|_| n > 1);
+                (
+                    super::placement::worker_dirs(objects.as_fd(), groups, n),
+                    groups,
+                )
+            }
             Err(_) => (vec![None; n], None),
         };
         let mut threads = Vec::new();

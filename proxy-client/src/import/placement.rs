@@ -116,17 +116,19 @@ pub(crate) fn groups_of_dir(dir: BorrowedFd<'_>) -> Option<Groups> {
 /// For each of `workers` object workers, the `objects/XX` directory (a name relative to
 /// `objects`) to create its tmpfiles in, or `None` to use each object's own directory.
 ///
-/// On XFS with at least two allocation groups and two workers, picks `objects/XX`
+/// `groups` is the filesystem's layout ([`groups_of_dir`]); with at least two allocation
+/// groups and two workers, picks `objects/XX`
 /// directories in distinct groups (creating more `objects/XX` directories while fewer
 /// groups than workers are covered: XFS spreads new directories over the groups) and deals
 /// them out round-robin. Never fails: placement only changes speed, so any error leaves
 /// that worker on the default.
-pub(crate) fn worker_dirs(objects: BorrowedFd<'_>, workers: usize) -> Vec<Option<String>> {
+pub(crate) fn worker_dirs(
+    objects: BorrowedFd<'_>,
+    groups: Option<Groups>,
+    workers: usize,
+) -> Vec<Option<String>> {
     let none = vec![None; workers];
-    if workers < 2 {
-        return none;
-    }
-    let Some(groups) = groups_of_dir(objects) else {
+    let Some(groups) = groups.filter(|_| workers >= 2) else {
         return none;
     };
     if groups.count < 2 {
@@ -245,7 +247,8 @@ mod tests {
             rustix::fs::Mode::empty(),
         )
         .unwrap();
-        let dirs = worker_dirs(fd.as_fd(), 3);
+        let groups = groups_of_dir(fd.as_fd());
+        let dirs = worker_dirs(fd.as_fd(), groups, 3);
         assert_eq!(dirs.len(), 3);
         let readable = rustix::fs::open(
             dir.path(),
@@ -260,6 +263,6 @@ mod tests {
                 assert!(dir.path().join(d).is_dir());
             }
         }
-        assert_eq!(worker_dirs(fd.as_fd(), 1), vec![None]);
+        assert_eq!(worker_dirs(fd.as_fd(), groups, 1), vec![None]);
     }
 }
