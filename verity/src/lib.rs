@@ -8,6 +8,8 @@
 //!   the x86-64 machines measured.
 //! - SHA-512 data blocks go eight at a time through [`sha512x8`] (AVX-512 multi-buffer)
 //!   where the CPU has it: a file's data blocks are independent messages.
+//! - [`digest_many`] does the same across files: the blocks of many small files (and their
+//!   partial last blocks and tree blocks) share the eight lanes.
 //!
 //! ```
 //! use cstor_verity::{Algorithm, Hasher};
@@ -248,17 +250,131 @@ impl Hasher {
             }
             i += 1;
         }
-        // struct fsverity_descriptor: version, hash_algorithm, log_blocksize, salt_size,
-        // reserved[4], data_size (le64), root_hash[64], salt[32], reserved[144].
-        let mut desc = [0u8; 256];
-        desc[0] = 1;
-        desc[1] = self.alg.fsverity_id();
-        desc[2] = 12;
-        desc[8..16].copy_from_slice(&self.size.to_le_bytes());
-        desc[16..16 + len].copy_from_slice(&root[..len]);
-        let mut bytes = [0u8; MAX_DIGEST];
-        self.alg.hash(&desc, 0, &mut bytes);
-        Digest { bytes, len }
+        descriptor_digest(self.alg, self.size, &root)
+    }
+}
+
+/// The digest of a file of `size` bytes whose Merkle tree has root hash `root`: the hash of
+/// its fs-verity descriptor.
+fn descriptor_digest(alg: Algorithm, size: u64, root: &[u8; MAX_DIGEST]) -> Digest {
+    let len = alg.digest_len();
+    // struct fsverity_descriptor: version, hash_algorithm, log_blocksize, salt_size,
+    // reserved[4], data_size (le64), root_hash[64], salt[32], reserved[144].
+    let mut desc = [0u8; 256];
+    desc[0] = 1;
+    desc[1] = alg.fsverity_id();
+    desc[2] = 12;
+    desc[8..16].copy_from_slice(&size.to_le_bytes());
+    desc[16..16 + len].copy_from_slice(&root[..len]);
+    let mut bytes = [0u8; MAX_DIGEST];
+    alg.hash(&desc, 0, &mut bytes);
+    Digest { bytes, len }
+}
+
+/// The digests of several whole files, in order.
+///
+/// Same results as [`Hasher::digest`] per file. With SHA-512 on a CPU with AVX-512 it is
+/// cheaper for small files: [`sha512x8`] hashes eight blocks at a time *whatever file they
+/// belong to* (each file's data blocks, then each level of the trees), where a [`Hasher`]
+/// sees one file and must hash a one- or two-block file, and every partial last block and
+/// tree block, alone. Eight one-block files cost about what three cost one by one.
+///
+/// ```
+/// use cstor_verity::{Algorithm, Hasher, digest_many};
+/// let files: [&[u8]; 3] = [b"", b"small", &[7u8; 10_000]];
+/// let digests = digest_many(Algorithm::Sha512, &files);
+/// for (file, digest) in files.iter().zip(&digests) {
+///     assert_eq!(*digest, Hasher::digest(Algorithm::Sha512, file));
+/// }
+/// ```
+pub fn digest_many(alg: Algorithm, files: &[&[u8]]) -> Vec<Digest> {
+    if !(alg == Algorithm::Sha512 && sha512x8::available()) {
+        return files.iter().map(|f| Hasher::digest(alg, f)).collect();
+    }
+    // Each file's partial last block, zero-filled to a whole block (fs-verity hashes it
+    // padded), made before the block list below borrows them.
+    let tails: Vec<[u8; BLOCK]> = files
+        .iter()
+        .filter_map(|f| {
+            let (_, tail) = f.as_chunks::<BLOCK>();
+            (!tail.is_empty()).then(|| {
+                let mut block = [0u8; BLOCK];
+                block[..tail.len()].copy_from_slice(tail);
+                block
+            })
+        })
+        .collect();
+    let mut tail_blocks = tails.iter();
+    let mut blocks: Vec<(usize, &[u8; BLOCK])> = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let (whole, tail) = f.as_chunks::<BLOCK>();
+        blocks.extend(whole.iter().map(|b| (i, b)));
+        if !tail.is_empty()
+            && let Some(t) = tail_blocks.next()
+        {
+            blocks.push((i, t));
+        }
+    }
+    // Per file, the hashes of its current tree level, concatenated.
+    let mut level: Vec<Vec<u8>> = vec![Vec::new(); files.len()];
+    hash_blocks(&blocks, &mut level);
+    drop(blocks);
+    // Up the trees until every file has one hash left (its root) or none (empty file).
+    loop {
+        let mut more = false;
+        for l in level.iter_mut().filter(|l| l.len() > MAX_DIGEST) {
+            l.resize(l.len().next_multiple_of(BLOCK), 0);
+            more = true;
+        }
+        if !more {
+            break;
+        }
+        let mut next: Vec<Vec<u8>> = vec![Vec::new(); files.len()];
+        let blocks: Vec<(usize, &[u8; BLOCK])> = level
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.len() > MAX_DIGEST)
+            .flat_map(|(i, l)| l.as_chunks::<BLOCK>().0.iter().map(move |b| (i, b)))
+            .collect();
+        hash_blocks(&blocks, &mut next);
+        drop(blocks);
+        for (l, n) in level.iter_mut().zip(next) {
+            if l.len() > MAX_DIGEST {
+                *l = n;
+            }
+        }
+    }
+    files
+        .iter()
+        .zip(&level)
+        .map(|(f, l)| {
+            let mut root = [0u8; MAX_DIGEST];
+            let n = l.len().min(MAX_DIGEST);
+            root[..n].copy_from_slice(&l[..n]);
+            descriptor_digest(alg, f.len() as u64, &root)
+        })
+        .collect()
+}
+
+/// SHA-512 of each block, appended to its file's entry in `out`, eight at a time (a file's
+/// blocks come in order, so its hashes do too).
+fn hash_blocks(blocks: &[(usize, &[u8; BLOCK])], out: &mut [Vec<u8>]) {
+    for group in blocks.chunks(sha512x8::LANES) {
+        let mut digests = [[0u8; 64]; sha512x8::LANES];
+        if group.len() >= MULTI_MIN {
+            // Unused lanes hash the first block again; their results are dropped.
+            let messages = std::array::from_fn(|k| group.get(k).unwrap_or(&group[0]).1);
+            sha512x8::hash(messages, &mut digests);
+        } else {
+            for ((_, block), d) in group.iter().zip(digests.iter_mut()) {
+                *d = openssl::sha::sha512(&block[..]);
+            }
+        }
+        for ((file, _), d) in group.iter().zip(&digests) {
+            if let Some(o) = out.get_mut(*file) {
+                o.extend_from_slice(d);
+            }
+        }
     }
 }
 
@@ -319,6 +435,50 @@ mod tests {
                     h.update(c);
                 }
                 assert_eq!(h.finish(), whole, "{n} bytes in chunks of {split}");
+            }
+        }
+    }
+
+    /// Batches mixing every tree shape (empty, one partial block, whole blocks, two and
+    /// three levels) give each file the digest it has alone, with and without the
+    /// multi-buffer path (`digest_many` falls back to `Hasher` for SHA-256).
+    #[test]
+    fn digest_many_gives_each_file_its_own_digest() {
+        let data = test_data(0x2545_f491_4f6c_dd1d, 130 * BLOCK * 2 + 777);
+        let sizes = [
+            0,
+            1,
+            100,
+            4095,
+            4096,
+            4097,
+            2 * 4096,
+            3 * 4096 + 5,
+            8 * 4096,
+            64 * 4096,
+            128 * 4096 + 9,
+            129 * 4096,
+            130 * 4096 * 2 + 777,
+        ];
+        // Each size alone, all sizes in one batch, and a run of small files (lanes filled
+        // by different files) around a large one.
+        let mut batches: Vec<Vec<&[u8]>> = sizes.iter().map(|&n| vec![&data[..n]]).collect();
+        batches.push(sizes.iter().map(|&n| &data[..n]).collect());
+        batches.push(
+            (0..21)
+                .map(|i| match i {
+                    10 => &data[..],
+                    _ => &data[i * 311..i * 311 + 200 + i * 97],
+                })
+                .collect(),
+        );
+        for alg in [Algorithm::Sha512, Algorithm::Sha256] {
+            for files in &batches {
+                let many = digest_many(alg, files);
+                assert_eq!(many.len(), files.len());
+                for (f, d) in files.iter().zip(&many) {
+                    assert_eq!(*d, Hasher::digest(alg, f), "{alg:?}, {} bytes", f.len());
+                }
             }
         }
     }

@@ -92,24 +92,47 @@ impl<T> GroupQueue<T> {
 
     /// The next item for `worker`, which is done with its previous one; blocks while the
     /// queue is empty, `None` once it is closed and empty.
+    #[cfg(test)]
     pub fn pop(&self, worker: usize) -> Option<T> {
+        let mut batch = Vec::new();
+        self.pop_batch(worker, 1, &mut batch);
+        batch.pop().map(|(_, item)| item)
+    }
+
+    /// Up to `max` items for `worker` (at least one), with their groups, into `out`: as
+    /// many as are queued, each picked as [`pop`](Self::pop) would. Blocks while the queue
+    /// is empty; returns false once it is closed and empty. The worker is taken to be on
+    /// the first item's group until it says otherwise ([`working_on`](Self::working_on)).
+    pub fn pop_batch(&self, worker: usize, max: usize, out: &mut Vec<(Option<u64>, T)>) -> bool {
         let mut s = self.lock();
         if let Some(b) = s.busy.get_mut(worker) {
             *b = None;
         }
         loop {
-            if let Some(i) = s.pick(worker)
-                && let Some((group, item)) = s.items.remove(i)
+            while out.len() < max.max(1)
+                && let Some(i) = s.pick(worker)
+                && let Some(item) = s.items.remove(i)
             {
+                out.push(item);
+            }
+            if let Some((group, _)) = out.first() {
+                let group = *group;
                 if let Some(b) = s.busy.get_mut(worker) {
                     *b = group;
                 }
-                return Some(item);
+                return true;
             }
             if s.closed {
-                return None;
+                return false;
             }
             s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// `worker` moved on to an item of `group` (one of a batch).
+    pub fn working_on(&self, worker: usize, group: Option<u64>) {
+        if let Some(b) = self.lock().busy.get_mut(worker) {
+            *b = group;
         }
     }
 }
@@ -149,6 +172,28 @@ mod tests {
         q.push(None, 2).unwrap();
         assert_eq!(q.pop(0), Some(0));
         assert_eq!(q.pop(1), Some(2));
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_queued_free_groups_first() {
+        let q = GroupQueue::new(2);
+        for (g, v) in [(3, "a"), (1, "b"), (3, "c"), (2, "d"), (1, "e")] {
+            q.push(Some(g), v).unwrap();
+        }
+        assert_eq!(q.pop(0), Some("a")); // worker 0 on group 3
+        let mut batch = Vec::new();
+        assert!(q.pop_batch(1, 3, &mut batch));
+        assert_eq!(batch, [(Some(1), "b"), (Some(2), "d"), (Some(1), "e")]);
+        // Worker 1 said it moved on to group 2: worker 0 now skips that one.
+        q.working_on(1, Some(2));
+        for (g, v) in [(2, "f"), (4, "g")] {
+            q.push(Some(g), v).unwrap();
+        }
+        let mut batch = Vec::new();
+        assert!(q.pop_batch(0, 8, &mut batch));
+        assert_eq!(batch, [(Some(3), "c"), (Some(4), "g"), (Some(2), "f")]);
+        q.close();
+        assert!(!q.pop_batch(0, 8, &mut Vec::new()));
     }
 
     #[test]

@@ -218,48 +218,58 @@ fn digest_source<ObjectID: FsVerityHashValue>(
     source: &Source<'_>,
     buf: &mut [u8],
 ) -> Result<ObjectID> {
-    let Source {
-        file: src,
-        data,
-        size,
-        crc64,
-        name,
-        layer,
-    } = *source;
-    let bad = |cause: AssembleError| Error::Assemble {
-        layer: layer.to_owned(),
-        cause,
-    };
+    if let Some(bytes) = source.data {
+        check_data(source, bytes)?;
+        return Ok(super::verity::ids::<ObjectID>(&[bytes])
+            .pop()
+            .unwrap_or(ObjectID::EMPTY));
+    }
     let mut verity = super::verity::Hasher::for_id::<ObjectID>();
     let mut crc = CRC64.digest();
-    match data {
-        Some(bytes) => {
-            if bytes.len() as u64 != size {
-                return Err(bad(AssembleError::Size {
-                    name: name.to_owned(),
-                    expected: size,
-                    actual: bytes.len() as u64,
-                }));
-            }
-            crc.update(bytes);
-            verity.update(bytes);
-        }
-        None => read_content(src, size, name, 0, buf, |chunk| {
-            crc.update(chunk);
-            verity.update(chunk);
-            Ok(())
-        })
-        .map_err(bad)?,
-    }
-    let actual = crc.finalize();
-    if actual != crc64 {
-        return Err(bad(AssembleError::Crc {
-            name: name.to_owned(),
-            expected: crc64,
-            actual,
-        }));
-    }
+    read_content(source.file, source.size, source.name, 0, buf, |chunk| {
+        crc.update(chunk);
+        verity.update(chunk);
+        Ok(())
+    })
+    .map_err(|cause| bad_source(source, cause))?;
+    check_crc(source, crc.finalize())?;
     Ok(verity.finish())
+}
+
+fn bad_source(source: &Source<'_>, cause: AssembleError) -> Error {
+    Error::Assemble {
+        layer: source.layer.to_owned(),
+        cause,
+    }
+}
+
+fn check_crc(source: &Source<'_>, actual: u64) -> Result<()> {
+    if actual != source.crc64 {
+        return Err(bad_source(
+            source,
+            AssembleError::Crc {
+                name: source.name.to_owned(),
+                expected: source.crc64,
+                actual,
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// Checks bytes read for `source` against its tar-split length and CRC-64.
+fn check_data(source: &Source<'_>, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 != source.size {
+        return Err(bad_source(
+            source,
+            AssembleError::Size {
+                name: source.name.to_owned(),
+                expected: source.size,
+                actual: bytes.len() as u64,
+            },
+        ));
+    }
+    check_crc(source, CRC64.checksum(bytes))
 }
 
 /// Gives a finished tmpfile its name in the object store, `id`; an existing object wins.
@@ -368,6 +378,18 @@ pub fn store<ObjectID: FsVerityHashValue>(
     buf: &mut [u8],
 ) -> Result<(ObjectID, Stored)> {
     let id: ObjectID = digest_source(source, buf)?;
+    store_as(repo, id, source, policy, state, tmp_dir)
+}
+
+/// [`store`] for a source already checked and digested (as `id`).
+fn store_as<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    id: ObjectID,
+    source: &Source<'_>,
+    policy: CopyPolicy,
+    state: &WorkerState,
+    tmp_dir: Option<&str>,
+) -> Result<(ObjectID, Stored)> {
     let Source {
         file: src,
         size,
@@ -654,6 +676,48 @@ struct Job<ObjectID> {
     reply: std::sync::mpsc::SyncSender<JobResult<ObjectID>>,
 }
 
+impl<ObjectID> Job<ObjectID> {
+    fn source(&self) -> Source<'_> {
+        Source {
+            file: &self.src,
+            data: self.data.as_deref(),
+            size: self.size,
+            crc64: self.crc64,
+            name: &self.name,
+            layer: &self.layer,
+        }
+    }
+}
+
+/// Jobs a worker takes at once, when that many are queued: their object ids are computed
+/// together (see [`digest_batch`]).
+const BATCH: usize = 16;
+
+/// The object ids of the jobs whose bytes are in memory (checked against their CRC-64
+/// first), computed in one go so that the multi-buffer SHA-512 hashes small files eight at
+/// a time instead of one by one (one-block files are most of an image's files). `None` for
+/// jobs the worker must read itself.
+fn digest_batch<ObjectID: FsVerityHashValue>(
+    batch: &[(Option<u64>, Job<ObjectID>)],
+) -> Vec<Option<Result<ObjectID>>> {
+    let mut out: Vec<Option<Result<ObjectID>>> = Vec::with_capacity(batch.len());
+    let mut files: Vec<&[u8]> = Vec::with_capacity(batch.len());
+    for (_, job) in batch {
+        out.push(job.data.as_deref().map(|data| {
+            check_data(&job.source(), data)?;
+            files.push(data);
+            Ok(ObjectID::EMPTY)
+        }));
+    }
+    let mut ids = super::verity::ids::<ObjectID>(&files).into_iter();
+    for slot in out.iter_mut() {
+        if let Some(Ok(id)) = slot {
+            *id = ids.next().unwrap_or(ObjectID::EMPTY);
+        }
+    }
+    out
+}
+
 impl<ObjectID: FsVerityHashValue> std::fmt::Debug for Pool<ObjectID> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
@@ -693,18 +757,26 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
                         let mut buf = vec![0u8; 1 << 20];
-                        while let Some(job) = queue.pop(i) {
-                            let source = Source {
-                                file: &job.src,
-                                data: job.data.as_deref(),
-                                size: job.size,
-                                crc64: job.crc64,
-                                name: &job.name,
-                                layer: &job.layer,
-                            };
-                            let r =
-                                store(&repo, &source, policy, &state, tmp_dir.as_deref(), &mut buf);
-                            let _ = job.reply.send((r, job.data));
+                        let mut batch = Vec::with_capacity(BATCH);
+                        while queue.pop_batch(i, BATCH, &mut batch) {
+                            let ids = digest_batch(&batch);
+                            for (k, ((group, job), id)) in batch.drain(..).zip(ids).enumerate() {
+                                if k > 0 {
+                                    queue.working_on(i, group);
+                                }
+                                let source = job.source();
+                                let tmp_dir = tmp_dir.as_deref();
+                                let r = match id {
+                                    Some(Ok(id)) => {
+                                        store_as(&repo, id, &source, policy, &state, tmp_dir)
+                                    }
+                                    Some(Err(e)) => Err(e),
+                                    None => {
+                                        store(&repo, &source, policy, &state, tmp_dir, &mut buf)
+                                    }
+                                };
+                                let _ = job.reply.send((r, job.data));
+                            }
                         }
                     })
                     .map_err(|e| Error::io("starting an object worker", e))?,
@@ -898,6 +970,42 @@ mod tests {
             .map(|d| std::fs::read_dir(d.path()).unwrap().count())
             .sum();
         assert_eq!(objects, 0);
+    }
+
+    /// A batch's ids are each file's own; a file failing its CRC fails alone; files the
+    /// worker must read itself are left to it.
+    #[test]
+    fn a_batch_digests_each_job_and_fails_only_the_bad_one() {
+        use composefs::fsverity::FsVerityHasher;
+        let tmp = tempfile::tempdir().unwrap();
+        let contents: [&[u8]; 4] = [b"first file", &[9u8; 9000], b"corrupted", b"unread"];
+        let batch: Vec<(Option<u64>, Job<Sha512HashValue>)> = contents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let name = format!("f{i}");
+                let crc = CRC64.checksum(c) ^ u64::from(i == 2);
+                let job = Job {
+                    src: source(tmp.path(), &name, c, 0o644),
+                    data: (i != 3).then(|| c.to_vec()),
+                    size: c.len() as u64,
+                    crc64: crc,
+                    name,
+                    layer: Arc::from("test-layer"),
+                    reply: std::sync::mpsc::sync_channel(1).0,
+                };
+                (None, job)
+            })
+            .collect();
+        let ids = digest_batch(&batch);
+        for i in [0, 1] {
+            assert_eq!(
+                *ids[i].as_ref().unwrap().as_ref().unwrap(),
+                FsVerityHasher::<Sha512HashValue>::hash(contents[i])
+            );
+        }
+        assert!(matches!(ids[2], Some(Err(Error::Assemble { .. }))));
+        assert!(ids[3].is_none());
     }
 
     #[test]
