@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::ObjectStats;
 use super::objects::Pool;
+use super::tree::Feed;
 use crate::error::{Error, Result};
 use crate::layer::Contents;
 
@@ -94,6 +95,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
     fn drain(
         &mut self,
         writer: &mut SplitStreamWriter<ObjectID>,
+        mut feed: Option<&mut Feed<ObjectID>>,
         stats: &mut ObjectStats,
         layer: &str,
         all: bool,
@@ -103,6 +105,9 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                 Op::Inline(_) => {
                     if let Some(Op::Inline(b)) = self.ops.pop_front() {
                         writer.write_inline(&b);
+                        if let Some(feed) = feed.as_deref_mut() {
+                            feed.inline(b);
+                        }
                     }
                 }
                 Op::External { result, .. } => {
@@ -135,6 +140,9 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                     let (obj, how) = r?;
                     stats.count(how, size);
                     writer.add_external_size(size);
+                    if let Some(feed) = feed.as_deref_mut() {
+                        feed.external(obj.clone());
+                    }
                     writer
                         .write_reference(obj)
                         .map_err(|cause| Error::Repository {
@@ -166,17 +174,30 @@ fn assemble_err(layer: &str, cause: AssembleError) -> Error {
     }
 }
 
-/// Imports one layer on the calling (blocking) thread, handing objects to `pool`.
+/// Where a layer's import sends what it produces besides its splitstream.
+pub struct Outputs<'a, ObjectID: FsVerityHashValue> {
+    /// The object workers, which store its files.
+    pub pool: &'a Pool<ObjectID>,
+    /// The tree thread, which gets the splitstream's contents as they are written.
+    pub tree: Option<Feed<ObjectID>>,
+}
+
+/// Imports one layer on the calling (blocking) thread, handing objects to the pool of
+/// `outputs` (and the splitstream's pieces to its tree thread, if any).
 /// `progress` is called with the bytes done so far.
 pub fn import_blocking<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
-    pool: &Pool<ObjectID>,
+    outputs: Outputs<'_, ObjectID>,
     info: &LayerInfo,
     mut stream: StreamReader<BufReader<File>>,
     contents: &mut Contents,
     mut progress: impl FnMut(u64),
     lookahead: usize,
 ) -> Result<Imported<ObjectID>> {
+    let Outputs {
+        pool,
+        tree: mut feed,
+    } = outputs;
     let id = info.id.as_str();
     let diff_id = info
         .diff_id
@@ -302,13 +323,13 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
         }
         let block = queue.over_limits();
         let t_drain = std::time::Instant::now();
-        queue.drain(&mut writer, &mut stats, id, false)?;
+        queue.drain(&mut writer, feed.as_mut(), &mut stats, id, false)?;
         if block {
             wait_objects += t_drain.elapsed();
         }
     }
     let t_drain = std::time::Instant::now();
-    queue.drain(&mut writer, &mut stats, id, true)?;
+    queue.drain(&mut writer, feed.as_mut(), &mut stats, id, true)?;
     wait_objects += t_drain.elapsed();
     tracing::debug!(
         layer = id,
@@ -336,6 +357,9 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     // Stored, but not named yet: the stream gets its name under streams/ once a syncfs has
     // made it and its objects durable (finalize::name_layers), so that one syncfs serves
     // every layer and runs while the EROFS image is being built.
+    if let Some(feed) = feed {
+        feed.done();
+    }
     let verity = writer.done().map_err(|cause| Error::Repository {
         doing: format!("storing the splitstream of layer {id}"),
         cause,

@@ -28,6 +28,7 @@ mod layer;
 mod objects;
 mod placement;
 mod repo;
+mod tree;
 pub mod verity;
 
 use std::collections::HashMap;
@@ -433,6 +434,37 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
     let reflink = Arc::new(WorkerState::default());
     // Layer streams stored by this import, named by the finalize step after one syncfs.
     let mut unnamed: Vec<finalize::Unnamed<ObjectID>> = Vec::new();
+    // The tree thread builds the image's filesystem from the layers as they stream (see
+    // `tree`); not for an image listing one layer twice (a layer streams once).
+    let mut feeds: Vec<Option<tree::Feed<ObjectID>>> = Vec::new();
+    let mut tree_builder = None;
+    if !todo.is_empty() {
+        let mut sources = Vec::new();
+        let backlog = Arc::new(tree::Backlog::default());
+        for (i, d) in diff_ids.iter().enumerate() {
+            if todo.contains(&i) {
+                let (feed, source) = tree::channel(&backlog);
+                feeds.push(Some(feed));
+                sources.push(source);
+            } else if let Some(v) = verities.get(d) {
+                feeds.push(None);
+                sources.push(tree::Source::Stored(v.clone()));
+            } else {
+                feeds.clear();
+                sources.clear();
+                break;
+            }
+        }
+        if !sources.is_empty() {
+            match tree::Builder::start(repo.clone(), sources, backlog) {
+                Ok(b) => tree_builder = Some(b),
+                Err(e) => {
+                    tracing::debug!("no tree thread ({e}): the tree is built after the layers");
+                    feeds.clear();
+                }
+            }
+        }
+    }
     if !todo.is_empty() {
         let pool = Arc::new(Pool::new(
             repo.clone(),
@@ -461,6 +493,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
             let info = img.layers[i].clone();
             let progress = options.progress.clone();
             let diff_id = diff_ids[i].clone();
+            let feed = feeds.get_mut(i).and_then(Option::take);
             let lookahead = fds.lookahead;
             let prefetch = fds.prefetch;
             set.spawn(async move {
@@ -493,7 +526,10 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
                 let done = tokio::task::spawn_blocking(move || {
                     layer::import_blocking(
                         &repo,
-                        &pool,
+                        layer::Outputs {
+                            pool: &pool,
+                            tree: feed,
+                        },
                         &info2,
                         reader,
                         &mut contents,
@@ -599,7 +635,15 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
     let repo2 = repo.clone();
     let tag2 = tag.clone();
     let fin = tokio::task::spawn_blocking(move || {
-        finalize::finalize(&repo2, &manifest_json, &config_json, &refs, &tag2, &unnamed)
+        finalize::finalize(
+            &repo2,
+            &manifest_json,
+            &config_json,
+            &refs,
+            &tag2,
+            &unnamed,
+            tree_builder,
+        )
     })
     .await
     .map_err(|e| Error::io("joining the finalize step", std::io::Error::other(e)))??;

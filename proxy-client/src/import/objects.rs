@@ -352,6 +352,21 @@ fn link_object<ObjectID: FsVerityHashValue>(
     }
 }
 
+/// Names `tmp`, a finished tmpfile of `repo` whose bytes have the fs-verity digest `id`, as
+/// that object, the way the workers name theirs in an insecure repository (no fs-verity to
+/// enable, so nothing for the kernel to measure). Returns whether the object is new; an
+/// existing one wins.
+pub(crate) fn link_tmpfile<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    tmp: &File,
+    id: &ObjectID,
+) -> Result<bool> {
+    let objects = repo
+        .objects_dir()
+        .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    link_object(objects, tmp, id, &WorkerState::default(), false)
+}
+
 /// Stores `source` (checked against its tar-split length and CRC-64) as an object, by
 /// reflink, copy or hardlink as `policy` allows.
 ///
