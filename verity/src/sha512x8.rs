@@ -181,54 +181,81 @@ mod avx512 {
 
     /// One 128-byte block of every lane: `w` holds its 16 message words (lane-wise) and is
     /// overwritten by the message schedule.
+    ///
+    /// The 80 rounds are unrolled by the macros below so that every index into `w` and `K`
+    /// is a constant and the working variables rotate by renaming instead of eight moves per
+    /// round: written as a loop, the compiler kept it rolled (2.2 against 2.55 GB/s on the
+    /// benchmark machine).
     #[target_feature(enable = "avx512f")]
     fn compress(state: &mut [__m512i; 8], w: &mut [__m512i; 16]) {
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-        for (t, &k) in K.iter().enumerate() {
-            let wt = if t < 16 {
-                w[t]
-            } else {
-                // W[t] = σ1(W[t-2]) + W[t-7] + σ0(W[t-15]) + W[t-16], in a ring of 16.
-                let w15 = w[(t + 1) % 16];
-                let w2 = w[(t + 14) % 16];
-                let s0 = xor3(
-                    _mm512_ror_epi64::<1>(w15),
-                    _mm512_ror_epi64::<8>(w15),
-                    _mm512_srli_epi64::<7>(w15),
+        // Round t with the working variables in the roles a..h: updates d (becoming the
+        // next e) and h (becoming the next a).
+        macro_rules! round {
+            ($t:expr, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {{
+                const T: usize = $t;
+                let wt = if T < 16 {
+                    w[T % 16]
+                } else {
+                    // W[t] = σ1(W[t-2]) + W[t-7] + σ0(W[t-15]) + W[t-16], in a ring of 16.
+                    let w15 = w[(T + 1) % 16];
+                    let w2 = w[(T + 14) % 16];
+                    let s0 = xor3(
+                        _mm512_ror_epi64::<1>(w15),
+                        _mm512_ror_epi64::<8>(w15),
+                        _mm512_srli_epi64::<7>(w15),
+                    );
+                    let s1 = xor3(
+                        _mm512_ror_epi64::<19>(w2),
+                        _mm512_ror_epi64::<61>(w2),
+                        _mm512_srli_epi64::<6>(w2),
+                    );
+                    let v = add(add(w[T % 16], s0), add(w[(T + 9) % 16], s1));
+                    w[T % 16] = v;
+                    v
+                };
+                let big_s1 = xor3(
+                    _mm512_ror_epi64::<14>($e),
+                    _mm512_ror_epi64::<18>($e),
+                    _mm512_ror_epi64::<41>($e),
                 );
-                let s1 = xor3(
-                    _mm512_ror_epi64::<19>(w2),
-                    _mm512_ror_epi64::<61>(w2),
-                    _mm512_srli_epi64::<6>(w2),
+                let t1 = add(
+                    add($h, big_s1),
+                    add(ch($e, $f, $g), add(_mm512_set1_epi64(K[T] as i64), wt)),
                 );
-                let v = add(add(w[t % 16], s0), add(w[(t + 9) % 16], s1));
-                w[t % 16] = v;
-                v
-            };
-            let big_s1 = xor3(
-                _mm512_ror_epi64::<14>(e),
-                _mm512_ror_epi64::<18>(e),
-                _mm512_ror_epi64::<41>(e),
-            );
-            let t1 = add(
-                add(h, big_s1),
-                add(ch(e, f, g), add(_mm512_set1_epi64(k as i64), wt)),
-            );
-            let big_s0 = xor3(
-                _mm512_ror_epi64::<28>(a),
-                _mm512_ror_epi64::<34>(a),
-                _mm512_ror_epi64::<39>(a),
-            );
-            let t2 = add(big_s0, maj(a, b, c));
-            h = g;
-            g = f;
-            f = e;
-            e = add(d, t1);
-            d = c;
-            c = b;
-            b = a;
-            a = add(t1, t2);
+                let big_s0 = xor3(
+                    _mm512_ror_epi64::<28>($a),
+                    _mm512_ror_epi64::<34>($a),
+                    _mm512_ror_epi64::<39>($a),
+                );
+                let t2 = add(big_s0, maj($a, $b, $c));
+                $d = add($d, t1);
+                $h = add(t1, t2);
+            }};
         }
+        // Eight rounds bring the names back to their roles.
+        macro_rules! eight {
+            ($t:expr) => {
+                round!($t, a, b, c, d, e, f, g, h);
+                round!($t + 1, h, a, b, c, d, e, f, g);
+                round!($t + 2, g, h, a, b, c, d, e, f);
+                round!($t + 3, f, g, h, a, b, c, d, e);
+                round!($t + 4, e, f, g, h, a, b, c, d);
+                round!($t + 5, d, e, f, g, h, a, b, c);
+                round!($t + 6, c, d, e, f, g, h, a, b);
+                round!($t + 7, b, c, d, e, f, g, h, a);
+            };
+        }
+        eight!(0);
+        eight!(8);
+        eight!(16);
+        eight!(24);
+        eight!(32);
+        eight!(40);
+        eight!(48);
+        eight!(56);
+        eight!(64);
+        eight!(72);
         for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
             *s = add(*s, v);
         }
