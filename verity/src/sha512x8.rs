@@ -117,12 +117,13 @@ const IV: [u64; 8] = [
     0x5be0cd19137e2179,
 ];
 
-/// Whether [`hash`] runs the multi-buffer code on this CPU (x86-64 with AVX-512F); otherwise
-/// callers should hash block by block, which is as fast and simpler.
+/// Whether [`hash`] runs the multi-buffer code on this CPU (x86-64 with AVX-512F and
+/// AVX-512BW, which every AVX-512 CPU but Xeon Phi has); otherwise callers should hash block
+/// by block, which is as fast and simpler.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -137,8 +138,8 @@ pub fn available() -> bool {
 pub fn hash(messages: [&[u8; MESSAGE]; LANES], out: &mut [[u8; 64]; LANES]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: `hash_avx512` needs AVX-512F, which the CPU was just found to have; it
-        // has no other precondition.
+        // SAFETY: `hash_avx512` needs AVX-512F and AVX-512BW, which the CPU was just found
+        // to have; it has no other precondition.
         unsafe { avx512::hash_avx512(messages, out) };
         return;
     }
@@ -150,8 +151,10 @@ pub fn hash(messages: [&[u8; MESSAGE]; LANES], out: &mut [[u8; 64]; LANES]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use core::arch::x86_64::{
-        __m512i, _mm512_add_epi64, _mm512_loadu_si512, _mm512_ror_epi64, _mm512_set1_epi64,
-        _mm512_srli_epi64, _mm512_storeu_si512, _mm512_ternarylogic_epi64,
+        __m512i, _mm512_add_epi64, _mm512_loadu_si512, _mm512_permutex2var_epi64, _mm512_ror_epi64,
+        _mm512_set_epi64, _mm512_set1_epi64, _mm512_shuffle_epi8, _mm512_srli_epi64,
+        _mm512_storeu_si512, _mm512_ternarylogic_epi64, _mm512_unpackhi_epi64,
+        _mm512_unpacklo_epi64,
     };
 
     use super::{IV, K, LANES, MESSAGE};
@@ -261,26 +264,84 @@ mod avx512 {
         }
     }
 
-    /// Lane-wise vector of eight u64.
-    #[target_feature(enable = "avx512f")]
-    fn load(v: &[u64; LANES]) -> __m512i {
-        // SAFETY: reads 64 bytes from a live `[u64; 8]` (64 bytes); unaligned loads are
-        // allowed.
-        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    /// 64 bytes of a message as eight big-endian u64 (SHA-512's words).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn load_words(bytes: &[u8; 64]) -> __m512i {
+        // SAFETY: reads 64 bytes from a live `[u8; 64]`; unaligned loads are allowed.
+        let v = unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) };
+        // Reverse the bytes of each u64: the same pattern in each 128-bit lane.
+        let swap = _mm512_set_epi64(
+            0x08090a0b0c0d0e0f,
+            0x0001020304050607,
+            0x08090a0b0c0d0e0f,
+            0x0001020304050607,
+            0x08090a0b0c0d0e0f,
+            0x0001020304050607,
+            0x08090a0b0c0d0e0f,
+            0x0001020304050607,
+        );
+        _mm512_shuffle_epi8(v, swap)
     }
 
+    /// Rows to columns: row `i` holds eight consecutive words of lane `i`; column `j` gets
+    /// word `j` of every lane (lane `i` in element `i`). Three rounds of eight shuffles.
     #[target_feature(enable = "avx512f")]
+    fn transpose(r: [__m512i; LANES]) -> [__m512i; LANES] {
+        // Pairs of rows, by word parity: (r0[0] r1[0] r0[2] r1[2] ...), (r0[1] r1[1] ...).
+        let t = [
+            _mm512_unpacklo_epi64(r[0], r[1]),
+            _mm512_unpackhi_epi64(r[0], r[1]),
+            _mm512_unpacklo_epi64(r[2], r[3]),
+            _mm512_unpackhi_epi64(r[2], r[3]),
+            _mm512_unpacklo_epi64(r[4], r[5]),
+            _mm512_unpackhi_epi64(r[4], r[5]),
+            _mm512_unpacklo_epi64(r[6], r[7]),
+            _mm512_unpackhi_epi64(r[6], r[7]),
+        ];
+        // Four rows: words {0, 4}, {2, 6} from the even pairs, {1, 5}, {3, 7} from the odd.
+        // (An index with bit 3 set picks from the second operand.)
+        let first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+        let second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+        let quad = |x: __m512i, y: __m512i| {
+            (
+                _mm512_permutex2var_epi64(x, first, y),
+                _mm512_permutex2var_epi64(x, second, y),
+            )
+        };
+        let (u04, u26) = quad(t[0], t[2]);
+        let (u15, u37) = quad(t[1], t[3]);
+        let (v04, v26) = quad(t[4], t[6]);
+        let (v15, v37) = quad(t[5], t[7]);
+        // Rows 0-3 and 4-7 of one word, then of the word four further.
+        let low = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0);
+        let high = _mm512_set_epi64(15, 14, 13, 12, 7, 6, 5, 4);
+        let col = |u: __m512i, v: __m512i| {
+            (
+                _mm512_permutex2var_epi64(u, low, v),
+                _mm512_permutex2var_epi64(u, high, v),
+            )
+        };
+        let (w0, w4) = col(u04, v04);
+        let (w2, w6) = col(u26, v26);
+        let (w1, w5) = col(u15, v15);
+        let (w3, w7) = col(u37, v37);
+        [w0, w1, w2, w3, w4, w5, w6, w7]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) fn hash_avx512(messages: [&[u8; MESSAGE]; LANES], out: &mut [[u8; 64]; LANES]) {
         let mut state = IV.map(|v| _mm512_set1_epi64(v as i64));
-        let words: [&[[u8; 8]]; LANES] = messages.map(|m| m.as_chunks::<8>().0);
+        let rows: [&[[u8; 64]]; LANES] = messages.map(|m| m.as_chunks::<64>().0);
         let mut w = [_mm512_set1_epi64(0); 16];
         for block in 0..MESSAGE / 128 {
-            for (t, wt) in w.iter_mut().enumerate() {
-                let mut lanes = [0u64; LANES];
-                for (lane, m) in lanes.iter_mut().zip(&words) {
-                    *lane = u64::from_be_bytes(m[block * 16 + t]);
-                }
-                *wt = load(&lanes);
+            for half in 0..2 {
+                let r: [__m512i; LANES] = std::array::from_fn(|lane| {
+                    rows[lane]
+                        .get(2 * block + half)
+                        .map_or(_mm512_set1_epi64(0), |b| load_words(b))
+                });
+                let cols = transpose(r);
+                w[8 * half..8 * half + 8].copy_from_slice(&cols);
             }
             compress(&mut state, &mut w);
         }
