@@ -562,17 +562,16 @@ fn write_xattr<ObjectID: FsVerityHashValue>(
 ) -> Result<(), Error> {
     x.check()?;
     let (prefix, suffix) = x.split();
-    let value = x.value.bytes();
     s.put(
         XAttrHeader {
             name_len: suffix.len() as u8,
             name_index: prefix,
-            value_size: (value.len() as u16).into(),
+            value_size: (x.value.len() as u16).into(),
         }
         .as_bytes(),
     )?;
     s.put(suffix)?;
-    s.put(&value)?;
+    x.value.with_bytes(|value| s.put(value))?;
     s.pad(4)
 }
 

@@ -49,28 +49,62 @@ impl<ObjectID: FsVerityHashValue> Value<'_, ObjectID> {
         }
     }
 
-    pub fn bytes(&self) -> Cow<'_, [u8]> {
+    /// Calls `f` with the value's bytes, built on the stack for object-derived values (this
+    /// runs for every external file of the image).
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match self {
-            Value::Bytes(b) => Cow::Borrowed(b),
-            Value::Metacopy(id) => Cow::Owned(OverlayMetacopy::new(*id).as_bytes().to_vec()),
-            Value::Redirect(id) => Cow::Owned(redirect(*id)),
+            Value::Bytes(b) => f(b),
+            Value::Metacopy(id) => f(OverlayMetacopy::new(*id).as_bytes()),
+            Value::Redirect(id) => {
+                let mut buf = [0u8; 2 * 64 + 2];
+                match redirect(*id, &mut buf) {
+                    Some(n) => f(&buf[..n]),
+                    None => f(&redirect_vec(*id)),
+                }
+            }
+        }
+    }
+
+    /// Byte order of two values of equal length (C mkcomposefs' order).
+    ///
+    /// Two metacopy values differ only in their digests, and two redirects are the hex of
+    /// their ids, which sorts as the ids do: compared without building either.
+    fn cmp_bytes(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (Value::Metacopy(a), Value::Metacopy(b)) | (Value::Redirect(a), Value::Redirect(b)) => {
+                a.as_bytes().cmp(b.as_bytes())
+            }
+            _ => self.with_bytes(|a| other.with_bytes(|b| a.cmp(b))),
         }
     }
 }
 
-/// `/XX/rest`: the object's path below the repository's `objects/` (what composefs'
-/// `to_object_pathname` gives, without going through a char iterator per digit).
-fn redirect<ObjectID: FsVerityHashValue>(id: &ObjectID) -> Vec<u8> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `/XX/rest`, the object's path below the repository's `objects/` (what composefs'
+/// `to_object_pathname` gives, without going through a char iterator per digit), into
+/// `out`; its length, or `None` if `out` is too small.
+fn redirect<ObjectID: FsVerityHashValue>(id: &ObjectID, out: &mut [u8]) -> Option<usize> {
     let bytes = id.as_bytes();
-    let mut out = Vec::with_capacity(2 * bytes.len() + 2);
+    let len = 2 * bytes.len() + 2;
+    let out = out.get_mut(..len)?;
+    let mut at = 0;
     for (i, b) in bytes.iter().enumerate() {
         if i < 2 {
-            out.push(b'/');
+            out[at] = b'/';
+            at += 1;
         }
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 15)]);
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 15)];
+        at += 2;
     }
+    Some(len)
+}
+
+fn redirect_vec<ObjectID: FsVerityHashValue>(id: &ObjectID) -> Vec<u8> {
+    let mut out = vec![0u8; 2 * id.as_bytes().len() + 2];
+    let n = redirect(id, &mut out).unwrap_or(0);
+    out.truncate(n);
     out
 }
 
@@ -107,7 +141,7 @@ impl<ObjectID: FsVerityHashValue> XAttr<'_, ObjectID> {
         self.name
             .cmp(&other.name)
             .then_with(|| self.value.len().cmp(&other.value.len()))
-            .then_with(|| self.value.bytes().cmp(&other.value.bytes()))
+            .then_with(|| self.value.cmp_bytes(&other.value))
     }
 
     /// The prefix index and the rest of the name. V1 does not know the lustre prefix.
