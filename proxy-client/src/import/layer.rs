@@ -36,9 +36,10 @@ const BUFFERED_MAX: u64 = 4 << 20;
 const INFLIGHT_BYTES: u64 = 8 << 20;
 
 /// Returned buffers kept for reuse (recycling them avoids zeroing fresh memory per file),
-/// and the largest buffer worth keeping.
+/// and the largest buffer worth keeping: most files are a few KiB, and 32 buffers grown to
+/// 256 KiB held 8 MB per layer for the occasional larger file.
 const SPARE_BUFFERS: usize = 32;
-const SPARE_MAX: usize = 256 << 10;
+const SPARE_MAX: usize = 64 << 10;
 
 enum Op<ObjectID> {
     Inline(Vec<u8>),
