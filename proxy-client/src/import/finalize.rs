@@ -298,6 +298,10 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
             })
             .ok()
             .flatten()
+            .or_else(|| {
+                tracing::debug!("no tree from the streaming phase: reading the layer streams");
+                None
+            })
     });
     let mut fs = match prebuilt {
         Some(fs) => fs,

@@ -60,6 +60,12 @@ pub struct Backlog {
 
 const BACKLOG_MAX: usize = 24 << 20;
 
+/// Entries (of all layers) above which the tree thread gives up and drops its tree. While the
+/// layers stream, the tree (~250 bytes per entry) adds to their buffers, where composefs
+/// builds it once they are gone: beyond this, the import's peak memory would pass 100 MB, so
+/// large images get their tree after the layers, as before.
+const MAX_ENTRIES: usize = 80_000;
+
 /// The sending end for one layer: what its importer writes into the splitstream, it also
 /// sends here, [`BATCH`] pieces at a time (a send per piece woke the tree thread ~100,000
 /// times per import). Sending never blocks; a tree thread that stopped is ignored (the
@@ -138,7 +144,7 @@ pub fn channel<ObjectID>(backlog: &Arc<Backlog>) -> (Feed<ObjectID>, Source<Obje
 /// Why the tree thread has no tree.
 #[derive(Debug)]
 enum Stop {
-    /// A feed gave up: nothing wrong, the streams have it all.
+    /// A feed or the thread gave up: nothing wrong, the streams have it all.
     GaveUp,
     Failed(anyhow::Error),
 }
@@ -163,6 +169,15 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         layers: Vec<Source<ObjectID>>,
         backlog: Arc<Backlog>,
     ) -> std::io::Result<Self> {
+        Self::start_with_limit(repo, layers, backlog, MAX_ENTRIES)
+    }
+
+    fn start_with_limit(
+        repo: Arc<Repository<ObjectID>>,
+        layers: Vec<Source<ObjectID>>,
+        backlog: Arc<Backlog>,
+        max_entries: usize,
+    ) -> std::io::Result<Self> {
         let shared = backlog.clone();
         let thread = std::thread::Builder::new()
             .name("cstor-tree".into())
@@ -173,6 +188,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                 // sets the calling thread's nice value only.
                 let _ = rustix::process::setpriority_process(None, 19);
                 let mut fs = FileSystem::new(Stat::uninitialized());
+                let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {
                     match layer {
                         Source::Fed(rx) => {
@@ -185,11 +201,20 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                             })? {
                                 composefs_oci::image::process_entry(&mut fs, entry)
                                     .with_context(|| format!("applying layer {i}"))?;
+                                entries += 1;
+                                if entries > max_entries {
+                                    return Err(Stop::GaveUp);
+                                }
                             }
                             reader.finish()?;
                         }
-                        Source::Stored(verity) => apply_stored(&repo, &mut fs, &verity)
-                            .with_context(|| format!("layer {i}"))?,
+                        Source::Stored(verity) => {
+                            entries += apply_stored(&repo, &mut fs, &verity)
+                                .with_context(|| format!("layer {i}"))?;
+                            if entries > max_entries {
+                                return Err(Stop::GaveUp);
+                            }
+                        }
                     }
                 }
                 Ok(fs)
@@ -197,8 +222,8 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         Ok(Self { thread, backlog })
     }
 
-    /// The tree, once every layer was applied; `Ok(None)` when a feed gave up (see
-    /// [`Backlog`]).
+    /// The tree, once every layer was applied; `Ok(None)` when the thread gave up (too much
+    /// waiting, see [`Backlog`], or too many entries, see [`MAX_ENTRIES`]).
     pub fn finish(self) -> anyhow::Result<Option<FileSystem<ObjectID>>> {
         let r = self
             .thread
@@ -216,12 +241,14 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
     }
 }
 
-/// Applies a stored layer stream to `fs`, as composefs builds an image.
+/// Applies a stored layer stream to `fs`, as composefs builds an image; returns the number
+/// of entries applied.
 pub fn apply_stored<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
     fs: &mut FileSystem<ObjectID>,
     verity: &ObjectID,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
+    let mut entries = 0;
     let mut stream = repo
         .open_stream("", Some(verity), Some(composefs_oci::LAYER_CONTENT_TYPE))
         .context("opening the layer stream")?;
@@ -229,8 +256,9 @@ pub fn apply_stored<ObjectID: FsVerityHashValue>(
         composefs_oci::tar::get_entry(&mut stream).context("reading the layer stream")?
     {
         composefs_oci::image::process_entry(fs, entry).context("applying the layer")?;
+        entries += 1;
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// `return Err(Stop::Failed(anyhow!(...)))`.
@@ -747,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn a_feed_over_the_backlog_limit_gives_up_and_a_dropped_one_fails() {
+    fn over_a_limit_the_tree_thread_gives_up_and_a_dropped_feed_fails() {
         let tmp = tempfile::tempdir().unwrap();
         let repo = repo(&tmp.path().join("repo"));
         let root = tmp.path().join("tree");
@@ -764,6 +792,14 @@ mod tests {
             builder.finish().unwrap().is_none(),
             "gave up: no tree, no error"
         );
+
+        // Too many entries: the thread drops its tree (and later pieces go nowhere).
+        let backlog = Arc::new(Backlog::default());
+        let (mut f, s) = channel(&backlog);
+        let builder = Builder::start_with_limit(repo.clone(), vec![s], backlog, 5).unwrap();
+        feed(&mut f, pieces(&tar_of(&root, "posix")));
+        f.done();
+        assert!(builder.finish().unwrap().is_none(), "over the entry limit");
 
         let backlog = Arc::new(Backlog::default());
         let (mut f, s) = channel(&backlog);
