@@ -218,13 +218,12 @@ fn digest_source<ObjectID: FsVerityHashValue>(
     source: &Source<'_>,
     buf: &mut [u8],
 ) -> Result<ObjectID> {
+    let mut verity = super::verity::Hasher::for_id::<ObjectID>();
     if let Some(bytes) = source.data {
         check_data(source, bytes)?;
-        return Ok(super::verity::ids::<ObjectID>(&[bytes])
-            .pop()
-            .unwrap_or(ObjectID::EMPTY));
+        verity.update(bytes);
+        return Ok(verity.finish());
     }
-    let mut verity = super::verity::Hasher::for_id::<ObjectID>();
     let mut crc = CRC64.digest();
     read_content(source.file, source.size, source.name, 0, buf, |chunk| {
         crc.update(chunk);
@@ -724,11 +723,10 @@ fn digest_batch<ObjectID: FsVerityHashValue>(
             Ok(ObjectID::EMPTY)
         }));
     }
-    let mut ids = super::verity::ids::<ObjectID>(&files).into_iter();
-    for slot in out.iter_mut() {
-        if let Some(Ok(id)) = slot {
-            *id = ids.next().unwrap_or(ObjectID::EMPTY);
-        }
+    // One id per file, in order: they go to the checked jobs in order.
+    let ids = super::verity::ids::<ObjectID>(&files);
+    for (id, slot) in ids.into_iter().zip(out.iter_mut().flatten().flatten()) {
+        *slot = id;
     }
     out
 }
