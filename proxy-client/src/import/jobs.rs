@@ -129,11 +129,33 @@ impl<T> GroupQueue<T> {
         }
     }
 
-    /// `worker` moved on to an item of `group` (one of a batch).
-    pub fn working_on(&self, worker: usize, group: Option<u64>) {
-        if let Some(b) = self.lock().busy.get_mut(worker) {
-            *b = group;
+    /// Which of `groups` (those of the items left in `worker`'s batch, in order) the worker
+    /// should take on next: the first whose group no other worker is on, else the first.
+    /// The worker is on that item's group from now on.
+    pub fn choose(&self, worker: usize, groups: impl Iterator<Item = Option<u64>>) -> usize {
+        let mut s = self.lock();
+        let mut first = None;
+        let mut chosen = None;
+        for (i, g) in groups.enumerate() {
+            first.get_or_insert((i, g));
+            let taken = |g: u64| {
+                s.busy
+                    .iter()
+                    .enumerate()
+                    .any(|(w, b)| w != worker && *b == Some(g))
+            };
+            if g.is_none_or(|g| !taken(g)) {
+                chosen = Some((i, g));
+                break;
+            }
         }
+        let Some((i, g)) = chosen.or(first) else {
+            return 0;
+        };
+        if let Some(b) = s.busy.get_mut(worker) {
+            *b = g;
+        }
+        i
     }
 }
 
@@ -184,14 +206,20 @@ mod tests {
         let mut batch = Vec::new();
         assert!(q.pop_batch(1, 3, &mut batch));
         assert_eq!(batch, [(Some(1), "b"), (Some(2), "d"), (Some(1), "e")]);
-        // Worker 1 said it moved on to group 2: worker 0 now skips that one.
-        q.working_on(1, Some(2));
+        // Worker 1 goes through its batch avoiding worker 0's group 3: all free, first first.
+        assert_eq!(q.choose(1, [Some(1), Some(2), Some(1)].into_iter()), 0);
+        assert_eq!(q.choose(1, [Some(2), Some(1)].into_iter()), 0);
+        // Now on group 2: worker 0's next batch skips that one.
         for (g, v) in [(2, "f"), (4, "g")] {
             q.push(Some(g), v).unwrap();
         }
         let mut batch = Vec::new();
         assert!(q.pop_batch(0, 8, &mut batch));
         assert_eq!(batch, [(Some(3), "c"), (Some(4), "g"), (Some(2), "f")]);
+        // Worker 1, on group 2, holds worker 0 off "f" until the rest is done.
+        assert_eq!(q.choose(0, [Some(2), Some(3)].into_iter()), 1);
+        assert_eq!(q.choose(0, [Some(2)].into_iter()), 0);
+        assert_eq!(q.choose(0, std::iter::empty()), 0);
         q.close();
         assert!(!q.pop_batch(0, 8, &mut Vec::new()));
     }

@@ -773,10 +773,12 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                         let mut batch = Vec::with_capacity(BATCH);
                         while queue.pop_batch(i, BATCH, &mut batch) {
                             let ids = digest_batch(&batch);
-                            for (k, ((group, job), id)) in batch.drain(..).zip(ids).enumerate() {
-                                if k > 0 {
-                                    queue.working_on(i, group);
-                                }
+                            let mut todo: Vec<_> = batch.drain(..).zip(ids).collect();
+                            while !todo.is_empty() {
+                                // Clone first from a group the other worker is not cloning
+                                // from (see `jobs`), whatever the order in the batch.
+                                let k = queue.choose(i, todo.iter().map(|((g, _), _)| *g));
+                                let ((_, job), id) = todo.remove(k.min(todo.len() - 1));
                                 let source = job.source();
                                 let tmp_dir = tmp_dir.as_deref();
                                 let r = match id {
