@@ -294,26 +294,52 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     stats.bytes_inlined += f.size;
                     queue.ops.push_back(Op::Inline(small));
                 } else {
-                    let data = if f.size <= BUFFERED_MAX {
+                    if f.size <= BUFFERED_MAX {
                         let mut data = queue.buffer(f.size as usize);
                         read_content_into(&file, &name, fd, &mut data, |chunk| {
                             sha.update(chunk);
                             Ok(())
                         })
                         .map_err(|cause| assemble_err(id, cause))?;
-                        Some(data)
+                        let buffered = data.len() as u64;
+                        let result = pool.submit(
+                            file,
+                            Some(data),
+                            f.size,
+                            f.crc64,
+                            name,
+                            layer_name.clone(),
+                        )?;
+                        queue.push_external(f.size, buffered, result);
                     } else {
-                        read_content(&file, f.size, &name, fd, &mut buf, |chunk| {
+                        // The worker reads a large file itself: queue it first, so that it
+                        // clones and hashes the file while this thread runs the sha256 over
+                        // it (a 50 MB file used to hold every later job back for ~35 ms).
+                        let own = file.try_clone().map_err(|cause| {
+                            assemble_err(
+                                id,
+                                AssembleError::Content {
+                                    name: name.clone(),
+                                    fd,
+                                    cause,
+                                },
+                            )
+                        })?;
+                        let result = pool.submit(
+                            file,
+                            None,
+                            f.size,
+                            f.crc64,
+                            name.clone(),
+                            layer_name.clone(),
+                        )?;
+                        queue.push_external(f.size, 0, result);
+                        read_content(&own, f.size, &name, fd, &mut buf, |chunk| {
                             sha.update(chunk);
                             Ok(())
                         })
                         .map_err(|cause| assemble_err(id, cause))?;
-                        None
-                    };
-                    let buffered = data.as_ref().map_or(0, |d| d.len() as u64);
-                    let result =
-                        pool.submit(file, data, f.size, f.crc64, name, layer_name.clone())?;
-                    queue.push_external(f.size, buffered, result);
+                    }
                 }
                 if tar_size - last_report >= 4 << 20 {
                     last_report = tar_size;
