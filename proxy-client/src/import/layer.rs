@@ -177,6 +177,18 @@ fn assemble_err(layer: &str, cause: AssembleError) -> Error {
     }
 }
 
+/// Content fd `fd` (entry `name`) could not be had or duplicated.
+fn content_err(layer: &str, name: &str, fd: u64, cause: std::io::Error) -> Error {
+    assemble_err(
+        layer,
+        AssembleError::Content {
+            name: name.to_owned(),
+            fd,
+            cause,
+        },
+    )
+}
+
 /// Where a layer's import sends what it produces besides its splitstream.
 pub struct Outputs<'a, ObjectID: FsVerityHashValue> {
     /// The object workers, which store its files.
@@ -256,16 +268,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                 let t_fd = std::time::Instant::now();
                 let file = contents.content(fd);
                 wait_fds += t_fd.elapsed();
-                let file = file.map_err(|cause| {
-                    assemble_err(
-                        id,
-                        AssembleError::Content {
-                            name: name.clone(),
-                            fd,
-                            cause,
-                        },
-                    )
-                })?;
+                let file = file.map_err(|cause| content_err(id, &name, fd, cause))?;
                 // Every byte goes through the layer's sha256 here, in tar order. Files up to
                 // BUFFERED_MAX are read once, into a buffer the worker then CRC-checks and
                 // hashes; larger ones are queued, then streamed here while the worker reads
@@ -317,16 +320,9 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         // The worker reads a larger file itself: queue it first, so that
                         // it clones and hashes the file while this thread runs the sha256
                         // over it (a 50 MB file used to hold every later job back ~35 ms).
-                        let own = file.try_clone().map_err(|cause| {
-                            assemble_err(
-                                id,
-                                AssembleError::Content {
-                                    name: name.clone(),
-                                    fd,
-                                    cause,
-                                },
-                            )
-                        })?;
+                        let own = file
+                            .try_clone()
+                            .map_err(|cause| content_err(id, &name, fd, cause))?;
                         let result = pool.submit(
                             file,
                             None,
