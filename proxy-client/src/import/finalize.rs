@@ -288,21 +288,21 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
     layers: &[(OciDigest, ObjectID)],
     tree: Option<super::tree::Builder<ObjectID>>,
 ) -> Result<(HashMap<FormatVersion, ObjectID>, bool)> {
-    let prebuilt = tree.and_then(|t| {
-        t.finish()
-            .inspect_err(|e| {
-                tracing::warn!(
-                    "building the tree while streaming failed ({e:#}); reading the layer \
-                     streams instead"
-                )
-            })
-            .ok()
-            .flatten()
-            .or_else(|| {
-                tracing::debug!("no tree from the streaming phase: reading the layer streams");
-                None
-            })
-    });
+    let prebuilt = match tree.map(super::tree::Builder::finish) {
+        Some(Ok(Some(fs))) => Some(fs),
+        Some(Ok(None)) => {
+            tracing::debug!("the tree thread gave up: reading the layer streams");
+            None
+        }
+        Some(Err(e)) => {
+            tracing::warn!(
+                "building the tree while streaming failed ({e:#}); reading the layer streams \
+                 instead"
+            );
+            None
+        }
+        None => None,
+    };
     let mut fs = match prebuilt {
         Some(fs) => fs,
         None => {
