@@ -288,6 +288,16 @@ fn send(tx: &Option<UnboundedSender<ImportEvent>>, e: ImportEvent) {
     }
 }
 
+/// Lowers the calling thread's scheduling priority by `by` nice steps (to 19 at most). Best
+/// effort: a failure only leaves the thread at its priority. On Linux, `setpriority` on "this
+/// process" changes the calling thread only.
+fn lower_thread_priority(by: i32) {
+    let Ok(now) = rustix::process::getpriority_process(None) else {
+        return;
+    };
+    let _ = rustix::process::setpriority_process(None, now.saturating_add(by).min(19));
+}
+
 fn parse_digest(d: &str, what: &str) -> Result<OciDigest> {
     OciDigest::from_str(d)
         .map_err(|e| Error::ImageMismatch(format!("{what} {d:?} is not a digest: {e}")))

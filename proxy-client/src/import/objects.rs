@@ -703,6 +703,19 @@ impl<ObjectID> Job<ObjectID> {
     }
 }
 
+/// How much lower than the rest of the import the object workers run (nice increment).
+///
+/// The workers are the last stage of the pipeline (helper -> layer reader -> workers) and the
+/// only one with a deep queue: when they take turns with the layer readers and the helper on
+/// equal terms, a reader woken for its next fds waits for a worker's time slice while the
+/// queue runs dry, and both cores idle for moments (about 7% of an import of the reference
+/// image on two cores). At +10 the stages that feed them go first; the workers still get every
+/// cycle the feeders do not use. Measured on the reference image (two cores, interleaved
+/// runs): -5% wall time; +3 gave -2%. Nice values weigh threads against the others of the
+/// same scheduling group (a session's autogroup, or a cgroup), so this does not hand the
+/// machine's other sessions or services a larger share.
+const WORKER_NICE: i32 = 10;
+
 /// Jobs a worker takes at once, when that many are queued: their object ids are computed
 /// together (see [`digest_batch`]).
 const BATCH: usize = 16;
@@ -769,6 +782,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
+                        super::lower_thread_priority(WORKER_NICE);
                         let mut buf = vec![0u8; 1 << 20];
                         let mut batch = Vec::with_capacity(BATCH);
                         while queue.pop_batch(i, BATCH, &mut batch) {
