@@ -374,7 +374,8 @@ cstor_import() {
                 present: .objects.present, inlined: .objects.inlined, hardlinked: .objects.hardlinked,
                 bytes_reflinked: .objects.bytes_reflinked, bytes_copied: .objects.bytes_copied,
                 already_complete: .already_complete, layers_skipped: ([.layers[] | select(.skipped)] | length),
-                reported_seconds: (.elapsed_seconds // .elapsed), first_reflink_fallback: .first_reflink_fallback}' \
+                reported_seconds: (.elapsed_seconds // .elapsed), first_reflink_fallback: .first_reflink_fallback,
+                erofs_tree: .erofs_tree}' \
             "$CASE_OUT.out"); then
             CASE_ERR="unreadable --json report: $(head -c 300 "$CASE_OUT.out")"
         else
@@ -383,7 +384,14 @@ cstor_import() {
             copied=$(jq -r .copied <<<"$rep")
             reflinked=$(jq -r .reflinked <<<"$rep")
             present=$(jq -r .present <<<"$rep")
-            if [[ $kind == hardlink ]]; then
+            # A fresh import builds the EROFS tree while streaming; reading the layer
+            # streams back instead is correct but slower, and would skew the numbers.
+            if [[ $kind != reimport && $(jq -r .erofs_tree <<<"$rep") != streamed ]]; then
+                CASE_ERR="the EROFS tree was not built while streaming: $(jq -c .erofs_tree <<<"$rep")"
+            fi
+            if [[ -n $CASE_ERR ]]; then
+                :
+            elif [[ $kind == hardlink ]]; then
                 local hardlinked
                 hardlinked=$(jq -r .hardlinked <<<"$rep")
                 [[ $reflinked == 0 && $hardlinked -gt 0 ]] ||

@@ -72,6 +72,8 @@ fn the_feature_image_mounts_with_every_file_intact() {
     let work = tempfile::tempdir().unwrap();
     let (m, report) = import_and_mount(&images.store, &images.features.name, work.path());
     assert_eq!(report.has_usr, Some(true));
+    // The image's tree was built while the layers streamed, not read back afterwards.
+    assert_eq!(report.tree, Some(import::TreeSource::Streamed));
     let f = FeatureManifest::standard();
     let src = |p: &Path| images.features_rootfs.join(p);
 

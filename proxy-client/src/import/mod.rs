@@ -44,7 +44,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
+pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, TreeSource, config_identifier};
 pub use layer::INLINE_MAX;
 pub use objects::CopyPolicy;
 use objects::{Pool, Stored, WorkerState};
@@ -271,6 +271,9 @@ pub struct ImportReport<ObjectID> {
     /// Whether the image has `/usr` (if not, the EROFS root comes from the tar's root
     /// entry); `None` when the EROFS image already existed.
     pub has_usr: Option<bool>,
+    /// Where the EROFS image's file tree came from (built while streaming, or read back from
+    /// the layer streams); `None` when the EROFS image already existed.
+    pub tree: Option<TreeSource>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -693,6 +696,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         first_reflink_fallback: reflink.first_fallback(),
         already_complete: fin.already_complete && present == img.layers.len(),
         has_usr: fin.has_usr,
+        tree: fin.tree,
         elapsed: start.elapsed(),
     })
 }
