@@ -184,9 +184,8 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
             .spawn(move || {
                 // Lowest priority: the layers keep both cores busy but for the moments the
                 // object workers sleep on XFS locks, which is when this should run (at
-                // normal priority it only took turns with them: no faster). On Linux this
-                // sets the calling thread's nice value only.
-                let _ = rustix::process::setpriority_process(None, 19);
+                // normal priority it only took turns with them: no faster).
+                super::lower_thread_priority(19);
                 let mut fs = FileSystem::new(Stat::uninitialized());
                 let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {
