@@ -68,9 +68,10 @@ pub enum TreeSource {
     /// Built while the layers streamed, from the pieces of their splitstreams (the usual
     /// case).
     Streamed,
-    /// Read back from the stored layer streams after the last layer, because the tree
-    /// thread gave up (a backlog or entry count over its bounds) or failed (logged as a
-    /// warning). Same image, about 0.1 s more per 50,000 files.
+    /// Read back from the stored layer streams after the last layer: every layer was in
+    /// the repository already, the image lists one layer twice, or the tree thread gave up
+    /// (a backlog or entry count over its bounds) or failed (logged as a warning). Same
+    /// image, about 0.1 s more per 50,000 files.
     ReadBack,
 }
 
