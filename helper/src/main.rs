@@ -118,6 +118,23 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Grows the fd table now, while this process has one thread, to what serving four layers at
+/// once holds. The kernel doubles the table as fds are opened, and in a process with several
+/// threads each doubling waits for an RCU grace period (10-20 ms here, five times while an
+/// import's layers started). Best effort: capped at the soft limit, errors ignored.
+fn reserve_fd_table() {
+    use rustix::process::{Resource, getrlimit};
+    let defaults = ServerConfig::default();
+    let want = 4 * u64::from(defaults.max_fds_queued + defaults.max_fds_per_message) + 64;
+    let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if let Ok(top) = i32::try_from(want.min(limit).saturating_sub(1))
+        && top > 0
+    {
+        // The duplicate is closed right away; the table keeps its size.
+        let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), top);
+    }
+}
+
 /// Shrinks the per-layer fd queue when even the raised limit is low (a hard limit of 1024,
 /// say): clients open up to 4 layers at once, and a helper at its limit fails the layer.
 fn fit_fd_limit(mut config: ServerConfig) -> ServerConfig {
@@ -132,6 +149,7 @@ fn fit_fd_limit(mut config: ServerConfig) -> ServerConfig {
 
 fn run(cli: Cli) -> Result<()> {
     raise_nofile_limit();
+    reserve_fd_table();
     let mut env = ConfigEnv::from_process();
     if let Some(conf) = &cli.storage_conf {
         env.vars.insert(

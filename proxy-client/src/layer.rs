@@ -34,6 +34,38 @@ pub(crate) fn fd_budget() -> usize {
     }
 }
 
+/// Grows this process's fd table so that it holds `n` fds (capped at the soft
+/// `RLIMIT_NOFILE`) without growing again.
+///
+/// The kernel doubles a process's fd table as fds arrive, and in a process with several
+/// threads each doubling waits for an RCU grace period: an import, which holds a thousand
+/// content fds or more, paid five of them (10-20 ms each here) while its layers started.
+/// Done while the process still has one thread it costs an allocation only; later it waits
+/// for one grace period at most. An import calls it with what it will hold; a program that
+/// imports can call it first thing in `main`, as `cstor` does.
+///
+/// Best effort: it never fails, and a table already that large is left alone.
+///
+/// ```
+/// cstor_proxy_client::reserve_fd_table(1024);
+/// ```
+pub fn reserve_fd_table(n: usize) {
+    let limit = usize::try_from(
+        rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX),
+    )
+    .unwrap_or(usize::MAX);
+    // F_DUPFD picks the lowest free fd at or above this one, so the table must reach it.
+    let Ok(top) = i32::try_from(n.min(limit).saturating_sub(1)) else {
+        return;
+    };
+    if top > 0 {
+        // The duplicate is closed again right away; only the table's size stays.
+        let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), top);
+    }
+}
+
 /// Bytes of each prefetched content file the kernel is asked to read ahead.
 const READAHEAD: u64 = 4 << 20;
 

@@ -40,5 +40,5 @@ pub mod spawn;
 pub use client::Client;
 pub use cstor_protocol as protocol;
 pub use error::{Error, Result};
-pub use layer::{Contents, Layer, check_against};
+pub use layer::{Contents, Layer, check_against, reserve_fd_table};
 pub use spawn::{HelperConfig, Privilege, StorageSelection};

@@ -763,6 +763,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
+    // While this is the only thread (see reserve_fd_table): an import of two layers holds
+    // about 1,200 fds.
+    cstor_proxy_client::reserve_fd_table(4096);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -50,6 +50,8 @@ enum Op<ObjectID> {
         /// Bytes buffered for the worker (0: it reads the file itself).
         buffered: u64,
         result: Receiver<super::objects::JobResult<ObjectID>>,
+        /// The result, once waited for out of order (see [`Queue::wait_below_limits`]).
+        done: Option<super::objects::JobResult<ObjectID>>,
     },
 }
 
@@ -70,6 +72,42 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
         self.externals > self.lookahead || self.inflight > INFLIGHT_BYTES
     }
 
+    /// Over its limits, the queue waits until it is back under half of them, not just for
+    /// its oldest object: waking for every object the workers finish (about 10,000 wakeups
+    /// per import of the reference image) cost a worker its time slice each time, and the
+    /// reader refilled the queue one job at a time.
+    ///
+    /// It waits for the result of the job at which the queue falls to half its limits (the
+    /// workers take jobs roughly in order, so the older ones are done by then, and
+    /// [`drain`](Self::drain) waits for any that are not).
+    fn wait_below_limits(&mut self) {
+        if !self.over_limits() {
+            return;
+        }
+        let (low_jobs, low_bytes) = (self.lookahead / 2, INFLIGHT_BYTES / 2);
+        let (mut externals, mut inflight) = (self.externals, self.inflight);
+        for op in self.ops.iter_mut() {
+            let Op::External {
+                buffered,
+                result,
+                done,
+                ..
+            } = op
+            else {
+                continue;
+            };
+            externals -= 1;
+            inflight -= *buffered;
+            if externals <= low_jobs && inflight <= low_bytes {
+                if done.is_none() {
+                    // A closed channel is left for drain() to report.
+                    *done = result.recv().ok();
+                }
+                return;
+            }
+        }
+    }
+
     /// A buffer of `size` bytes, recycled where possible (only growth is zero-filled).
     fn buffer(&mut self, size: usize) -> Vec<u8> {
         let mut data = self.spare.pop().unwrap_or_default();
@@ -87,6 +125,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
             size,
             buffered,
             result,
+            done: None,
         });
         self.externals += 1;
         self.inflight += buffered;
@@ -113,8 +152,13 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                         }
                     }
                 }
-                Op::External { result, .. } => {
-                    let r = if all || self.over_limits() {
+                Op::External { result, done, .. } => {
+                    let r = if done.is_some() {
+                        match self.ops.front_mut() {
+                            Some(Op::External { done, .. }) => done.take().ok_or(()),
+                            _ => Err(()),
+                        }
+                    } else if all || self.over_limits() {
                         result.recv().map_err(|_| ())
                     } else {
                         match result.try_recv() {
@@ -348,6 +392,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
         }
         let block = queue.over_limits();
         let t_drain = std::time::Instant::now();
+        queue.wait_below_limits();
         queue.drain(&mut writer, feed.as_mut(), &mut stats, id, false)?;
         if block {
             wait_objects += t_drain.elapsed();

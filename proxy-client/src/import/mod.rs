@@ -323,6 +323,12 @@ impl FdShare {
     /// Fewest fds worth giving one layer.
     const MIN_LAYER: usize = 48;
 
+    /// Most fds an import holds: content fds ahead of each layer's reader, objects queued
+    /// behind the one waited for (each with its fd), two per worker.
+    fn held(self, threads: usize) -> usize {
+        self.jobs * (self.prefetch + self.lookahead + 1) + 2 * threads
+    }
+
     fn new(budget: usize, jobs: usize, threads: usize) -> Self {
         // Each worker also holds a tmpfile and the file it clones.
         let budget = budget.saturating_sub(2 * threads);
@@ -487,6 +493,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
         )?);
         let jobs = options.layer_jobs.unwrap_or(cpus.min(4)).max(1);
         let fds = FdShare::new(crate::layer::fd_budget(), jobs, threads);
+        crate::layer::reserve_fd_table(fds.held(threads) + 64);
         let jobs = fds.jobs;
         let sem = Arc::new(tokio::sync::Semaphore::new(jobs));
         let mut set = tokio::task::JoinSet::new();
@@ -729,10 +736,8 @@ pub(crate) fn log_memory(phase: &str) {
 mod fd_share {
     use super::FdShare;
 
-    /// Most fds one import holds: content fds ahead of each layer's reader, objects queued
-    /// behind the one waited for (each with its fd), two per worker.
     fn held(s: FdShare, threads: usize) -> usize {
-        s.jobs * (s.prefetch + s.lookahead + 1) + 2 * threads
+        s.held(threads)
     }
 
     #[test]
