@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cstor_protocol::ErrorCode;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -48,15 +49,30 @@ pub fn open_regular(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
     Ok(fd)
 }
 
+/// Set once the kernel refused `O_NOATIME` (the file's owner is not ours to act for).
+static NOATIME_REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// Like [`open_regular`], also returning the size, and leaving `O_NONBLOCK` set (it has no
 /// effect on regular files; layer streaming saves the extra `fcntl` per file).
+///
+/// Opened with `O_NOATIME` where the kernel allows it (root, or the files' owner in a user
+/// namespace): reading a layer then writes nothing to podman's storage, not even access
+/// times, and every read through the fd (the client's too) skips the atime check. Where it
+/// is refused (`EPERM`), files are opened without it from then on.
 pub fn open_regular_sized(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<(File, u64)> {
     // O_NONBLOCK: opening a FIFO planted under a file's name must not hang the helper.
-    let fd = openat_beneath(
-        dir,
-        rel,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
-    )?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let fd = if NOATIME_REFUSED.load(Ordering::Relaxed) {
+        openat_beneath(dir, rel, flags)?
+    } else {
+        match openat_beneath(dir, rel, flags | OFlags::NOATIME) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                NOATIME_REFUSED.store(true, Ordering::Relaxed);
+                openat_beneath(dir, rel, flags)?
+            }
+            other => other?,
+        }
+    };
     let st = rustix::fs::fstat(&fd)?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(io::Error::new(

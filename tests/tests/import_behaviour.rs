@@ -369,6 +369,47 @@ fn a_changed_file_fails_the_import_and_commits_nothing() {
     store.destroy().unwrap();
 }
 
+/// The helper only reads podman's storage: an import does not even move the layer files'
+/// access times. (Under `relatime` a read updates an access time older than the file's
+/// modification time, so the file is given one first; the helper opens with `O_NOATIME`.)
+#[test]
+fn an_import_leaves_the_layer_files_access_times_alone() {
+    let test = "an_import_leaves_the_layer_files_access_times_alone";
+    if !skip::require_root(test) || !skip::require_tools(test, &["podman"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, image) = cstor_tests::small_private_store(dir.path()).unwrap();
+    let layer = store.image_layers(&image.id).unwrap()[0].clone();
+    // Above the inline threshold: read by the client's layer reader and an object worker.
+    let f = store.layer_diff_dir(&layer).join("usr/share/data.txt");
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_accessed(old))
+        .unwrap();
+    let before = std::fs::metadata(&f).unwrap();
+    assert_eq!(before.accessed().unwrap(), old);
+    assert!(before.modified().unwrap() > old);
+    let repo_dir = dir.path().join("repo");
+    import::init_repository(&repo_dir).unwrap();
+    let repo = import::open_repository::<Sha512HashValue>(&repo_dir).unwrap();
+    runtime().block_on(async {
+        let client = Client::spawn(&helper_config(&store).unwrap())
+            .await
+            .unwrap();
+        let report = import::import_image(&client, &repo, &image.name, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert!(report.layers.iter().all(|l| !l.skipped));
+        client.shutdown().await.unwrap();
+    });
+    assert_eq!(std::fs::metadata(&f).unwrap().accessed().unwrap(), old);
+    store.destroy().unwrap();
+}
+
 /// When one layer fails, the layers stored beside it still get their names (after a
 /// syncfs), so that the retry, once the damage is repaired, skips them.
 #[test]

@@ -27,6 +27,9 @@ struct State<T> {
     items: VecDeque<(Option<u64>, T)>,
     /// The group of the job each worker is on.
     busy: Vec<Option<u64>>,
+    /// Workers asleep in [`GroupQueue::pop_batch`]: a push wakes one only if there is one
+    /// (a futex wake is a system call, once per object otherwise).
+    waiting: usize,
     closed: bool,
 }
 
@@ -60,6 +63,7 @@ impl<T> GroupQueue<T> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 busy: vec![None; workers],
+                waiting: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -79,8 +83,11 @@ impl<T> GroupQueue<T> {
             return Err(item);
         }
         s.items.push_back((group, item));
+        let wake = s.waiting > 0;
         drop(s);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -125,7 +132,9 @@ impl<T> GroupQueue<T> {
             if s.closed {
                 return false;
             }
+            s.waiting += 1;
             s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiting -= 1;
         }
     }
 
