@@ -96,8 +96,8 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
             else {
                 continue;
             };
-            externals -= 1;
-            inflight -= *buffered;
+            externals = externals.saturating_sub(1);
+            inflight = inflight.saturating_sub(*buffered);
             if externals <= low_jobs && inflight <= low_bytes {
                 if done.is_none() {
                     // A closed channel is left for drain() to report.
@@ -439,4 +439,68 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
         stats,
         tar_size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::sync_channel;
+    use std::time::Duration;
+
+    use composefs::fsverity::{FsVerityHashValue, Sha512HashValue};
+
+    use super::super::objects::{JobResult, Stored};
+    use super::*;
+
+    fn queue(lookahead: usize) -> Queue<Sha512HashValue> {
+        Queue {
+            ops: VecDeque::new(),
+            externals: 0,
+            inflight: 0,
+            lookahead,
+            spare: Vec::new(),
+        }
+    }
+
+    fn finished() -> JobResult<Sha512HashValue> {
+        (Ok((Sha512HashValue::EMPTY, Stored::Reflinked)), None)
+    }
+
+    /// Over its lookahead, the reader sleeps until the queue is down to half of it: it waits
+    /// for that job, not for the oldest one, which would wake it once per finished object.
+    #[test]
+    fn over_its_limits_the_queue_waits_for_the_job_at_half_its_lookahead() {
+        let mut q = queue(4);
+        let mut senders = Vec::new();
+        for _ in 0..6 {
+            let (tx, rx) = sync_channel(1);
+            q.push_external(1000, 0, rx);
+            senders.push(tx);
+        }
+        assert!(q.over_limits());
+        // The workers finish the jobs in order, slowly: the wait must last until the fourth
+        // (6 queued, 2 = half the lookahead left behind it).
+        let workers = std::thread::spawn(move || {
+            for (i, tx) in senders.into_iter().enumerate() {
+                std::thread::sleep(Duration::from_millis(20));
+                tx.send(finished()).unwrap();
+                if i == 3 {
+                    // Later jobs stay unfinished while the reader goes on.
+                    return;
+                }
+            }
+        });
+        q.wait_below_limits();
+        let done: Vec<bool> = q
+            .ops
+            .iter()
+            .map(|op| matches!(op, Op::External { done: Some(_), .. }))
+            .collect();
+        assert_eq!(done, [false, false, false, true, false, false]);
+        workers.join().unwrap();
+        // Under its limits it does not wait at all.
+        let mut q = queue(4);
+        let (_tx, rx) = sync_channel(1);
+        q.push_external(1000, 0, rx);
+        q.wait_below_limits();
+    }
 }
