@@ -182,9 +182,9 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         let thread = std::thread::Builder::new()
             .name("cstor-tree".into())
             .spawn(move || {
-                // Lowest priority: the layers keep both cores busy but for the moments the
-                // object workers sleep on XFS locks, which is when this should run (at
-                // normal priority it only took turns with them: no faster).
+                // Lowest priority, as the object workers: the layers keep both cores busy
+                // but for the moments the workers sleep on XFS locks, which is when this
+                // runs best (at normal priority it only took turns with them: no faster).
                 super::lower_thread_priority(19);
                 let mut fs = FileSystem::new(Stat::uninitialized());
                 let mut entries = 0usize;
