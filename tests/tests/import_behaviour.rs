@@ -3,7 +3,7 @@
 //! that refuses to copy, no podman needed as root, and a repository that never holds a
 //! partial layer or image under a final name, however the import is killed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use composefs::fsverity::Sha512HashValue;
 use cstor_proxy_client::import::{self, CopyPolicy, ImportEvent, ImportOptions};
 use cstor_proxy_client::{Client, Error};
 use cstor_tests::session::{helper_config, runtime};
-use cstor_tests::{skip, standard_images_or_skip};
+use cstor_tests::{ImageRef, PodmanStore, skip, standard_images_or_skip};
 
 #[test]
 fn progress_has_totals_up_front_and_present_layers_are_skipped() {
@@ -320,6 +320,17 @@ fn init_writes_the_meta_json_of_cfsctl_init() {
     );
 }
 
+/// A private store in `dir` with one small image, its first layer, and that layer's
+/// `usr/share/data.txt`: above the 64-byte inline threshold, so the client's layer reader
+/// and an object worker both read it.
+fn store_with_data_file(dir: &Path) -> (PodmanStore, ImageRef, String, PathBuf) {
+    let (store, image) = cstor_tests::small_private_store(dir).unwrap();
+    let layer = store.image_layers(&image.id).unwrap()[0].clone();
+    let f = store.layer_diff_dir(&layer).join("usr/share/data.txt");
+    assert!(std::fs::metadata(&f).unwrap().len() > 64);
+    (store, image, layer, f)
+}
+
 /// A layer file changed behind podman's back (same size, other bytes) is caught by its
 /// tar-split CRC in the object worker, and the layer is not committed.
 #[test]
@@ -329,10 +340,7 @@ fn a_changed_file_fails_the_import_and_commits_nothing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (store, image) = cstor_tests::small_private_store(dir.path()).unwrap();
-    let layer = store.image_layers(&image.id).unwrap()[0].clone();
-    // Above the 64-byte inline threshold, so it goes through an object worker.
-    let f = store.layer_diff_dir(&layer).join("usr/share/data.txt");
+    let (store, image, layer, f) = store_with_data_file(dir.path());
     let mut content = std::fs::read(&f).unwrap();
     assert!(content.len() > 64);
     content[100] ^= 0x20;
@@ -379,10 +387,7 @@ fn an_import_leaves_the_layer_files_access_times_alone() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (store, image) = cstor_tests::small_private_store(dir.path()).unwrap();
-    let layer = store.image_layers(&image.id).unwrap()[0].clone();
-    // Above the inline threshold: read by the client's layer reader and an object worker.
-    let f = store.layer_diff_dir(&layer).join("usr/share/data.txt");
+    let (store, image, _, f) = store_with_data_file(dir.path());
     let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
     std::fs::File::options()
         .write(true)
