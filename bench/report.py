@@ -113,20 +113,24 @@ def main():
     def med(case, cache):
         return medians.get(case, {}).get(cache, {}).get("median_seconds")
 
-    # Limits. Warm: an import must both hash every byte and reflink every file. Neither can
-    # beat its own all-cores wall time, and together they cannot beat their summed CPU time
-    # spread over all cores: limit = max(hash, reflink, (hash_cpu + reflink_cpu) / cores).
+    # Limits. Warm, as design.md defines it: hashing every byte and reflinking every file,
+    # each spread over all cores, i.e. the two all-core times one after the other. A tighter
+    # bound is reported beside it: neither job can beat its own all-cores time, and both
+    # together cannot beat their summed CPU time spread over all cores (it assumes that each
+    # job's idle moments, such as the reflinks' waits on XFS allocation-group locks, could be
+    # filled with the other's work).
     limits = {}
     hw, rw = med("limit-hash", "warm"), med("limit-reflink-parallel", "warm")
     if hw is not None and rw is not None:
         hc = medians["limit-hash"]["warm"].get("median_cpu_seconds", hw * cores)
         rc = medians["limit-reflink-parallel"]["warm"].get("median_cpu_seconds", rw)
-        limits["warm"] = max(hw, rw, (hc + rc) / cores)
+        limits["warm"] = hw + rw
         limits["warm_components"] = {
             "hash_seconds": hw, "hash_cpu_seconds": hc,
             "reflink_seconds": rw, "reflink_cpu_seconds": rc,
             "cpu_bound_seconds": (hc + rc) / cores,
             "max_hash_reflink_seconds": max(hw, rw),
+            "tight_bound_seconds": max(hw, rw, (hc + rc) / cores),
             "reflink_cp_one_thread_seconds": med("limit-reflink-cp", "warm"),
         }
     # Cold: reading every byte once (I/O bound).
@@ -180,7 +184,7 @@ def main():
            ratio(med("cstor-xfs-root", "warm"), med("cfsctl-xfs", "warm")), 0.25, "x")
     target("warm, XFS root: <= 1.5x the warm limit",
            ratio(med("cstor-xfs-root", "warm"), limits.get("warm")), 1.5, "x",
-           "max(hash, reflink, (hash+reflink CPU)/cores)")
+           "limit = hash + reflink, each on all cores (design.md)")
     target("cold, XFS root: <= 1.3x reading every byte once",
            ratio(med("cstor-xfs-root", "cold"), limits.get("cold")), 1.3, "x")
     for case in ("cstor-xfs-root", "cstor-xfs-rootless", "cstor-ext4-root", "cstor-ext4-rootless"):
@@ -236,9 +240,13 @@ def main():
         parts = []
         if "warm" in limits:
             c = limits["warm_components"]
-            parts.append(f"warm {limits['warm']:.3f} s (hash {c['hash_seconds']:.3f} s, "
-                         f"reflink {c['reflink_seconds']:.3f} s, CPU bound "
-                         f"{c['cpu_bound_seconds']:.3f} s)")
+            tight = c["tight_bound_seconds"]
+            xfs_warm = med("cstor-xfs-root", "warm")
+            vs_tight = f", XFS root import at {xfs_warm / tight:.2f}x" if xfs_warm else ""
+            parts.append(f"warm {limits['warm']:.3f} s (hash {c['hash_seconds']:.3f} s + "
+                         f"reflink {c['reflink_seconds']:.3f} s; tighter bound "
+                         f"{tight:.3f} s = max(hash, reflink, CPU {c['hash_cpu_seconds']:.2f} s + "
+                         f"{c['reflink_cpu_seconds']:.2f} s over {cores} cores){vs_tight})")
         if "cold" in limits:
             parts.append(f"cold {limits['cold']:.3f} s (read every byte)")
         print("  limits: " + "; ".join(parts))
