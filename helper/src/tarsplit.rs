@@ -11,6 +11,7 @@
 //!
 //! The reader validates every line and never trusts a size or length it has not bounded.
 
+use std::borrow::Cow;
 use std::io::{self, BufRead};
 
 use base64::Engine as _;
@@ -39,19 +40,26 @@ pub enum Entry {
     },
 }
 
+/// One line as JSON. The strings borrow from the line where they hold no escapes (base64
+/// never does), which spares an allocation and a copy per string.
 #[derive(Deserialize)]
-struct RawEntry {
+struct RawEntry<'a> {
     #[serde(rename = "type")]
     kind: u8,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    name_raw: Option<String>,
+    #[serde(default, borrow)]
+    name: Option<JsonStr<'a>>,
+    #[serde(default, borrow)]
+    name_raw: Option<JsonStr<'a>>,
     #[serde(default)]
     size: Option<i64>,
-    #[serde(default)]
-    payload: Option<String>,
+    #[serde(default, borrow)]
+    payload: Option<JsonStr<'a>>,
 }
+
+/// A JSON string, borrowed when it has no escapes: serde borrows a `Cow` field, but not one
+/// inside an `Option`, hence the newtype.
+#[derive(Deserialize)]
+struct JsonStr<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Streaming reader over decompressed tar-split NDJSON.
 ///
@@ -113,7 +121,7 @@ impl<R: BufRead> TarSplitReader<R> {
             if buf.is_empty() {
                 return Ok(!self.line.is_empty());
             }
-            let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            let (chunk, done) = match memchr::memchr(b'\n', buf) {
                 Some(i) => (&buf[..i], Some(i + 1)),
                 None => (buf, None),
             };
@@ -141,7 +149,7 @@ impl<R: BufRead> TarSplitReader<R> {
         let payload = match &raw.payload {
             None => None,
             Some(p) => Some(
-                B64.decode(p)
+                B64.decode(p.0.as_bytes())
                     .map_err(|e| self.corrupt(format!("payload is not base64: {e}")))?,
             ),
         };
@@ -150,9 +158,9 @@ impl<R: BufRead> TarSplitReader<R> {
             1 => {
                 let name = match (raw.name, raw.name_raw) {
                     (_, Some(r)) => B64
-                        .decode(r)
+                        .decode(r.0.as_bytes())
                         .map_err(|e| self.corrupt(format!("name_raw is not base64: {e}")))?,
-                    (Some(n), None) => n.into_bytes(),
+                    (Some(n), None) => n.0.into_owned().into_bytes(),
                     (None, None) => return Err(self.corrupt("file entry without a name")),
                 };
                 if name.is_empty() {
@@ -287,5 +295,34 @@ mod tests {
                 crc64: Some(1)
             }
         );
+    }
+
+    /// Strings are borrowed from the line when they can be; JSON escapes (which tar-split's
+    /// Go encoder writes for names, and any writer may use) still decode.
+    #[test]
+    fn escaped_strings_decode_like_plain_ones() {
+        let r = read(concat!(
+            r#"{"type":2,"payload":"AA\/A"}"#,
+            "\n",
+            r#"{"type":1,"name":"./caf\u00e9 \"q\"","size":1,"payload":"AAAAAAAAAAE="}"#,
+        ));
+        assert_eq!(r[0].as_ref().unwrap(), &Entry::Segment(vec![0, 15, 192]));
+        assert_eq!(
+            r[1].as_ref().unwrap(),
+            &Entry::File {
+                name: "./café \"q\"".as_bytes().to_vec(),
+                size: 1,
+                crc64: Some(1)
+            }
+        );
+    }
+
+    /// The payload of a plain line is borrowed from it, not copied.
+    #[test]
+    fn plain_strings_are_borrowed() {
+        let raw: RawEntry = serde_json::from_slice(br#"{"type":2,"payload":"AAAA"}"#).unwrap();
+        assert!(matches!(raw.payload, Some(JsonStr(Cow::Borrowed("AAAA")))));
+        let raw: RawEntry = serde_json::from_slice(br#"{"type":2,"payload":"AA\/A"}"#).unwrap();
+        assert!(matches!(raw.payload, Some(JsonStr(Cow::Owned(_)))));
     }
 }

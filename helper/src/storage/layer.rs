@@ -238,7 +238,11 @@ impl Walker {
     }
 
     fn remember(&mut self, bytes: &[u8]) {
-        if memfind(bytes, b"GNU.sparse.").is_some() {
+        // Every header passes through here: a vectorised search, not a compare per byte,
+        // with its searcher built once.
+        static SPARSE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"GNU.sparse."));
+        if SPARSE.find(bytes).is_some() {
             self.sparse_pax = true;
         }
         if bytes.len() >= 512 {
@@ -252,7 +256,8 @@ impl Walker {
     }
 
     fn file(&mut self, name: Vec<u8>, size: u64, crc64: Option<u64>) -> Result<FileItem> {
-        let shown = String::from_utf8_lossy(&name).into_owned();
+        // The name as errors show it; made only for an error (this runs once per file).
+        let shown = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
         if size == 0 {
             self.sparse_pax = false;
             return Ok(FileItem {
@@ -263,6 +268,7 @@ impl Walker {
             });
         }
         if self.tail.len() < 512 {
+            let shown = shown(&name);
             return Err(self
                 .corrupt(format!("entry {shown:?} is not preceded by a tar header"))
                 .path(shown));
@@ -279,6 +285,7 @@ impl Walker {
             });
         }
         if !matches!(typeflag, b'0' | 0 | b'7') {
+            let shown = shown(&name);
             return Err(Error::new(
                 ErrorCode::Unsupported,
                 format!(
@@ -290,6 +297,7 @@ impl Walker {
             .layer(&self.source.layer_id));
         }
         if std::mem::take(&mut self.sparse_pax) {
+            let shown = shown(&name);
             return Err(Error::new(
                 ErrorCode::Unsupported,
                 format!("entry {shown:?} is a sparse tar entry, which cannot be rebuilt from the extracted file"),
@@ -301,10 +309,12 @@ impl Walker {
         let rel = confine::clean_entry_name(&name)
             .map_err(|e| e.layer(&self.source.layer_id))?
             .ok_or_else(|| {
+                let shown = shown(&name);
                 self.corrupt(format!("entry {shown:?} with content names the layer root"))
             })?;
-        let (file, len) = self.open_content(&rel, &shown)?;
+        let (file, len) = self.open_content(&rel, &name)?;
         if len != size {
+            let shown = shown(&name);
             return Err(Error::new(
                 ErrorCode::ChecksumMismatch,
                 format!(
@@ -323,7 +333,8 @@ impl Walker {
     }
 
     /// c/storage's getter tries the layer's diff, then each lower diff, first hit wins.
-    fn open_content(&self, rel: &Path, shown: &str) -> Result<(File, u64)> {
+    fn open_content(&self, rel: &Path, name: &[u8]) -> Result<(File, u64)> {
+        let shown = String::from_utf8_lossy(name);
         for dir in &self.source.dirs {
             match confine::open_regular_sized(dir.as_fd(), rel) {
                 Ok(f) => return Ok(f),
@@ -339,7 +350,7 @@ impl Walker {
                         ErrorCode::PathEscape,
                         format!("{shown:?} resolves outside the layer (through '..' or an absolute symlink)"),
                     )
-                    .path(shown)
+                    .path(shown.into_owned())
                     .layer(&self.source.layer_id));
                 }
                 Err(e)
@@ -350,12 +361,12 @@ impl Walker {
                         ErrorCode::MissingFile,
                         format!("{shown:?} is not a regular file in the layer"),
                     )
-                    .path(shown)
+                    .path(shown.into_owned())
                     .layer(&self.source.layer_id));
                 }
                 Err(e) => {
                     return Err(Error::io(format!("opening {shown:?}"), e)
-                        .path(shown)
+                        .path(shown.into_owned())
                         .layer(&self.source.layer_id));
                 }
             }
@@ -364,7 +375,7 @@ impl Walker {
             ErrorCode::MissingFile,
             format!("{shown:?} is named by tar-split but missing from the layer"),
         )
-        .path(shown)
+        .path(shown.into_owned())
         .layer(&self.source.layer_id))
     }
 }
@@ -395,8 +406,4 @@ impl Iterator for Walker {
         }
         Some(r)
     }
-}
-
-fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
