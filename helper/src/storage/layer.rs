@@ -257,7 +257,7 @@ impl Walker {
 
     fn file(&mut self, name: Vec<u8>, size: u64, crc64: Option<u64>) -> Result<FileItem> {
         // The name as errors show it; made only for an error (this runs once per file).
-        let shown = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
+        let show = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
         if size == 0 {
             self.sparse_pax = false;
             return Ok(FileItem {
@@ -268,7 +268,7 @@ impl Walker {
             });
         }
         if self.tail.len() < 512 {
-            let shown = shown(&name);
+            let shown = show(&name);
             return Err(self
                 .corrupt(format!("entry {shown:?} is not preceded by a tar header"))
                 .path(shown));
@@ -285,7 +285,7 @@ impl Walker {
             });
         }
         if !matches!(typeflag, b'0' | 0 | b'7') {
-            let shown = shown(&name);
+            let shown = show(&name);
             return Err(Error::new(
                 ErrorCode::Unsupported,
                 format!(
@@ -297,7 +297,7 @@ impl Walker {
             .layer(&self.source.layer_id));
         }
         if std::mem::take(&mut self.sparse_pax) {
-            let shown = shown(&name);
+            let shown = show(&name);
             return Err(Error::new(
                 ErrorCode::Unsupported,
                 format!("entry {shown:?} is a sparse tar entry, which cannot be rebuilt from the extracted file"),
@@ -309,12 +309,12 @@ impl Walker {
         let rel = confine::clean_entry_name(&name)
             .map_err(|e| e.layer(&self.source.layer_id))?
             .ok_or_else(|| {
-                let shown = shown(&name);
+                let shown = show(&name);
                 self.corrupt(format!("entry {shown:?} with content names the layer root"))
             })?;
         let (file, len) = self.open_content(&rel, &name)?;
         if len != size {
-            let shown = shown(&name);
+            let shown = show(&name);
             return Err(Error::new(
                 ErrorCode::ChecksumMismatch,
                 format!(

@@ -664,6 +664,10 @@ fn clone_or_copy(
                 .first_fallback()
                 .unwrap_or_else(|| "reflinks are not supported here".into()),
         });
+    } else if policy == CopyPolicy::ReflinkOrHardlink {
+        // Another worker found out that reflinks are unsupported after this one checked:
+        // link, as the files after it will be (it used to be copied, one file in some runs).
+        return Ok(None);
     }
     copy_range(src, tmp, size).map_err(|e| Error::io(format!("copying {name}"), e))?;
     Ok(Some(false))
@@ -967,6 +971,35 @@ mod tests {
         // The same content again is found, not stored twice.
         let (how, _, _) = store_file("again", &[7u8; 5000], 0o644);
         assert_eq!(how, Stored::AlreadyPresent);
+    }
+
+    /// Once a worker has found that reflinks are unsupported, a file already past that
+    /// check in another worker is linked, not copied, under the hardlink policy; under the
+    /// default policy it is copied.
+    #[test]
+    fn a_file_that_missed_the_news_of_no_reflinks_is_linked_under_the_hardlink_policy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = source(tmp.path(), "plain", b"some bytes", 0o644);
+        let state = WorkerState::default();
+        state.unsupported.store(true, Ordering::Relaxed);
+        let dst = tempfile::tempfile_in(tmp.path()).unwrap();
+        let linked = clone_or_copy(
+            &src,
+            &dst,
+            10,
+            "plain",
+            CopyPolicy::ReflinkOrHardlink,
+            &state,
+        );
+        assert_eq!(linked.unwrap(), None);
+        assert_eq!(dst.metadata().unwrap().len(), 0, "nothing copied");
+        let copied = clone_or_copy(&src, &dst, 10, "plain", CopyPolicy::ReflinkOrCopy, &state);
+        assert_eq!(copied.unwrap(), Some(false));
+        assert_eq!(
+            std::fs::read(tmp.path().join("plain")).unwrap(),
+            b"some bytes"
+        );
+        assert_eq!(dst.metadata().unwrap().len(), 10);
     }
 
     #[test]
