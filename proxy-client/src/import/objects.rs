@@ -434,6 +434,7 @@ fn store_as<ObjectID: FsVerityHashValue>(
     // In an insecure repository we name and link the object ourselves (see above); there
     // an existing object simply makes linkat fail with EEXIST.
     let objects = repo.is_insecure().then_some(objects_dir);
+    let mut policy = policy;
     if policy == CopyPolicy::ReflinkOrHardlink
         && state.unsupported.load(std::sync::atomic::Ordering::Relaxed)
     {
@@ -441,6 +442,8 @@ fn store_as<ObjectID: FsVerityHashValue>(
         if let Some(how) = hardlink(objects, src, &id, name, state)? {
             return Ok((id, how));
         }
+        // No reflinks, no link: nothing left to try but a copy.
+        policy = CopyPolicy::CopyOnly;
     }
     // With fs-verity too: composefs' finalize_object_tmpfile takes a tmpfile from anywhere
     // in the repository's filesystem.
