@@ -356,7 +356,7 @@ cstor_import() {
     local keep=$MNT/scratch/imported-repo # cstor-xfs-root's repository, kept for the re-import
     local policy=()
     [[ $kind == hardlink ]] && policy=(--copy-policy reflink-or-hardlink)
-    local cmd=("$BIN/cstor" --root "$g" --runroot "$r" --storage-driver overlay --json import "${policy[@]}" --repo "$repo" "$IMAGE")
+    local cmd=("$BIN/cstor" import --root "$g" --runroot "$r" --storage-driver overlay --json "${policy[@]}" --repo "$repo" "$IMAGE")
     [[ $who == user ]] && cmd=(as_user "${cmd[@]}")
     if [[ $kind == reimport && -d $keep ]]; then
         rm -rf "$repo"
@@ -606,8 +606,8 @@ rss_run() { # who fs
     fresh_repo "$who" "$repo"
     # The pid written is that of /usr/bin/time (exec); the client is its child.
     local cmd=(bash -c 'echo $$ > "$1"; exec /usr/bin/time -v -o "$2" "${@:3}"' bash
-        "$dir/client.pid" "$dir/client.time" "$BIN/cstor" --helper "$wrapper" --root "$g" --runroot "$r"
-        --storage-driver overlay --json import --repo "$repo" "$IMAGE")
+        "$dir/client.pid" "$dir/client.time" "$BIN/cstor" import --helper "$wrapper" --root "$g" --runroot "$r"
+        --storage-driver overlay --json --repo "$repo" "$IMAGE")
     [[ $who == user ]] && cmd=(as_user "${cmd[@]}")
     rm -f "$dir/client.pid"
     "${cmd[@]}" >"$dir/report.json" 2>"$dir/stderr" &
@@ -730,7 +730,7 @@ fi
 rm -rf "$MNT/scratch" "$SCRATCH_EXT4"
 # Upstream's hardlinks on ext4 share inodes with podman's files: check the storage still
 # verifies (nothing modified it).
-VERIFY_EXT4=$("$BIN/cstor" --root "$ER" --runroot "$ER_RUN" --storage-driver overlay verify "$IMAGE" >/dev/null 2>&1 && echo true || echo false)
+VERIFY_EXT4=$("$BIN/cstor" verify --root "$ER" --runroot "$ER_RUN" --storage-driver overlay "$IMAGE" >/dev/null 2>&1 && echo true || echo false)
 log "measurements took $(awk -v a="$T_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"
 
 machine_json | jq --argjson v "$VERIFY_EXT4" '. + {ext4_storage_verifies_after_upstream: $v}' >"$OUT/machine.json"

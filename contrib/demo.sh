@@ -38,15 +38,16 @@ if ! podman_ image exists localhost/cstor-demo:latest 2>/dev/null; then
     podman_ rm "$c" >/dev/null
 fi
 
-cstor=("$bin/cstor" --root "$root" --runroot "$run")
+cstor="$bin/cstor"
+storage=(--root "$root" --runroot "$run")
 echo "== cstor images"
-"${cstor[@]}" images
+"$cstor" images "${storage[@]}"
 echo "== cstor inspect localhost/cstor-demo"
-"${cstor[@]}" inspect localhost/cstor-demo
+"$cstor" inspect "${storage[@]}" localhost/cstor-demo
 echo "== cstor verify localhost/cstor-demo (rebuilds every layer, checks CRCs and diff ids)"
-"${cstor[@]}" verify localhost/cstor-demo
+"$cstor" verify "${storage[@]}" localhost/cstor-demo
 echo "== cstor layer-tar localhost/cstor-demo 0 -o layer0.tar; tar -tvf layer0.tar"
-"${cstor[@]}" layer-tar localhost/cstor-demo 0 -o "$demo/layer0.tar"
+"$cstor" layer-tar "${storage[@]}" localhost/cstor-demo 0 -o "$demo/layer0.tar"
 tar -tvf "$demo/layer0.tar" | sed -n '1,8p'
 echo "== the same layer, compared with skopeo's export"
 rm -rf "$demo/oci"
@@ -54,7 +55,7 @@ skopeo copy --quiet "containers-storage:[overlay@$root+$run]localhost/cstor-demo
 podman_ images -q >/dev/null  # skopeo 1.9 leaves a bind mount until the next podman command
 for i in 0 1; do
     want=$(jq -r ".layers[$i].digest" "$demo/oci/blobs/sha256/$(jq -r '.manifests[0].digest' "$demo/oci/index.json" | cut -d: -f2)")
-    got="sha256:$("${cstor[@]}" layer-tar localhost/cstor-demo $i | sha256sum | cut -d' ' -f1)"
+    got="sha256:$("$cstor" layer-tar "${storage[@]}" localhost/cstor-demo $i | sha256sum | cut -d' ' -f1)"
     echo "layer $i: skopeo $want, cstor $got"
     [ "$want" = "$got" ]
 done
@@ -63,12 +64,12 @@ echo '{"jsonrpc":"2.0","id":1,"method":"ListImages"}' | "$bin/cstor-helper" --st
 
 echo "== cstor import into a composefs repository on the same ext4 (no reflinks: copies)"
 rm -rf "$demo/repo"
-"${cstor[@]}" import --init --repo "$demo/repo" localhost/cstor-demo
+"$cstor" import "${storage[@]}" --init --repo "$demo/repo" localhost/cstor-demo
 echo "== importing again: every layer is already there"
-"${cstor[@]}" import --repo "$demo/repo" localhost/cstor-demo
+"$cstor" import "${storage[@]}" --repo "$demo/repo" localhost/cstor-demo
 echo "== mounting the imported image"
 mkdir -p "$demo/mnt"
-"${cstor[@]}" mount --repo "$demo/repo" containers-storage:localhost/cstor-demo "$demo/mnt"
+"$cstor" mount --repo "$demo/repo" containers-storage:localhost/cstor-demo "$demo/mnt"
 ls -la "$demo/mnt" "$demo/mnt/srv"
 umount "$demo/mnt"
 
@@ -85,7 +86,7 @@ loopdev=$(losetup -f --show "$demo/xfs.img")
 mkfs.xfs -q "$loopdev" && mount "$loopdev" "$xfs"
 xrun=/run/cstor-demo-xfs
 podman --root "$xfs/storage" --runroot "$xrun" --storage-driver overlay import --quiet "$demo/rootfs.tar" localhost/cstor-demo:latest >/dev/null
-"$bin/cstor" --root "$xfs/storage" --runroot "$xrun" import --init --repo "$xfs/repo" localhost/cstor-demo
+"$cstor" import --root "$xfs/storage" --runroot "$xrun" --init --repo "$xfs/repo" localhost/cstor-demo
 podman --root "$xfs/storage" --runroot "$xrun" rmi -a -f >/dev/null
 cleanup
 trap - EXIT

@@ -85,54 +85,13 @@ fn parse_dir(v: &str) -> std::result::Result<PathBuf, String> {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-}
-
-/// Content fds are opened ahead of the client; the soft limit is often only 1024.
-fn raise_nofile_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if let Some(max) = lim.maximum
-        && lim.current != Some(max)
-    {
-        let new = rustix::process::Rlimit {
-            current: Some(max),
-            maximum: Some(max),
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, new) {
-            tracing::debug!("could not raise RLIMIT_NOFILE: {e}");
-        }
-    }
-}
-
 /// Grows the fd table now, while this process has one thread, to what serving four layers at
-/// once holds. The kernel doubles the table as fds are opened, and in a process with several
-/// threads each doubling waits for an RCU grace period (10-20 ms here, five times while an
-/// import's layers started). Best effort: capped at the soft limit, errors ignored.
+/// once holds (see `cstor_protocol::fds::reserve_table`).
 fn reserve_fd_table() {
-    use rustix::process::{Resource, getrlimit};
     let defaults = ServerConfig::default();
-    let want = 4 * u64::from(defaults.max_fds_queued + defaults.max_fds_per_message) + 64;
-    let limit = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    if let Ok(top) = i32::try_from(want.min(limit).saturating_sub(1))
-        && top > 0
-    {
-        // The duplicate is closed right away; the table keeps its size.
-        let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), top);
-    }
+    let want = 4 * (defaults.max_fds_queued as usize + defaults.max_fds_per_message as usize)
+        + cstor_protocol::fds::RESERVE;
+    cstor_protocol::fds::reserve_table(want);
 }
 
 /// Shrinks the per-layer fd queue when even the raised limit is low (a hard limit of 1024,
@@ -148,7 +107,8 @@ fn fit_fd_limit(mut config: ServerConfig) -> ServerConfig {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    raise_nofile_limit();
+    // Content fds are opened ahead of the client; the soft limit is often only 1024.
+    cstor_protocol::fds::raise_soft_limit();
     reserve_fd_table();
     let mut env = ConfigEnv::from_process();
     if let Some(conf) = &cli.storage_conf {
@@ -205,7 +165,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    cstor_logging::init(cstor_logging::Verbosity::from_flags(cli.verbose, false));
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,9 @@
 //! - the [`method`] names with their params and result types ([`methods`]);
 //! - [`ErrorCode`], the stable error codes, and [`RpcError`], the error object on the wire;
 //! - the [`stream`] format a layer is described in, and [`assemble`], which rebuilds a tar
-//!   from it and checks it.
+//!   from it and checks it;
+//! - [`fds`]: how each side keeps its file descriptors within its limit, so that `SCM_RIGHTS`
+//!   never drops one.
 //!
 //! The prose specification, with an example exchange for every method, is `docs/protocol.md`
 //! in the repository.
@@ -31,6 +33,7 @@
 
 pub mod assemble;
 mod error;
+pub mod fds;
 pub mod methods;
 pub mod reference;
 pub mod stream;

@@ -1,8 +1,13 @@
-//! The store selector of `containers-storage:` references.
+//! The store selector of `containers-storage:` references, and the other transports'
+//! prefixes, which are refused by name.
 //!
 //! `containers-storage:[overlay@/var/lib/x+/run/x:opt1,opt2]IMAGE` names an image in a given
 //! store. A client spawns its helper for that store; the helper accepts the same form when it
 //! names the storage it serves.
+//!
+//! References in the other transports of containers/image (`docker://busybox`,
+//! `oci:DIR`...) name images elsewhere: they are refused with "unsupported transport"
+//! rather than read as a short name of containers-storage and reported as an invalid name.
 
 use std::path::PathBuf;
 
@@ -19,11 +24,48 @@ pub struct StoreSpec {
     pub options: Vec<String>,
 }
 
+/// Transports of containers/image other than `containers-storage`, as skopeo and podman
+/// spell them before the first `:`.
+pub const OTHER_TRANSPORTS: &[&str] = &[
+    "docker",
+    "docker-archive",
+    "docker-daemon",
+    "oci",
+    "oci-archive",
+    "dir",
+    "ostree",
+    "sif",
+    "tarball",
+];
+
+/// The transport `input` names, if it is one of [`OTHER_TRANSPORTS`] (or any `name://`).
+///
+/// A name such as `oci:latest` is an image called `oci` in containers-storage only when
+/// written `containers-storage:oci:latest`: as in skopeo, the transport prefix wins.
+///
+/// ```
+/// use cstor_protocol::reference::other_transport;
+/// assert_eq!(other_transport("docker://busybox"), Some("docker"));
+/// assert_eq!(other_transport("oci:/tmp/dir"), Some("oci"));
+/// assert_eq!(other_transport("busybox:latest"), None);
+/// assert_eq!(other_transport("localhost:5000/busybox"), None);
+/// assert_eq!(other_transport("containers-storage:busybox"), None);
+/// ```
+pub fn other_transport(input: &str) -> Option<&str> {
+    let s = input.trim();
+    let (scheme, rest) = s.split_once(':')?;
+    if rest.starts_with("//") && !scheme.is_empty() && !scheme.contains('/') {
+        return Some(scheme);
+    }
+    OTHER_TRANSPORTS.iter().copied().find(|t| *t == scheme)
+}
+
 /// Splits an optional `containers-storage:` prefix and `[...]` store selector from a
 /// reference; returns the selector and the image part.
 ///
-/// Fails with a message when the selector is malformed (no closing `]`, relative roots, an
-/// empty driver or nothing after it).
+/// Fails with a message when the reference names another transport ([`other_transport`]) or
+/// the selector is malformed (no closing `]`, relative roots, an empty driver or nothing
+/// after it).
 ///
 /// ```
 /// use cstor_protocol::reference::split_store;
@@ -35,6 +77,11 @@ pub struct StoreSpec {
 /// assert_eq!(split_store("quay.io/a/b:1").unwrap(), (None, "quay.io/a/b:1"));
 /// ```
 pub fn split_store(input: &str) -> Result<(Option<StoreSpec>, &str), String> {
+    if let Some(t) = other_transport(input) {
+        return Err(format!(
+            "unsupported transport \"{t}:\": only containers-storage images can be read"
+        ));
+    }
     let s = input.trim();
     let s = s.strip_prefix("containers-storage:").unwrap_or(s);
     let Some(rest) = s.strip_prefix('[') else {
@@ -101,6 +148,32 @@ mod tests {
             "[@/g]x",
         ] {
             assert!(split_store(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn other_transports_are_refused_by_name() {
+        for (r, t) in [
+            ("docker://busybox", "docker"),
+            ("oci:/tmp/x:tag", "oci"),
+            ("oci-archive:/tmp/x.tar", "oci-archive"),
+            ("docker-daemon:busybox:latest", "docker-daemon"),
+            ("dir:/tmp/x", "dir"),
+        ] {
+            let e = split_store(r).unwrap_err();
+            assert!(
+                e.contains("unsupported transport") && e.contains(t),
+                "{r}: {e}"
+            );
+        }
+        for ok in [
+            "busybox",
+            "busybox:latest",
+            "localhost:5000/a/b:1",
+            "containers-storage:oci:latest",
+            "docker.io/library/busybox",
+        ] {
+            assert!(split_store(ok).is_ok(), "{ok}");
         }
     }
 }

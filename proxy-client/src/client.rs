@@ -139,9 +139,14 @@ impl Client {
         self.inner.process.as_ref().map(|p| p.pid())
     }
 
-    /// A stream that ended early usually means the helper died: say so, with its exit
-    /// status and stderr, instead of only "truncated".
-    pub(crate) fn explain(&self, e: Error, during: &str) -> Error {
+    /// Turns a stream that ended early into the reason it did: when the helper has exited,
+    /// [`Error::HelperDied`] with its exit status and the end of its stderr (and `during`,
+    /// what the caller was doing), instead of only "truncated". Any other error is returned
+    /// as it is.
+    ///
+    /// [`Layer::write_tar`] does this itself; a caller that reads a layer's stream and
+    /// contents on its own (as an importer does) calls it on the errors it gets.
+    pub fn explain(&self, e: Error, during: &str) -> Error {
         use cstor_protocol::assemble::AssembleError;
         use cstor_protocol::stream::StreamError;
         let truncated = matches!(
@@ -217,7 +222,7 @@ impl Client {
     /// process's soft `RLIMIT_NOFILE` leaves less than twice that; open several layers at
     /// once with [`Client::open_layer_with_prefetch`] to share a low limit.
     pub async fn open_layer(&self, layer: &str) -> Result<Layer> {
-        let prefetch = crate::layer::PREFETCH.min(crate::layer::fd_budget() / 2);
+        let prefetch = crate::layer::DEFAULT_PREFETCH.min(crate::layer::fd_budget() / 2);
         self.open_layer_with_prefetch(layer, prefetch).await
     }
 

@@ -1,4 +1,4 @@
-//! Errors of the client library.
+//! Errors of the client library: talking to the helper, and checking what it sent.
 
 use std::path::PathBuf;
 
@@ -89,34 +89,6 @@ pub enum Error {
         /// What was rebuilt.
         actual: String,
     },
-    /// A composefs repository operation failed.
-    #[error("{doing}: {cause:#}")]
-    Repository {
-        /// What was being done.
-        doing: String,
-        /// The composefs error.
-        cause: anyhow::Error,
-    },
-    /// [`crate::import::CopyPolicy::ReflinkOnly`] was asked, and a file could not be
-    /// reflinked.
-    #[error("{file} cannot be reflinked and copying was not allowed: {reason}")]
-    ReflinkRequired {
-        /// The tar entry.
-        file: String,
-        /// Why the reflink failed.
-        reason: String,
-    },
-    /// A file changed while it was being imported.
-    #[error("{file} changed during the import: {detail}")]
-    ContentChanged {
-        /// The tar entry.
-        file: String,
-        /// What differed.
-        detail: String,
-    },
-    /// The image's config and its layer chain disagree, or another inconsistency.
-    #[error("{0}")]
-    ImageMismatch(String),
     /// A local I/O error.
     #[error("{doing}: {cause}")]
     Io {
@@ -152,13 +124,23 @@ impl Error {
         }
     }
 
-    /// Whether retrying later may succeed.
-    pub fn retryable(&self) -> bool {
+    /// Whether retrying later may succeed: the helper said so (a storage lock held by a
+    /// writer, say), or it did not answer in time.
+    pub fn is_retryable(&self) -> bool {
         match self {
             Error::Remote { error, .. } => error.retryable(),
             Error::Timeout { .. } => true,
             _ => false,
         }
+    }
+
+    /// Whether the helper process is gone or could not be started: the caller may start a
+    /// new one.
+    pub fn is_helper_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::HelperNotFound(_) | Error::Spawn { .. } | Error::HelperDied { .. }
+        )
     }
 
     pub(crate) fn io(doing: impl Into<String>, cause: std::io::Error) -> Self {

@@ -19,30 +19,32 @@ use crate::error::{Error, Result};
 
 /// Content fds a layer holds ahead of its reader by default: a queue of 256 and a batch of
 /// up to 200 being received. Less when the process's fd limit is low, see [`fd_budget`].
-pub(crate) const PREFETCH: usize = 456;
+pub const DEFAULT_PREFETCH: usize = 456;
 
-/// How many fds this process may still open (its soft `RLIMIT_NOFILE` less a reserve for
-/// everything else), or `usize::MAX` without a limit.
+/// How many more fds this process may hold (its soft `RLIMIT_NOFILE` less a reserve), or
+/// `usize::MAX` without a limit.
 ///
 /// Content fds arrive by `SCM_RIGHTS`; a receiver at its fd limit gets the message with its
-/// fds silently dropped, so every consumer of content fds sizes its queues from this.
-pub(crate) fn fd_budget() -> usize {
-    const RESERVE: u64 = 64;
-    match rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
-        Some(n) => usize::try_from(n.saturating_sub(RESERVE)).unwrap_or(usize::MAX),
-        None => usize::MAX,
-    }
+/// fds silently dropped, so every consumer of content fds sizes its queues from this: pass
+/// a share of it to [`Client::open_layer_with_prefetch`] when several layers are open at
+/// once.
+///
+/// ```
+/// let per_layer = cstor_proxy_client::fd_budget() / 4;
+/// assert!(per_layer > 0);
+/// ```
+pub fn fd_budget() -> usize {
+    cstor_protocol::fds::budget()
 }
 
 /// Grows this process's fd table so that it holds `n` fds (capped at the soft
 /// `RLIMIT_NOFILE`) without growing again.
 ///
 /// The kernel doubles a process's fd table as fds arrive, and in a process with several
-/// threads each doubling waits for an RCU grace period: an import, which holds a thousand
-/// content fds or more, paid five of them (10-20 ms each here) while its layers started.
-/// Done while the process still has one thread it costs an allocation only; later it waits
-/// for one grace period at most. An import calls it with what it will hold; a program that
-/// imports can call it first thing in `main`, as `cstor` does.
+/// threads each doubling waits for an RCU grace period, while the layers start. Done while
+/// the process still has one thread it costs an allocation only; later it waits for one
+/// grace period at most. An import calls it with what it will hold; a program that imports
+/// can call it first thing in `main`, as `cstor` does.
 ///
 /// Best effort: it never fails, and a table already that large is left alone.
 ///
@@ -50,20 +52,7 @@ pub(crate) fn fd_budget() -> usize {
 /// cstor_proxy_client::reserve_fd_table(1024);
 /// ```
 pub fn reserve_fd_table(n: usize) {
-    let limit = usize::try_from(
-        rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .unwrap_or(u64::MAX),
-    )
-    .unwrap_or(usize::MAX);
-    // F_DUPFD picks the lowest free fd at or above this one, so the table must reach it.
-    let Ok(top) = i32::try_from(n.min(limit).saturating_sub(1)) else {
-        return;
-    };
-    if top > 0 {
-        // The duplicate is closed again right away; only the table's size stays.
-        let _ = rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), top);
-    }
+    cstor_protocol::fds::reserve_table(n);
 }
 
 /// Bytes of each prefetched content file the kernel is asked to read ahead.

@@ -2,6 +2,10 @@
 //! rootless), drive it over JSON-RPC with fd passing, and read images and layers from
 //! containers-storage without copying them.
 //!
+//! This crate only talks to the helper: it has no composefs, OpenSSL or command-line
+//! dependencies. Importing into composefs repositories is the `cstor-import` crate's job,
+//! the `cstor` command the `cstor-cli` crate's.
+//!
 //! - [`Client`]: the typed async API (`list_images`, `get_image`, `open_layer`...), usable
 //!   on a `current_thread` tokio runtime;
 //! - [`Layer`]: an open layer: its stream of tar metadata and the content fds the helper
@@ -11,10 +15,8 @@
 //! ```no_run
 //! # async fn f() -> Result<(), cstor_proxy_client::Error> {
 //! use cstor_proxy_client::{Client, HelperConfig, StorageSelection};
-//! let config = HelperConfig {
-//!     storage: StorageSelection { graphroot: Some("/var/lib/containers/storage".into()), ..Default::default() },
-//!     ..Default::default()
-//! };
+//! let config = HelperConfig::default()
+//!     .storage(StorageSelection::default().graphroot("/var/lib/containers/storage"));
 //! let client = Client::spawn(&config).await?;
 //! let image = client.get_image("localhost/myimage").await?;
 //! for l in &image.layers {
@@ -26,13 +28,11 @@
 //! ```
 
 #![deny(missing_docs)]
-// One audited exception: the XFS geometry ioctl (import/placement.rs), which has no safe
-// wrapper.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 mod client;
 mod error;
-pub mod import;
 mod layer;
 mod rpc;
 pub mod spawn;
@@ -40,5 +40,5 @@ pub mod spawn;
 pub use client::Client;
 pub use cstor_protocol as protocol;
 pub use error::{Error, Result};
-pub use layer::{Contents, Layer, check_against, reserve_fd_table};
+pub use layer::{Contents, DEFAULT_PREFETCH, Layer, check_against, fd_budget, reserve_fd_table};
 pub use spawn::{HelperConfig, Privilege, StorageSelection};

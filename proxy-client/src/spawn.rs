@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 
 /// How to run the helper.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Privilege {
     /// Directly when this process can read any file (root or `CAP_DAC_OVERRIDE`), else
     /// through `podman unshare`.
@@ -34,7 +35,15 @@ pub enum Privilege {
 }
 
 /// Which storage the helper serves. Unset fields come from storage.conf as podman reads it.
+///
+/// ```
+/// let storage = cstor_proxy_client::StorageSelection::default()
+///     .graphroot("/var/lib/containers/storage")
+///     .runroot("/run/containers/storage");
+/// assert_eq!(storage.to_args().len(), 4);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StorageSelection {
     /// The graph root (`--root`).
     pub graphroot: Option<PathBuf>,
@@ -53,6 +62,24 @@ pub struct StorageSelection {
 }
 
 impl StorageSelection {
+    /// Sets the graph root.
+    pub fn graphroot(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.graphroot = Some(dir.into());
+        self
+    }
+
+    /// Sets the run root.
+    pub fn runroot(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.runroot = Some(dir.into());
+        self
+    }
+
+    /// Reads only this storage.conf.
+    pub fn storage_conf(mut self, file: impl Into<PathBuf>) -> Self {
+        self.storage_conf = Some(file.into());
+        self
+    }
+
     /// The helper arguments selecting this storage.
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
@@ -87,8 +114,18 @@ impl StorageSelection {
     }
 }
 
-/// Everything needed to start a helper.
+/// Everything needed to start a helper. Start from [`HelperConfig::default`] and set what
+/// differs:
+///
+/// ```
+/// use cstor_proxy_client::{HelperConfig, Privilege, StorageSelection};
+/// let config = HelperConfig::default()
+///     .storage(StorageSelection::default().graphroot("/srv/containers"))
+///     .privilege(Privilege::Direct);
+/// assert_eq!(config.privilege, Privilege::Direct);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HelperConfig {
     /// The helper binary; by default `$CSTOR_HELPER`, then `cstor-helper` next to the current
     /// executable, then on `PATH`.
@@ -127,7 +164,36 @@ impl Default for HelperConfig {
     }
 }
 
-/// Locates the helper binary.
+impl HelperConfig {
+    /// Sets [`HelperConfig::program`].
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// Sets [`HelperConfig::storage`].
+    pub fn storage(mut self, storage: StorageSelection) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// Sets [`HelperConfig::privilege`].
+    pub fn privilege(mut self, privilege: Privilege) -> Self {
+        self.privilege = privilege;
+        self
+    }
+
+    /// Adds helper arguments ([`HelperConfig::extra_args`]).
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// Locates the helper binary: `explicit`, else `$CSTOR_HELPER`, else `cstor-helper` beside
+/// the running executable, else `../libexec/cstor/cstor-helper` from it (where
+/// `contrib/install.sh` and distribution packages put it, `PREFIX/bin/cstor` beside
+/// `PREFIX/libexec/cstor/cstor-helper`), else on `PATH`.
 ///
 /// Fails with [`Error::HelperNotFound`] listing the places searched.
 pub fn find_helper(explicit: Option<&Path>) -> Result<PathBuf> {
@@ -142,9 +208,16 @@ pub fn find_helper(explicit: Option<&Path>) -> Result<PathBuf> {
         && let Some(dir) = exe.parent()
     {
         // Test binaries live in target/<profile>/deps; the helper one level up.
-        for d in [Some(dir), dir.parent().filter(|_| dir.ends_with("deps"))]
-            .into_iter()
-            .flatten()
+        let libexec = dir.parent().map(|p| p.join("libexec").join("cstor"));
+        for d in [
+            Some(dir.to_owned()),
+            dir.parent()
+                .filter(|_| dir.ends_with("deps"))
+                .map(Path::to_owned),
+            libexec,
+        ]
+        .into_iter()
+        .flatten()
         {
             let c = d.join("cstor-helper");
             if c.is_file() {

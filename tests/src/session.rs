@@ -24,16 +24,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Helper settings serving `store`, started directly (tests run as root).
 pub fn helper_config(store: &PodmanStore) -> Result<HelperConfig> {
-    Ok(HelperConfig {
-        program: Some(crate::helper_binary()?),
-        storage: StorageSelection {
-            graphroot: Some(store.root.clone()),
-            runroot: Some(store.runroot.clone()),
-            ..Default::default()
-        },
-        privilege: Privilege::Direct,
-        ..Default::default()
-    })
+    Ok(HelperConfig::default()
+        .program(crate::helper_binary()?)
+        .storage(
+            StorageSelection::default()
+                .graphroot(&store.root)
+                .runroot(&store.runroot),
+        )
+        .privilege(Privilege::Direct))
 }
 
 /// Spawns a helper for `store` and connects the client library to it.

@@ -5,13 +5,32 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use composefs::progress::{ProgressEvent, ProgressReporter, ProgressUnit};
+
 use composefs::fsverity::Sha512HashValue;
-use cstor_proxy_client::import::{self, CopyPolicy, ImportEvent, ImportOptions};
+use cstor_import::{self as import, CopyPolicy, ImportEvent, ImportOptions};
 use cstor_proxy_client::{Client, Error};
 use cstor_tests::session::{helper_config, runtime};
 use cstor_tests::{ImageRef, PodmanStore, skip, standard_images_or_skip};
+
+/// A composefs progress renderer that keeps what it is told.
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Vec<ProgressEvent>>);
+
+impl Recorder {
+    fn take(&self) -> Vec<ProgressEvent> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+impl ProgressReporter for Recorder {
+    fn report(&self, event: ProgressEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
 
 #[test]
 fn progress_has_totals_up_front_and_present_layers_are_skipped() {
@@ -38,10 +57,9 @@ fn progress_has_totals_up_front_and_present_layers_are_skipped() {
         .await
         .unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let options = ImportOptions {
-            progress: Some(tx),
-            ..ImportOptions::default()
-        };
+        // bootc renders composefs' own progress events: it gets them too.
+        let reporter = Arc::new(Recorder::default());
+        let options = ImportOptions::new().events(tx).progress(reporter.clone());
         let report = import::import_image(&client, &repo, &images.commit.name, &options)
             .await
             .unwrap();
@@ -50,6 +68,22 @@ fn progress_has_totals_up_front_and_present_layers_are_skipped() {
         while let Some(e) = rx.recv().await {
             events.push(e);
         }
+        let composefs_events = reporter.take();
+        let base_id = report.layers[0].diff_id.as_str();
+        let top_id = report.layers[1].diff_id.as_str();
+        assert!(
+            matches!(&composefs_events[0], ProgressEvent::Skipped { id } if id.as_str() == base_id),
+            "{composefs_events:?}"
+        );
+        assert!(
+            matches!(&composefs_events[1], ProgressEvent::Started { id, total: Some(t), unit: ProgressUnit::Bytes }
+                if id.as_str() == top_id && *t == report.layers[1].bytes),
+            "{composefs_events:?}"
+        );
+        assert!(composefs_events.iter().any(|e| matches!(e,
+            ProgressEvent::Done { id, transferred } if id.as_str() == top_id && *transferred == report.layers[1].bytes)));
+        assert!(composefs_events.iter().any(|e| matches!(e,
+            ProgressEvent::Progress { id, .. } if id.as_str() == top_id)));
         let base = &report.layers[0];
         let top = &report.layers[1];
         assert!(base.skipped && !top.skipped);
@@ -60,6 +94,7 @@ fn progress_has_totals_up_front_and_present_layers_are_skipped() {
                 layers_present,
                 bytes,
                 bytes_present,
+                ..
             } => {
                 assert_eq!((*layers, *layers_present), (2, 1));
                 assert_eq!(*bytes, base.bytes + top.bytes);
@@ -77,6 +112,7 @@ fn progress_has_totals_up_front_and_present_layers_are_skipped() {
                 ImportEvent::LayerSkipped { .. } => "layer-skipped",
                 ImportEvent::Finalizing => "finalizing",
                 ImportEvent::Finished => "finished",
+                _ => "other",
             })
             .filter(|k| *k != "layer-progress")
             .collect();
@@ -132,14 +168,11 @@ fn reflink_only_refuses_to_copy() {
         let client = Client::spawn(&helper_config(&images.store).unwrap())
             .await
             .unwrap();
-        let options = ImportOptions {
-            copy_policy: CopyPolicy::ReflinkOnly,
-            ..ImportOptions::default()
-        };
+        let options = ImportOptions::new().copy_policy(CopyPolicy::ReflinkOnly);
         let e = import::import_image(&client, &repo, &images.features.name, &options)
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::ReflinkRequired { .. }), "{e}");
+        assert!(matches!(e, import::Error::ReflinkRequired { .. }), "{e}");
         // Nothing was committed under a final name.
         let diff_id = client
             .get_image(&images.features.name)
@@ -159,11 +192,11 @@ fn reflink_only_refuses_to_copy() {
     // The CLI says so with exit status 7.
     let helper = cstor_tests::helper_binary().unwrap();
     let out = Command::new(helper.with_file_name("cstor"))
-        .arg("--helper")
+        .args(["import", "--helper"])
         .arg(&helper)
         .arg("--root")
         .arg(&images.store.root)
-        .args(["import", "--copy-policy", "reflink-only", "--repo"])
+        .args(["--copy-policy", "reflink-only", "--repo"])
         .arg(work.path())
         .arg(&images.features.name)
         .output()
@@ -197,11 +230,11 @@ fn a_killed_import_never_leaves_a_partial_layer_or_image() {
     import::init_repository(&repo_dir).unwrap();
     let run = || {
         Command::new(&cstor)
-            .arg("--helper")
+            .args(["import", "--helper"])
             .arg(&helper)
             .arg("--root")
             .arg(&images.store.root)
-            .args(["import", "--repo"])
+            .args(["--repo"])
             .arg(&repo_dir)
             .arg(&images.commit.name)
             .stdout(Stdio::null())
@@ -275,22 +308,18 @@ fn a_helper_that_hangs_or_dies_at_start_is_reported() {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     runtime().block_on(async {
-        let config = cstor_proxy_client::HelperConfig {
-            program: Some(hang.clone()),
-            privilege: cstor_proxy_client::Privilege::Direct,
-            handshake_timeout: Duration::from_millis(500),
-            ..Default::default()
-        };
+        let mut config = cstor_proxy_client::HelperConfig::default()
+            .program(&hang)
+            .privilege(cstor_proxy_client::Privilege::Direct);
+        config.handshake_timeout = Duration::from_millis(500);
         let start = std::time::Instant::now();
         let e = Client::spawn(&config).await.unwrap_err();
         assert!(matches!(e, Error::Timeout { .. }), "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
 
-        let config = cstor_proxy_client::HelperConfig {
-            program: Some(die.clone()),
-            privilege: cstor_proxy_client::Privilege::Direct,
-            ..Default::default()
-        };
+        let config = cstor_proxy_client::HelperConfig::default()
+            .program(&die)
+            .privilege(cstor_proxy_client::Privilege::Direct);
         let e = Client::spawn(&config).await.unwrap_err();
         let Error::HelperDied { status, stderr, .. } = &e else {
             panic!("{e}")
@@ -354,7 +383,7 @@ fn a_changed_file_fails_the_import_and_commits_nothing() {
             .await
             .unwrap_err();
         assert!(
-            matches!(&e, Error::Assemble { cause: cstor_protocol::assemble::AssembleError::Crc { name, .. }, .. } if name.ends_with("data.txt")),
+            matches!(&e, import::Error::Helper(Error::Assemble { cause: cstor_protocol::assemble::AssembleError::Crc { name, .. }, .. }) if name.ends_with("data.txt")),
             "{e}"
         );
         client.shutdown().await.unwrap();
@@ -542,10 +571,7 @@ fn a_privileged_caller_without_reflinks_can_opt_into_hardlinks() {
         let client = Client::spawn(&helper_config(&images.store).unwrap())
             .await
             .unwrap();
-        let hardlink = ImportOptions {
-            copy_policy: CopyPolicy::ReflinkOrHardlink,
-            ..ImportOptions::default()
-        };
+        let hardlink = ImportOptions::new().copy_policy(CopyPolicy::ReflinkOrHardlink);
         let hl = import::import_image(&client, &linked, image, &hardlink)
             .await
             .unwrap();
@@ -584,11 +610,11 @@ fn a_privileged_caller_without_reflinks_can_opt_into_hardlinks() {
     // podman's files are unchanged: the layers still verify against their diff ids.
     let helper = cstor_tests::helper_binary().unwrap();
     let out = Command::new(helper.with_file_name("cstor"))
-        .arg("--helper")
+        .args(["verify", "--helper"])
         .arg(&helper)
         .arg("--root")
         .arg(&images.store.root)
-        .args(["verify", image])
+        .arg(image)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

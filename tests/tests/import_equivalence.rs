@@ -8,7 +8,7 @@ use std::sync::Arc;
 use composefs::fsverity::{FsVerityHashValue, Sha512HashValue};
 use composefs::repository::Repository;
 use composefs_oci::oci_image::OciImage;
-use cstor_proxy_client::import::{self, ImportOptions, layer_identifier};
+use cstor_import::{self as import, ImportOptions, layer_identifier};
 use cstor_tests::session::{client_for, runtime};
 use cstor_tests::{ImageRef, StandardImages, standard_images_or_skip};
 

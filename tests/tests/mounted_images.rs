@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use composefs::fsverity::{FsVerityHashValue, Sha512HashValue};
-use cstor_proxy_client::import::{self, ImportOptions};
+use cstor_import::{self as import, ImportOptions};
 use cstor_tests::session::{client_for, runtime};
 use cstor_tests::{FeatureManifest, PodmanStore, skip, standard_images_or_skip};
 

@@ -28,11 +28,10 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
 
     // The CLI, as the user, decides by itself to go through `podman unshare`.
     let verify = run_command(
-        user.command(&cstor).arg("--helper").arg(&helper).args([
-            "--json",
-            "verify",
-            ROOTLESS_IMAGE_NAME,
-        ]),
+        user.command(&cstor)
+            .args(["verify", "--helper"])
+            .arg(&helper)
+            .args(["--json", ROOTLESS_IMAGE_NAME]),
         "cstor verify as the rootless user",
     )
     .unwrap();
@@ -60,9 +59,9 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
         let tar = out_dir.join(format!("layer{i}.tar"));
         run_command(
             user.command(&cstor)
-                .arg("--helper")
+                .args(["layer-tar", "--helper"])
                 .arg(&helper)
-                .args(["layer-tar", ROOTLESS_IMAGE_NAME, &i.to_string(), "-o"])
+                .args([ROOTLESS_IMAGE_NAME, &i.to_string(), "-o"])
                 .arg(&tar),
             "cstor layer-tar as the rootless user",
         )

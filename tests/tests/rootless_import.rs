@@ -62,9 +62,9 @@ fn a_rootless_import_reflinks_on_xfs_copies_on_ext4_and_equals_the_rootful_one()
         user_dir(&user, repo.parent().unwrap());
         let out = run_command(
             user.command(&cstor)
-                .arg("--helper")
+                .args(["import", "--helper"])
                 .arg(&helper)
-                .args(["--json", "import", "--init", "--repo"])
+                .args(["--json", "--init", "--repo"])
                 .arg(repo)
                 .arg(ROOTLESS_IMAGE_NAME),
             "cstor import as the rootless user",
@@ -77,11 +77,11 @@ fn a_rootless_import_reflinks_on_xfs_copies_on_ext4_and_equals_the_rootful_one()
     let rootful: Value = serde_json::from_str(
         &run_command(
             std::process::Command::new(&cstor)
-                .arg("--helper")
+                .args(["import", "--helper"])
                 .arg(&helper)
                 .args(["--privilege", "direct", "--root"])
                 .arg(&storage)
-                .args(["--json", "import", "--init", "--repo"])
+                .args(["--json", "--init", "--repo"])
                 .arg(xfs.path("root/repo"))
                 .arg(ROOTLESS_IMAGE_NAME),
             "cstor import as root from the user's storage",

@@ -8,10 +8,12 @@ use std::process::{Command, Output};
 use cstor_tests::{PodmanStore, run_command, skip, small_private_store};
 use serde_json::Value;
 
-fn cstor() -> Command {
+/// `cstor SUBCOMMAND` with the helper under test, started directly.
+fn cstor(subcommand: &str) -> Command {
     let helper = cstor_tests::helper_binary().unwrap();
     let mut c = Command::new(helper.with_file_name("cstor"));
-    c.arg("--helper")
+    c.arg(subcommand)
+        .arg("--helper")
         .arg(&helper)
         .arg("--privilege")
         .arg("direct");
@@ -41,27 +43,26 @@ fn storage_conf_from_the_environment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let (store, small) = small_private_store(dir.path()).unwrap();
     // The store's private storage.conf names its graphroot and runroot; no flag is given.
-    let out = cstor()
+    let out = cstor("inspect")
         .env("CONTAINERS_STORAGE_CONF", &store.storage_conf)
-        .args(["--json", "inspect", &small.name])
+        .args(["--json", &small.name])
         .output()
         .unwrap();
     let v = json_of(out);
     assert_eq!(v["id"], Value::from(small.id.clone()));
     assert_eq!(v["store"], Value::from(store.root.to_str().unwrap()));
     // The same through the flag.
-    let out = cstor()
+    let out = cstor("images")
         .arg("--storage-conf")
         .arg(&store.storage_conf)
-        .args(["--json", "images"])
+        .args(["--json"])
         .output()
         .unwrap();
     let v = json_of(out);
     assert_eq!(v.as_array().unwrap().len(), 1);
     // A storage.conf that names a missing file is a clear error.
-    let out = cstor()
+    let out = cstor("images")
         .env("CONTAINERS_STORAGE_CONF", dir.path().join("nope.conf"))
-        .args(["images"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "{out:?}");
@@ -115,10 +116,10 @@ fn layer_chains_cross_into_additional_image_stores() {
             "--runroot",
             a.runroot.to_str().unwrap(),
         ];
-        let out = cstor()
+        let out = cstor("inspect")
             .args(base)
             .args(&how)
-            .args(["--json", "inspect", "localhost/top"])
+            .args(["--json", "localhost/top"])
             .output()
             .unwrap();
         let v = json_of(out);
@@ -126,19 +127,19 @@ fn layer_chains_cross_into_additional_image_stores() {
         assert_eq!(layers.len(), 2);
         assert_eq!(layers[0]["store"], Value::from(b.root.to_str().unwrap()));
         assert_eq!(layers[1]["store"], Value::from(a.root.to_str().unwrap()));
-        let out = cstor()
+        let out = cstor("verify")
             .args(base)
             .args(&how)
-            .args(["--json", "verify", "localhost/top"])
+            .args(["--json", "localhost/top"])
             .output()
             .unwrap();
         let v = json_of(out);
         assert_eq!(v["layers"].as_array().unwrap().len(), 2);
         // Images of the additional store are listed after the primary's.
-        let out = cstor()
+        let out = cstor("images")
             .args(base)
             .args(&how)
-            .args(["--json", "images"])
+            .args(["--json"])
             .output()
             .unwrap();
         let v = json_of(out);
@@ -185,20 +186,20 @@ fn other_graph_drivers_are_named_in_the_error() {
     )
     .unwrap();
     // Found from the directory layout...
-    let out = cstor()
+    let out = cstor("images")
         .arg("--root")
         .arg(&root)
-        .args(["--runroot", &run, "images"])
+        .args(["--runroot", &run])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"vfs\""), "{err}");
     // ...and from the configuration.
-    let out = cstor()
+    let out = cstor("images")
         .arg("--root")
         .arg(&root)
-        .args(["--runroot", &run, "--storage-driver", "btrfs", "images"])
+        .args(["--runroot", &run, "--storage-driver", "btrfs"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -214,12 +215,10 @@ fn storage_given_as_an_open_directory() {
         return;
     };
     let dir = std::fs::File::open(&images.store.root).unwrap();
-    let config = cstor_proxy_client::HelperConfig {
-        program: Some(cstor_tests::helper_binary().unwrap()),
-        graphroot_fd: Some(std::sync::Arc::new(dir.into())),
-        privilege: cstor_proxy_client::Privilege::Direct,
-        ..Default::default()
-    };
+    let mut config = cstor_proxy_client::HelperConfig::default()
+        .program(cstor_tests::helper_binary().unwrap())
+        .privilege(cstor_proxy_client::Privilege::Direct);
+    config.graphroot_fd = Some(std::sync::Arc::new(dir.into()));
     cstor_tests::session::runtime().block_on(async {
         let client = cstor_proxy_client::Client::spawn(&config).await.unwrap();
         let img = client.get_image(&images.small.name).await.unwrap();

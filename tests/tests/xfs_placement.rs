@@ -69,13 +69,13 @@ fn each_object_worker_creates_inodes_in_its_own_allocation_group() {
     let repo = xfs.path("repo");
     let out = run_command(
         Command::new(helper.with_file_name("cstor"))
-            .arg("--helper")
+            .args(["import", "--helper"])
             .arg(&helper)
             .arg("--root")
             .arg(&store.root)
             .arg("--runroot")
             .arg(&store.runroot)
-            .args(["--json", "import", "--jobs", "2", "--init", "--repo"])
+            .args(["--json", "--jobs", "2", "--init", "--repo"])
             .arg(&repo)
             .arg("localhost/placement"),
         "importing onto XFS with two workers",

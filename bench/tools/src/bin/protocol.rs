@@ -45,16 +45,13 @@ fn main() -> Result<()> {
         "unshare" => Privilege::PodmanUnshare,
         other => bail!("--privilege: auto, direct or unshare, not {other:?}"),
     };
-    let config = HelperConfig {
-        program: args.helper.clone(),
-        storage: StorageSelection {
-            graphroot: args.root.clone(),
-            runroot: args.runroot.clone(),
-            ..Default::default()
-        },
-        privilege,
-        ..Default::default()
-    };
+    let mut storage = StorageSelection::default();
+    storage.graphroot = args.root.clone();
+    storage.runroot = args.runroot.clone();
+    let mut config = HelperConfig::default()
+        .storage(storage)
+        .privilege(privilege);
+    config.program = args.helper.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,7 +3,7 @@
 //! Walks the given directories (layer `diff/` dirs) and reads every byte of every regular file
 //! once, spread over all cores (`std::thread::available_parallelism()` threads by default).
 //! With `--hash` it also computes each file's fs-verity digest with the
-//! importer's fs-verity code, `cstor_proxy_client::import::verity` (4 KiB blocks, SHA-512 like
+//! importer's fs-verity code, the `cstor-verity` crate (4 KiB blocks, SHA-512 like
 //! our repositories unless `--algorithm sha256`; checked against composefs' `FsVerityHasher`),
 //! fed in chunks of the read buffer.
 //!
@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
+use cstor_verity::Algorithm;
 
 #[derive(Parser, Debug)]
 #[command(about = "Read (and optionally fs-verity hash) every file byte under DIRS on all cores")]
@@ -96,10 +96,10 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-fn hash_file<H: FsVerityHashValue>(f: &mut File, buf: &mut [u8]) -> std::io::Result<(u64, u64)> {
+fn hash_file(alg: Algorithm, f: &mut File, buf: &mut [u8]) -> std::io::Result<(u64, u64)> {
     // The importer's own fs-verity code (composefs' FsVerityHasher is far slower: it creates
     // an OpenSSL context per block), so the limit is what cstor could reach.
-    let mut hasher = cstor_proxy_client::import::verity::Hasher::for_id::<H>();
+    let mut hasher = cstor_verity::Hasher::new(alg);
     let mut total = 0u64;
     loop {
         let n = read_full(f, buf)?;
@@ -109,7 +109,7 @@ fn hash_file<H: FsVerityHashValue>(f: &mut File, buf: &mut [u8]) -> std::io::Res
             break;
         }
     }
-    let digest: H = hasher.finish();
+    let digest = hasher.finish();
     let bytes = digest.as_bytes();
     let mut first = [0u8; 8];
     first.copy_from_slice(&bytes[..8]);
@@ -170,8 +170,8 @@ fn process(
             let mut f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
             let (n, sum) = match mode {
                 Mode::Read => read_file(&mut f, buf),
-                Mode::Sha256 => hash_file::<Sha256HashValue>(&mut f, buf),
-                Mode::Sha512 => hash_file::<Sha512HashValue>(&mut f, buf),
+                Mode::Sha256 => hash_file(Algorithm::Sha256, &mut f, buf),
+                Mode::Sha512 => hash_file(Algorithm::Sha512, &mut f, buf),
                 Mode::Reflink(dest, counter) => reflink_file(&f, dest, counter),
             }
             .with_context(|| format!("reading {}", path.display()))?;

@@ -4,8 +4,6 @@
 
 use composefs::fsverity::{Algorithm, FsVerityHashValue};
 
-pub use cstor_verity::BLOCK;
-
 /// An incremental fs-verity digest over one file's bytes, for composefs object ids.
 #[derive(Debug)]
 pub struct Hasher(cstor_verity::Hasher);
@@ -59,6 +57,7 @@ pub fn ids<ObjectID: FsVerityHashValue>(files: &[&[u8]]) -> Vec<ObjectID> {
 mod tests {
     use super::*;
     use composefs::fsverity::{FsVerityHasher, Sha256HashValue, Sha512HashValue};
+    use cstor_verity::BLOCK;
 
     fn ours<H: FsVerityHashValue>(data: &[u8], split: usize) -> H {
         let mut h = Hasher::for_id::<H>();

@@ -32,7 +32,7 @@ use composefs_oci::tar::{TarEntry, TarItem};
 use tar_core::EntryType;
 use tar_core::parse::{ParseEvent, Parser};
 
-use super::layer::INLINE_MAX;
+use crate::layer_import::INLINE_MAX;
 
 /// One piece of a layer's splitstream, in stream order.
 #[derive(Debug)]
@@ -185,7 +185,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                 // Lowest priority, as the object workers: the layers keep both cores busy
                 // but for the moments the workers sleep on XFS locks, which is when this
                 // runs best (at normal priority it only took turns with them: no faster).
-                super::lower_thread_priority(19);
+                crate::sys::lower_thread_priority(19);
                 let mut fs = FileSystem::new(Stat::uninitialized());
                 let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {

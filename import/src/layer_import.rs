@@ -5,6 +5,8 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use composefs::fsverity::FsVerityHashValue;
@@ -17,11 +19,11 @@ use cstor_protocol::assemble::{
 use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
-use super::ObjectStats;
-use super::objects::Pool;
-use super::tree::Feed;
 use crate::error::{Error, Result};
-use crate::layer::Contents;
+use crate::objects::Pool;
+use crate::report::ObjectStats;
+use crate::tree::Feed;
+use cstor_proxy_client::Contents;
 
 /// Files up to this size are stored inline in the splitstream, as composefs-oci does
 /// (`INLINE_CONTENT_MAX_V0`).
@@ -215,10 +217,11 @@ pub struct Imported<ObjectID> {
 }
 
 fn assemble_err(layer: &str, cause: AssembleError) -> Error {
-    Error::Assemble {
+    cstor_proxy_client::Error::Assemble {
         layer: layer.to_owned(),
         cause,
     }
+    .into()
 }
 
 /// Content fd `fd` (entry `name`) could not be had or duplicated.
@@ -239,6 +242,8 @@ pub struct Outputs<'a, ObjectID: FsVerityHashValue> {
     pub pool: &'a Pool<ObjectID>,
     /// The tree thread, which gets the splitstream's contents as they are written.
     pub tree: Option<Feed<ObjectID>>,
+    /// Set when the import is cancelled: the layer stops at its next record.
+    pub stop: &'a AtomicBool,
 }
 
 /// Imports one layer on the calling (blocking) thread, handing objects to the pool of
@@ -256,16 +261,17 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let Outputs {
         pool,
         tree: mut feed,
+        stop,
     } = outputs;
     let id = info.id.as_str();
-    let diff_id = info
-        .diff_id
-        .as_deref()
-        .ok_or_else(|| Error::DigestMismatch {
-            layer: id.to_owned(),
-            expected: "no diff id recorded".into(),
-            actual: "not imported: nothing to check the layer against".into(),
-        })?;
+    let diff_id =
+        info.diff_id
+            .as_deref()
+            .ok_or_else(|| cstor_proxy_client::Error::DigestMismatch {
+                layer: id.to_owned(),
+                expected: "no diff id recorded".into(),
+                actual: "not imported: nothing to check the layer against".into(),
+            })?;
     let mut writer = repo
         .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
         .map_err(|cause| Error::Repository {
@@ -295,10 +301,14 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
         let t_rec = std::time::Instant::now();
         let rec = stream.next_record();
         wait_stream += t_rec.elapsed();
-        let rec = rec.map_err(|cause| Error::Stream {
+        let rec = rec.map_err(|cause| cstor_proxy_client::Error::Stream {
             layer: id.to_owned(),
             cause,
         })?;
+        if stop.load(Relaxed) {
+            // The writer is dropped unwritten, the queued objects become unreferenced.
+            return Err(Error::Cancelled);
+        }
         match rec {
             Some(Record::Segment(bytes)) => {
                 sha.update(&bytes);
@@ -418,14 +428,15 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     let size_ok = info.diff_size.is_none_or(|s| s == tar_size);
     if digest != diff_id || !size_ok {
         // The writer is dropped unwritten: no stream exists under the layer's name.
-        return Err(Error::DigestMismatch {
+        return Err(cstor_proxy_client::Error::DigestMismatch {
             layer: id.to_owned(),
             expected: match info.diff_size {
                 Some(s) => format!("{diff_id} ({s} bytes)"),
                 None => diff_id.to_owned(),
             },
             actual: format!("{digest} ({tar_size} bytes)"),
-        });
+        }
+        .into());
     }
     // Stored, but not named yet: the stream gets its name under streams/ once a syncfs has
     // made it and its objects durable (finalize::name_layers), so that one syncfs serves
@@ -451,8 +462,8 @@ mod tests {
 
     use composefs::fsverity::{FsVerityHashValue, Sha512HashValue};
 
-    use super::super::objects::{JobResult, Stored};
     use super::*;
+    use crate::objects::{JobResult, Stored};
 
     fn queue(lookahead: usize) -> Queue<Sha512HashValue> {
         Queue {

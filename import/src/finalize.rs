@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 
 use composefs::erofs::format::FormatVersion;
 use composefs::fsverity::FsVerityHashValue;
@@ -52,6 +54,8 @@ pub struct Finalized<ObjectID> {
     pub config: (OciDigest, ObjectID),
     /// The EROFS image of the repository's default format.
     pub erofs: ObjectID,
+    /// Its boot variant, when asked for.
+    pub boot: Option<ObjectID>,
     /// Whether the image was already complete (only the tag was written).
     pub already_complete: bool,
     /// Whether the image has a `/usr` directory (upstream's transform applied); `None`
@@ -127,7 +131,7 @@ pub fn name_layers<ObjectID: FsVerityHashValue>(
     }
     for (diff_id, verity) in layers {
         repo.symlink(
-            format!("streams/{}", super::layer_identifier(diff_id)),
+            format!("streams/{}", crate::layer_identifier(diff_id)),
             format!("objects/{}", verity.to_object_pathname()),
         )
         .map_err(repo_err(format!("naming the layer stream of {diff_id}")))?;
@@ -176,23 +180,52 @@ impl<ObjectID: FsVerityHashValue> Drop for Naming<'_, ObjectID> {
     }
 }
 
+/// The image being finalized: what containers-storage has of it, and what the import made.
+#[derive(Debug)]
+pub struct Image<'a, ObjectID> {
+    /// The manifest, as stored (its digest names the image).
+    pub manifest_json: &'a [u8],
+    /// The config, as stored.
+    pub config_json: &'a [u8],
+    /// Every layer's diff id and stream, in config `diff_ids` order.
+    pub layers: &'a [(OciDigest, ObjectID)],
+    /// The tag to write.
+    pub tag: &'a str,
+    /// Whether to write the boot variant of the EROFS image too.
+    pub bootable: bool,
+}
+
 /// Writes the config and manifest streams, the EROFS image and the tag of an image whose
-/// layers (`layers`, in config `diff_ids` order) are stored, and names the layer streams
-/// this import stored (`unnamed`). Idempotent.
+/// layers are stored, and names the layer streams this import stored (`unnamed`).
+/// Idempotent.
 ///
 /// The `syncfs` that must precede naming those layer streams runs in the background while
-/// the EROFS image is built (about 0.1 s each for the reference image of the benchmark,
-/// which used to run one after the other).
+/// the EROFS image is built. `stop` (the import was cancelled) is looked at before the image
+/// is built and before it is tagged: the layer streams are named either way (each is
+/// complete and verified), the tag only if the import was not cancelled.
 pub fn finalize<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
-    manifest_json: &[u8],
-    config_json: &[u8],
-    layers: &[(OciDigest, ObjectID)],
-    tag: &str,
+    image: Image<'_, ObjectID>,
     unnamed: &[Unnamed<ObjectID>],
-    tree: Option<super::tree::Builder<ObjectID>>,
+    tree: Option<crate::tree::Builder<ObjectID>>,
+    stop: &AtomicBool,
 ) -> Result<Finalized<ObjectID>> {
+    let Image {
+        manifest_json,
+        config_json,
+        layers,
+        tag,
+        bootable,
+    } = image;
     let mut naming = Naming::start(repo, unnamed)?;
+    let cancelled = |naming: &mut Naming<'_, ObjectID>| -> Result<()> {
+        if stop.load(Relaxed) {
+            naming.finish()?;
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    };
+    cancelled(&mut naming)?;
     let config_digest = composefs_oci::sha256_content_digest(config_json);
     let config_id = config_identifier(&config_digest);
     let manifest_digest = composefs_oci::sha256_content_digest(manifest_json);
@@ -215,21 +248,28 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
             .map_err(repo_err("looking up the config stream"))?
     {
         naming.finish()?;
+        cancelled(&mut naming)?;
         tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
-        return Ok(Finalized {
+        let mut done = Finalized {
             manifest: (manifest_digest, manifest_verity),
             config: (config_digest, config_verity),
             erofs,
+            boot: None,
             already_complete: true,
             has_usr: None,
             tree: None,
-        });
+        };
+        if bootable {
+            done.add_boot_image(repo, &manifest_id, &config_id)?;
+        }
+        return Ok(done);
     }
 
     let built = build_erofs(repo, layers, tree);
     // Named even when the build failed: a later import then skips those layers.
     naming.finish()?;
     let (mut images, has_usr, tree) = built?;
+    cancelled(&mut naming)?;
     let image_v2 = images.remove(&FormatVersion::V2);
     let image_v1 = images.remove(&FormatVersion::V1);
     let erofs = match version {
@@ -266,15 +306,54 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
         &config_verity,
         layers,
     )?;
+    cancelled(&mut naming)?;
     tag_image(repo, &manifest_digest, tag).map_err(repo_err(format!("tagging {tag}")))?;
-    Ok(Finalized {
+    let mut done = Finalized {
         manifest: (manifest_digest, manifest_verity),
         config: (config_digest, config_verity),
         erofs,
+        boot: None,
         already_complete: false,
         has_usr: Some(has_usr),
         tree: Some(tree),
-    })
+    };
+    if bootable {
+        done.add_boot_image(repo, &manifest_id, &config_id)?;
+    }
+    Ok(done)
+}
+
+impl<ObjectID: FsVerityHashValue> Finalized<ObjectID> {
+    /// Writes the boot variant of the image with composefs-oci's own code (as its pull with
+    /// `bootable` does: the boot transform with its default options), which rewrites the
+    /// config and manifest streams to refer to it; reads their new verities back.
+    fn add_boot_image(
+        &mut self,
+        repo: &Arc<Repository<ObjectID>>,
+        manifest_id: &str,
+        config_id: &str,
+    ) -> Result<()> {
+        let boot = composefs_oci::boot::generate_boot_image(
+            repo,
+            &self.manifest.0,
+            &composefs::generic_tree::OciTransformOptions::default(),
+        )
+        .map_err(repo_err("writing the boot EROFS image"))?;
+        let reread = |id: &str| {
+            repo.has_stream(id)
+                .map_err(repo_err(format!("looking up {id}")))?
+                .ok_or_else(|| {
+                    Error::repository(
+                        format!("looking up {id}"),
+                        anyhow::anyhow!("gone after the boot image was written"),
+                    )
+                })
+        };
+        self.manifest.1 = reread(manifest_id)?;
+        self.config.1 = reread(config_id)?;
+        self.boot = Some(boot);
+        Ok(())
+    }
 }
 
 fn write_manifest<ObjectID: FsVerityHashValue>(
@@ -304,9 +383,9 @@ fn write_manifest<ObjectID: FsVerityHashValue>(
 fn build_erofs<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     layers: &[(OciDigest, ObjectID)],
-    tree: Option<super::tree::Builder<ObjectID>>,
+    tree: Option<crate::tree::Builder<ObjectID>>,
 ) -> Result<(HashMap<FormatVersion, ObjectID>, bool, TreeSource)> {
-    let prebuilt = match tree.map(super::tree::Builder::finish) {
+    let prebuilt = match tree.map(crate::tree::Builder::finish) {
         Some(Ok(Some(fs))) => Some(fs),
         Some(Ok(None)) => {
             tracing::debug!("the tree thread gave up: reading the layer streams");
@@ -330,13 +409,13 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
         None => {
             let mut fs: FileSystem<ObjectID> = FileSystem::new(Stat::uninitialized());
             for (diff_id, verity) in layers {
-                super::tree::apply_stored(repo, &mut fs, verity)
+                crate::tree::apply_stored(repo, &mut fs, verity)
                     .map_err(repo_err(format!("applying layer {diff_id}")))?;
             }
             fs
         }
     };
-    super::log_memory("tree built");
+    crate::sys::log_memory("tree built");
     let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
     if has_usr {
         fs.transform_for_oci(&Default::default())
@@ -352,7 +431,7 @@ fn build_erofs<ObjectID: FsVerityHashValue>(
         fs.filter_xattrs(is_allowed_container_xattr);
         fs.compact();
     }
-    super::log_memory("tree transformed");
+    crate::sys::log_memory("tree transformed");
     let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
     let images = if versions == [FormatVersion::V1] {
         let id = write_v1_image(repo, &fs)?;
@@ -401,11 +480,11 @@ fn write_v1_image<ObjectID: FsVerityHashValue>(
     out.flush()
         .map_err(|e| Error::io("writing the EROFS image", e))?;
     drop(out);
-    super::log_memory("image written");
+    crate::sys::log_memory("image written");
     let id = match hashing.verity.take() {
         Some(verity) => {
             let id: ObjectID = verity.finish()?;
-            super::objects::link_tmpfile(repo, &tmp, &id)?;
+            crate::objects::link_tmpfile(repo, &tmp, &id)?;
             id
         }
         None => {
@@ -455,7 +534,7 @@ impl<ObjectID: FsVerityHashValue> BackgroundHasher<ObjectID> {
         let thread = std::thread::Builder::new()
             .name("cstor-hash".into())
             .spawn(move || {
-                let mut verity = super::verity::Hasher::for_id::<ObjectID>();
+                let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
                 for chunk in rx {
                     verity.update(&chunk);
                 }

@@ -8,17 +8,20 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::{ObjectStoreMethod, Repository};
 use cstor_protocol::assemble::{AssembleError, CRC64, read_content};
 
-use super::jobs::GroupQueue;
 use crate::error::{Error, Result};
+use crate::job_queue::GroupQueue;
 
 /// How file contents get into the repository.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CopyPolicy {
     /// Reflink where possible, copy otherwise (and report why in the import report).
     #[default]
@@ -236,10 +239,11 @@ fn digest_source<ObjectID: FsVerityHashValue>(
 }
 
 fn bad_source(source: &Source<'_>, cause: AssembleError) -> Error {
-    Error::Assemble {
+    cstor_proxy_client::Error::Assemble {
         layer: source.layer.to_owned(),
         cause,
     }
+    .into()
 }
 
 fn check_crc(source: &Source<'_>, actual: u64) -> Result<()> {
@@ -769,6 +773,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
         n: usize,
         policy: CopyPolicy,
         state: Arc<WorkerState>,
+        stop: Arc<AtomicBool>,
     ) -> Result<Self> {
         let n = n.max(1);
         let queue = Arc::new(GroupQueue::<Job<ObjectID>>::new(n));
@@ -787,12 +792,13 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
             let queue = queue.clone();
             let repo = repo.clone();
             let state = state.clone();
+            let stop = stop.clone();
             let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
-                        super::lower_thread_priority(WORKER_NICE);
+                        crate::sys::lower_thread_priority(WORKER_NICE);
                         let mut buf = vec![0u8; 1 << 20];
                         let mut batch = Vec::with_capacity(BATCH);
                         while queue.pop_batch(i, BATCH, &mut batch) {
@@ -803,6 +809,11 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                                 // from (see `jobs`), whatever the order in the batch.
                                 let k = queue.choose(i, todo.iter().map(|((g, _), _)| *g));
                                 let ((_, job), id) = todo.remove(k.min(todo.len() - 1));
+                                if stop.load(Relaxed) {
+                                    // Cancelled: what is queued is answered, not stored.
+                                    let _ = job.reply.send((Err(Error::Cancelled), job.data));
+                                    continue;
+                                }
                                 let source = job.source();
                                 let tmp_dir = tmp_dir.as_deref();
                                 let r = match id {
@@ -1028,7 +1039,10 @@ mod tests {
             &mut [0u8; 4096],
         )
         .unwrap_err();
-        assert!(matches!(e, Error::Assemble { .. }), "{e}");
+        assert!(
+            matches!(e, Error::Helper(cstor_proxy_client::Error::Assemble { .. })),
+            "{e}"
+        );
         // objects/ appears with the first object.
         let objects: usize = std::fs::read_dir(tmp.path().join("repo/objects"))
             .into_iter()
@@ -1072,7 +1086,12 @@ mod tests {
                 FsVerityHasher::<Sha512HashValue>::hash(contents[i])
             );
         }
-        assert!(matches!(ids[2], Some(Err(Error::Assemble { .. }))));
+        assert!(matches!(
+            ids[2],
+            Some(Err(Error::Helper(
+                cstor_proxy_client::Error::Assemble { .. }
+            )))
+        ));
         assert!(ids[3].is_none());
     }
 

@@ -1,0 +1,230 @@
+//! `cstor import`: an image of containers-storage into a composefs repository, with progress
+//! on stderr and a summary (or `--json` report) on stdout.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
+use cstor_import::{CopyPolicy, ImportOptions, ObjectStats, RepoAlgorithm, TreeSource};
+use cstor_proxy_client::Client;
+
+use super::{connect, repo_path};
+use crate::args::{CopyPolicyArg, Global, ImportArgs};
+use crate::output::{human, print_json, short};
+use crate::progress;
+
+pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
+    let path = repo_path(args.repo.as_deref())?;
+    if args.init {
+        let outcome = cstor_import::init_repository(&path)?;
+        tracing::info!(repo = %path.display(), ?outcome, "repository");
+        if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
+            eprintln!(
+                "cstor: created {} in insecure mode: the filesystem has no fs-verity",
+                path.display()
+            );
+        }
+    }
+    let mut options = ImportOptions::new()
+        .copy_policy(match args.copy_policy {
+            CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
+            CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
+            CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
+            CopyPolicyArg::ReflinkOrHardlink => CopyPolicy::ReflinkOrHardlink,
+        })
+        .bootable(args.bootable);
+    options.tag = args.tag.clone();
+    options.object_threads = args.jobs.map(usize::from);
+    let client = connect(g, &args.storage, Some(&args.image)).await?;
+    let summary = match cstor_import::repository_algorithm(&path)? {
+        RepoAlgorithm::Sha512 => {
+            import::<Sha512HashValue>(g, &client, &path, &args.image, options).await
+        }
+        RepoAlgorithm::Sha256 => {
+            import::<Sha256HashValue>(g, &client, &path, &args.image, options).await
+        }
+    };
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            // The error is what matters; the helper goes with the client.
+            drop(client);
+            return Err(e);
+        }
+    };
+    // The image is committed: a helper that then fails to exit cleanly does not undo that.
+    if let Err(e) = client.shutdown().await {
+        tracing::warn!(
+            "{} is imported, but the helper did not shut down cleanly: {e}",
+            args.image
+        );
+    }
+    if g.json {
+        print_json(&summary)
+    } else {
+        print_summary(&summary)?;
+        Ok(())
+    }
+}
+
+/// The import report with object ids as hex, for printing and `--json`.
+#[derive(Debug, serde::Serialize)]
+struct ImportSummary {
+    reference: String,
+    image_id: String,
+    repository: String,
+    tag: String,
+    manifest_digest: String,
+    manifest_verity: String,
+    config_digest: String,
+    config_verity: String,
+    erofs_image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_image: Option<String>,
+    already_complete: bool,
+    has_usr: Option<bool>,
+    erofs_tree: Option<TreeSource>,
+    objects: ObjectStats,
+    first_reflink_fallback: Option<String>,
+    elapsed_seconds: f64,
+    layers: Vec<LayerSummary>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LayerSummary {
+    index: usize,
+    diff_id: String,
+    layer_id: String,
+    bytes: u64,
+    verity: String,
+    skipped: bool,
+    objects: ObjectStats,
+    elapsed_seconds: f64,
+}
+
+async fn import<ObjectID: FsVerityHashValue>(
+    g: &Global,
+    client: &Client,
+    path: &Path,
+    image: &str,
+    mut options: ImportOptions,
+) -> Result<ImportSummary> {
+    let repo = cstor_import::open_repository::<ObjectID>(path)?;
+    let bars = if progress::wanted(g) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        options.events = Some(tx);
+        Some(tokio::spawn(progress::show(rx)))
+    } else {
+        None
+    };
+    let r = cstor_import::import_image(client, &repo, image, &options).await;
+    drop(options);
+    if let Some(p) = bars {
+        let _ = p.await;
+    }
+    let r = r.with_context(|| format!("importing {image} into {}", path.display()))?;
+    Ok(ImportSummary {
+        reference: r.reference.clone(),
+        image_id: r.image_id.clone(),
+        repository: path.display().to_string(),
+        tag: r.tag.clone(),
+        manifest_digest: r.pull.manifest_digest.to_string(),
+        manifest_verity: r.pull.manifest_verity.to_hex(),
+        config_digest: r.pull.config_digest.to_string(),
+        config_verity: r.pull.config_verity.to_hex(),
+        erofs_image: r.erofs_image.to_hex(),
+        boot_image: r.boot_image.as_ref().map(|b| b.to_hex()),
+        already_complete: r.already_complete,
+        has_usr: r.has_usr,
+        erofs_tree: r.tree,
+        objects: r.objects,
+        first_reflink_fallback: r.first_reflink_fallback.clone(),
+        elapsed_seconds: r.elapsed.as_secs_f64(),
+        layers: r
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                index: l.index,
+                diff_id: l.diff_id.clone(),
+                layer_id: l.layer_id.clone(),
+                bytes: l.bytes,
+                verity: l.verity.to_hex(),
+                skipped: l.skipped,
+                objects: l.stats,
+                elapsed_seconds: l.elapsed.as_secs_f64(),
+            })
+            .collect(),
+    })
+}
+
+fn print_summary(s: &ImportSummary) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let o = &s.objects;
+    let skipped = s.layers.iter().filter(|l| l.skipped).count();
+    writeln!(
+        out,
+        "{} {} (image {}) into {} as {}",
+        if s.already_complete {
+            "Already imported"
+        } else {
+            "Imported"
+        },
+        s.reference,
+        short(&s.image_id),
+        s.repository,
+        s.tag
+    )?;
+    writeln!(
+        out,
+        "  layers:   {} ({} already present)",
+        s.layers.len(),
+        skipped
+    )?;
+    let hardlinked = if o.hardlinked > 0 {
+        format!(
+            " {} hardlinked ({}),",
+            o.hardlinked,
+            human(o.bytes_hardlinked)
+        )
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "  objects:  {} reflinked ({}), {} copied ({}),{hardlinked} {} already present ({}), {} inline ({} with headers)",
+        o.reflinked,
+        human(o.bytes_reflinked),
+        o.copied,
+        human(o.bytes_copied),
+        o.present,
+        human(o.bytes_present),
+        o.inlined,
+        human(o.bytes_inlined)
+    )?;
+    if let Some(why) = &s.first_reflink_fallback {
+        writeln!(out, "  copied because: {why}")?;
+    }
+    writeln!(
+        out,
+        "  manifest: {} (verity {})",
+        s.manifest_digest, s.manifest_verity
+    )?;
+    writeln!(
+        out,
+        "  config:   {} (verity {})",
+        s.config_digest, s.config_verity
+    )?;
+    writeln!(out, "  image:    {}", s.erofs_image)?;
+    if let Some(b) = &s.boot_image {
+        writeln!(out, "  boot:     {b}")?;
+    }
+    if s.has_usr == Some(false) {
+        writeln!(
+            out,
+            "  note:     the image has no /usr; its root directory keeps the tar's own metadata"
+        )?;
+    }
+    writeln!(out, "  time:     {:.2} s", s.elapsed_seconds)?;
+    Ok(())
+}

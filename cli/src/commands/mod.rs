@@ -1,0 +1,117 @@
+//! One module per subcommand; here what they share: starting a helper for the storage the
+//! flags and the reference select, and the repository path.
+
+mod export;
+mod generate;
+mod images;
+mod import;
+mod inspect;
+mod mount;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use cstor_proxy_client::protocol::reference::split_store;
+use cstor_proxy_client::{Client, HelperConfig, Privilege, StorageSelection};
+
+use crate::args::{Cli, Command, Global, PrivilegeArg, StorageArgs};
+use crate::exit::NotFound;
+
+/// Runs the command line's subcommand.
+pub async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Images { storage } => images::run(g, &storage).await,
+        Command::Inspect { image, storage } => inspect::run(g, &storage, &image).await,
+        Command::LayerTar {
+            image,
+            layer,
+            output,
+            storage,
+        } => export::layer_tar(g, &storage, &image, &layer, output.as_deref()).await,
+        Command::Verify { image, storage } => export::verify(g, &storage, &image).await,
+        Command::Import(args) => import::run(g, &args).await,
+        Command::Mount {
+            tag,
+            mountpoint,
+            repo,
+        } => mount::run(g, &tag, &mountpoint, repo.as_deref()),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { dir } => generate::man(&dir),
+    }
+}
+
+/// The storage the flags select, with the `[driver@graphroot+runroot]` selector of a
+/// `containers-storage:` reference over them.
+fn storage_for(s: &StorageArgs, reference: Option<&str>) -> Result<StorageSelection> {
+    let mut sel = StorageSelection::default();
+    sel.graphroot = s.root.clone();
+    sel.runroot = s.runroot.clone();
+    sel.imagestore = s.imagestore.clone();
+    sel.driver = s.storage_driver.clone();
+    sel.storage_opts = s.storage_opts.clone();
+    sel.additional_image_stores = s.additional_image_stores.clone();
+    sel.storage_conf = s.storage_conf.clone();
+    if let Some(r) = reference {
+        let (spec, _) =
+            split_store(r).map_err(|m| NotFound(format!("invalid image reference {r:?}: {m}")))?;
+        if let Some(spec) = spec {
+            sel.graphroot = spec.graphroot.or(sel.graphroot);
+            sel.runroot = spec.runroot.or(sel.runroot);
+            sel.driver = spec.driver.or(sel.driver);
+            if !spec.options.is_empty() {
+                sel.storage_opts = spec.options;
+            }
+        }
+    }
+    Ok(sel)
+}
+
+/// Starts a helper for the selected storage.
+async fn connect(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result<Client> {
+    let mut extra: Vec<OsString> = Vec::new();
+    if g.verbose > 1 {
+        extra.push("-v".into());
+    }
+    let mut config = HelperConfig::default()
+        .storage(storage_for(s, reference)?)
+        .privilege(match s.helper.privilege {
+            PrivilegeArg::Auto => Privilege::Auto,
+            PrivilegeArg::Direct => Privilege::Direct,
+            PrivilegeArg::Unshare => Privilege::PodmanUnshare,
+        })
+        .args(extra);
+    config.program = s.helper.helper.clone();
+    Ok(Client::spawn(&config).await?)
+}
+
+/// The repository to use: the given one, else cfsctl's default for this user.
+fn repo_path(repo: Option<&Path>) -> Result<PathBuf> {
+    Ok(match repo {
+        Some(p) => p.to_owned(),
+        None if rustix::process::geteuid().is_root() => composefs::repository::system_path(),
+        None => {
+            composefs::repository::user_path().context("finding the user's composefs repository")?
+        }
+    })
+}
+
+/// Shuts the helper down after the work is done. The work's own result wins: a helper
+/// that fails to exit cleanly afterwards is worth a warning, not a failure of a command
+/// whose output is complete.
+async fn finish(client: Client, result: Result<()>) -> Result<()> {
+    let shutdown = client.shutdown().await;
+    match (result, shutdown) {
+        (Ok(()), Err(e)) => {
+            tracing::warn!("the helper did not shut down cleanly: {e}");
+            Ok(())
+        }
+        (r, _) => r,
+    }
+}
+
+/// `anyhow!` for a missing thing, with exit status 3.
+fn not_found(msg: String) -> anyhow::Error {
+    anyhow!(NotFound(msg))
+}

@@ -1,0 +1,96 @@
+//! Errors of an import: the helper's and the layer streams' (wrapped), and what can go wrong
+//! on the repository's side.
+
+use cstor_protocol::ErrorCode;
+
+/// Everything that can make an import fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Talking to the helper, or checking what it sent, failed: it died, answered with an
+    /// error, a layer stream was cut short, a CRC or the diff id did not match.
+    #[error(transparent)]
+    Helper(#[from] cstor_proxy_client::Error),
+    /// A composefs repository operation failed.
+    #[error("{doing}: {cause:#}")]
+    Repository {
+        /// What was being done.
+        doing: String,
+        /// The composefs error.
+        cause: anyhow::Error,
+    },
+    /// [`crate::CopyPolicy::ReflinkOnly`] was asked, and a file could not be reflinked.
+    #[error("{file} cannot be reflinked and copying was not allowed: {reason}")]
+    ReflinkRequired {
+        /// The tar entry.
+        file: String,
+        /// Why the reflink failed.
+        reason: String,
+    },
+    /// A file changed while it was being imported.
+    #[error("{file} changed during the import: {detail}")]
+    ContentChanged {
+        /// The tar entry.
+        file: String,
+        /// What differed.
+        detail: String,
+    },
+    /// The image's config and its layer chain disagree, or another inconsistency.
+    #[error("{0}")]
+    ImageMismatch(String),
+    /// The import was cancelled (see [`crate::ImportOptions::cancel`]).
+    #[error("the import was cancelled")]
+    Cancelled,
+    /// A local I/O error.
+    #[error("{doing}: {cause}")]
+    Io {
+        /// What was being done.
+        doing: String,
+        /// The error.
+        cause: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The helper's error code, when the helper reported the error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Helper(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying later may succeed (a storage lock held by a writer, a helper that
+    /// did not answer in time).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Helper(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The helper's error, when that is what failed.
+    pub fn helper_error(&self) -> Option<&cstor_proxy_client::Error> {
+        match self {
+            Error::Helper(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(doing: impl Into<String>, cause: std::io::Error) -> Self {
+        Error::Io {
+            doing: doing.into(),
+            cause,
+        }
+    }
+
+    pub(crate) fn repository(doing: impl Into<String>, cause: anyhow::Error) -> Self {
+        Error::Repository {
+            doing: doing.into(),
+            cause,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
