@@ -94,6 +94,18 @@ pub struct HelperArgs {
     /// How to run the helper: directly (root), under `podman unshare` (rootless), or decide.
     #[arg(long, value_enum, default_value_t = PrivilegeArg::Auto)]
     pub privilege: PrivilegeArg,
+    /// Seconds the helper may take to answer a request (it is pinged every 10 s while a
+    /// layer streams); one that does not is taken as frozen and killed (exit status 5).
+    #[arg(long, value_name = "SECS", default_value = "45", value_parser = positive_seconds)]
+    pub helper_timeout: std::time::Duration,
+}
+
+fn positive_seconds(v: &str) -> Result<std::time::Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| format!("{v:?} is not a number of seconds between 0 and 86400"))
 }
 
 /// `--privilege`.

@@ -12,7 +12,7 @@ pub const OTHER: u8 = 1;
 pub const NOT_FOUND: u8 = 3;
 /// Verification failed: a CRC, size or digest did not match.
 pub const VERIFICATION: u8 = 4;
-/// The helper could not be started, or died.
+/// The helper could not be started, died, or stopped answering (and was killed).
 pub const HELPER: u8 = 5;
 /// Storage busy: a lock stayed held by a writer, or the helper did not answer in time.
 pub const BUSY: u8 = 6;
@@ -30,7 +30,7 @@ Exit status:
   2    command-line error
   3    image, layer or tag not found; invalid, ambiguous or unsupported reference
   4    verification failed (a CRC, size or digest did not match)
-  5    the helper could not be started or died
+  5    the helper could not be started, died, or stopped answering (it is then killed)
   6    storage busy (a lock stayed held) or the helper did not answer in time; retry later
   7    --copy-policy reflink-only and a file could not be reflinked
   141  stdout was closed early (e.g. piped into head)";
@@ -58,7 +58,8 @@ fn client_status(err: &ClientError) -> u8 {
     match err {
         ClientError::HelperNotFound(_)
         | ClientError::Spawn { .. }
-        | ClientError::HelperDied { .. } => HELPER,
+        | ClientError::HelperDied { .. }
+        | ClientError::HelperUnresponsive { .. } => HELPER,
         ClientError::DigestMismatch { .. } | ClientError::Assemble { .. } => VERIFICATION,
         ClientError::Timeout { .. } => BUSY,
         _ => match err.code() {
@@ -97,4 +98,22 @@ pub fn status(e: &anyhow::Error) -> u8 {
         }
     }
     OTHER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn import_errors_from_the_helper_keep_their_status() {
+        let e: Result<(), ImportError> =
+            Err(ImportError::Helper(ClientError::HelperUnresponsive {
+                what: "KeepAlive".into(),
+                seconds: 1.0,
+                stderr: String::new(),
+            }));
+        let e = e.context("importing x").unwrap_err();
+        assert_eq!(status(&e), HELPER);
+    }
 }

@@ -21,7 +21,15 @@ pub(crate) struct Inner {
     pub(crate) rpc: Rpc,
     pub(crate) process: Option<HelperProcess>,
     pub(crate) info: InitializeResult,
-    pub(crate) call_timeout: Option<Duration>,
+    pub(crate) deadlines: Deadlines,
+}
+
+/// How long the helper may take to answer, and how often an open layer pings it (see
+/// [`HelperConfig::reply_timeout`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadlines {
+    pub(crate) reply: Duration,
+    pub(crate) keepalive: Duration,
 }
 
 /// A connection to a `cstor-helper`, cheap to clone and usable from many tasks at once.
@@ -65,21 +73,36 @@ impl Client {
             ours,
             Some(process),
             config.handshake_timeout,
-            config.call_timeout,
+            Deadlines {
+                reply: config.reply_timeout,
+                keepalive: config.keepalive_interval,
+            },
         )
         .await
     }
 
     /// Talks to a helper already connected to `sock` (e.g. started by a test harness).
+    /// Such a helper is not killed when it stops answering; calls fail with
+    /// [`Error::Timeout`] after the default reply timeout instead.
     pub async fn connect(sock: OwnedFd, handshake_timeout: Duration) -> Result<Self> {
-        Self::handshake(sock, None, handshake_timeout, None).await
+        let defaults = HelperConfig::default();
+        Self::handshake(
+            sock,
+            None,
+            handshake_timeout,
+            Deadlines {
+                reply: defaults.reply_timeout,
+                keepalive: defaults.keepalive_interval,
+            },
+        )
+        .await
     }
 
     async fn handshake(
         sock: OwnedFd,
         process: Option<HelperProcess>,
         timeout: Duration,
-        call_timeout: Option<Duration>,
+        deadlines: Deadlines,
     ) -> Result<Self> {
         let rpc = Rpc::new(sock).map_err(|e| Error::io("setting up the helper connection", e))?;
         let params = InitializeParams {
@@ -123,7 +146,7 @@ impl Client {
                 rpc,
                 process,
                 info,
-                call_timeout,
+                deadlines,
             }),
         })
     }
@@ -183,7 +206,9 @@ impl Client {
             method: method.into(),
             detail: format!("serializing params: {e}"),
         })?;
-        let timeout = self.inner.call_timeout;
+        // FetchFds waits for the layer's next files, which a slow disk may hold up for
+        // long: the layer's keepalive pings tell a frozen helper from a slow one instead.
+        let timeout = (method != method::FETCH_FDS).then_some(self.inner.deadlines.reply);
         match self.inner.rpc.call(method, p, timeout).await {
             Ok((v, fds)) => Ok((decode(method, v)?, fds)),
             Err(e) => Err(map_call_error(
@@ -298,9 +323,12 @@ fn map_call_error(
             method: method.into(),
             error,
         },
-        CallError::Timeout => Error::Timeout {
-            what: method.into(),
-            seconds: timeout.as_secs_f64(),
+        CallError::Timeout => match process {
+            Some(p) => p.kill_unresponsive(method, timeout),
+            None => Error::Timeout {
+                what: method.into(),
+                seconds: timeout.as_secs_f64(),
+            },
         },
         CallError::Closed(reason) | CallError::Send(reason) => match process {
             Some(p) => p.died(&format!("answering {method}")),

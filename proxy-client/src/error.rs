@@ -39,7 +39,21 @@ pub enum Error {
         /// The helper's error.
         error: RpcError,
     },
-    /// The helper did not answer in time.
+    /// The helper stopped answering: it was killed (releasing its storage locks).
+    #[error(
+        "cstor-helper did not answer {what} within {seconds:.1} s and was killed (frozen or stopped?){}",
+        fmt_stderr(stderr)
+    )]
+    HelperUnresponsive {
+        /// The call that went unanswered.
+        what: String,
+        /// The deadline.
+        seconds: f64,
+        /// The last lines the helper wrote on stderr.
+        stderr: String,
+    },
+    /// A helper this client did not start ([`crate::Client::connect`]) did not answer in
+    /// time.
     #[error("{what}: no answer from cstor-helper within {seconds:.1} s")]
     Timeout {
         /// What was waited for.
@@ -139,7 +153,10 @@ impl Error {
     pub fn is_helper_failure(&self) -> bool {
         matches!(
             self,
-            Error::HelperNotFound(_) | Error::Spawn { .. } | Error::HelperDied { .. }
+            Error::HelperNotFound(_)
+                | Error::Spawn { .. }
+                | Error::HelperDied { .. }
+                | Error::HelperUnresponsive { .. }
         )
     }
 

@@ -196,12 +196,15 @@ impl Layer {
             })
         };
         // FetchFds renews the lease, but a reader busy with one huge file fetches nothing
-        // for a while: renew explicitly at a third of the lease.
+        // for a while: renew explicitly, at a third of the lease at most. The same pings
+        // tell a frozen helper (no answer: killed, see Client::call) from one whose reads
+        // are slow (it answers).
         let lease = Duration::from_millis(client.info().limits.lease_timeout_ms.max(300));
+        let every = (lease / 3).min(client.inner.deadlines.keepalive);
         let keepalive = {
             let client = client.clone();
             tokio::spawn(async move {
-                let mut t = tokio::time::interval(lease / 3);
+                let mut t = tokio::time::interval(every);
                 t.tick().await;
                 loop {
                     t.tick().await;

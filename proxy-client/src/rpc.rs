@@ -13,6 +13,11 @@ use jsonrpc_fdpass::{JsonRpcMessage, JsonRpcRequest, MessageWithFds, UnixSocketT
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
+/// The largest reply accepted. Replies are small but for `GetImage`, which carries the
+/// manifest and config (a config lists every layer and history entry); far above any real
+/// image, far below what would hurt.
+const MAX_REPLY: usize = 64 << 20;
+
 type Waiter = oneshot::Sender<std::result::Result<(Value, Vec<OwnedFd>), RpcError>>;
 
 /// Why a call failed below the application level.
@@ -72,6 +77,7 @@ impl Rpc {
         if let Some(n) = NonZeroUsize::new(240) {
             sender.set_max_fds_per_sendmsg(n);
         }
+        receiver.set_max_message_size(MAX_REPLY);
         let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
         let (closed_tx, closed) = watch::channel(None);
         let p = pending.clone();

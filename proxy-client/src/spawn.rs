@@ -145,8 +145,17 @@ pub struct HelperConfig {
     /// How long the helper may take to answer `Initialize`. `podman unshare` can take a few
     /// seconds on first use.
     pub handshake_timeout: Duration,
-    /// How long any other call may take before it fails (`None`: no limit).
-    pub call_timeout: Option<Duration>,
+    /// How long the helper may take to answer any other call (but `FetchFds`, which waits
+    /// for the layer's files and is covered by the keepalive pings instead). A helper that
+    /// misses it is taken as frozen: the client kills it, which releases its storage locks,
+    /// and the call fails with [`crate::Error::HelperUnresponsive`]. Longer than the helper's
+    /// own storage lock timeout (30 s), so that a busy storage is reported as such.
+    pub reply_timeout: Duration,
+    /// While a layer is open, the client sends the helper a `KeepAlive` this often (also
+    /// renewing the layer's lease): a helper blocked in a slow read still answers it, a
+    /// frozen one does not, and is killed after `reply_timeout`. So a frozen helper is
+    /// detected within `keepalive_interval + reply_timeout` (one minute by default).
+    pub keepalive_interval: Duration,
 }
 
 impl Default for HelperConfig {
@@ -159,7 +168,8 @@ impl Default for HelperConfig {
             podman: PathBuf::from("podman"),
             extra_args: Vec::new(),
             handshake_timeout: Duration::from_secs(30),
-            call_timeout: Some(Duration::from_secs(300)),
+            reply_timeout: Duration::from_secs(45),
+            keepalive_interval: Duration::from_secs(10),
         }
     }
 }
@@ -180,6 +190,12 @@ impl HelperConfig {
     /// Sets [`HelperConfig::privilege`].
     pub fn privilege(mut self, privilege: Privilege) -> Self {
         self.privilege = privilege;
+        self
+    }
+
+    /// Sets [`HelperConfig::reply_timeout`] (at least 1 ms).
+    pub fn reply_timeout(mut self, t: Duration) -> Self {
+        self.reply_timeout = t.max(Duration::from_millis(1));
         self
     }
 
@@ -266,6 +282,8 @@ pub struct HelperProcess {
     pidfd: Option<OwnedFd>,
     status: Arc<(Mutex<Option<ExitStatus>>, std::sync::Condvar)>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
+    /// Set when the client killed the helper for not answering: the call and the deadline.
+    unresponsive: Mutex<Option<(String, Duration)>>,
 }
 
 impl HelperProcess {
@@ -368,6 +386,7 @@ impl HelperProcess {
             pidfd,
             status,
             stderr,
+            unresponsive: Mutex::new(None),
         })
     }
 
@@ -395,8 +414,36 @@ impl HelperProcess {
         String::from_utf8_lossy(&v).into_owned()
     }
 
+    /// Kills the helper because it did not answer `what` within `deadline`; every later
+    /// error about its death says so ([`Error::HelperUnresponsive`]).
+    pub fn kill_unresponsive(&self, what: &str, deadline: Duration) -> Error {
+        self.unresponsive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| (what.to_owned(), deadline));
+        tracing::warn!(
+            "cstor-helper did not answer {what} within {:.1} s: killing it",
+            deadline.as_secs_f64()
+        );
+        self.kill();
+        let _ = self.exit_status(Duration::from_secs(2));
+        self.died(what)
+    }
+
     /// An error describing the helper's death while doing `during`.
     pub fn died(&self, during: &str) -> Error {
+        let unresponsive = self
+            .unresponsive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((what, deadline)) = unresponsive {
+            return Error::HelperUnresponsive {
+                what,
+                seconds: deadline.as_secs_f64(),
+                stderr: self.stderr_tail(),
+            };
+        }
         let status = match self.exit_status(Duration::from_secs(2)) {
             Some(s) => s.to_string(),
             None => "it closed the connection but is still running".to_owned(),

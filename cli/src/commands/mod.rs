@@ -81,7 +81,8 @@ async fn connect(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result
             PrivilegeArg::Direct => Privilege::Direct,
             PrivilegeArg::Unshare => Privilege::PodmanUnshare,
         })
-        .args(extra);
+        .args(extra)
+        .reply_timeout(s.helper.helper_timeout);
     config.program = s.helper.helper.clone();
     Ok(Client::spawn(&config).await?)
 }

@@ -34,6 +34,14 @@ pub enum Error {
     #[error("Connection closed")]
     ConnectionClosed,
 
+    /// A message was larger than the receiver accepts
+    /// ([`crate::Receiver::set_max_message_size`]); the connection is not usable after it.
+    #[error("message larger than {limit} bytes")]
+    MessageTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+
     /// The message format was invalid.
     #[error("Invalid message format: {0}")]
     InvalidMessage(String),

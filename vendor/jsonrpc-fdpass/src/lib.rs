@@ -110,6 +110,7 @@
 
 /// Error types for JSON-RPC operations.
 pub mod error;
+mod frame;
 /// JSON-RPC message types and serialization.
 pub mod message;
 /// JSON-RPC 2.0 server implementation with file descriptor passing.

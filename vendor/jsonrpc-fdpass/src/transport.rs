@@ -1,4 +1,5 @@
 use crate::error::{Error, Result};
+use crate::frame::{Scan, Scanner};
 use crate::message::{JsonRpcMessage, JsonRpcNotification, MessageWithFds, get_fd_count};
 use rustix::fd::AsFd;
 use rustix::net::{
@@ -27,8 +28,9 @@ pub const DEFAULT_MAX_FDS_PER_SENDMSG: NonZeroUsize = NonZeroUsize::new(500).unw
 /// Must be at least as large as the largest platform limit (~512 on macOS).
 const MAX_FDS_PER_RECVMSG: usize = 512;
 
-/// Read buffer size for incoming data.
-const READ_BUFFER_SIZE: usize = 4096;
+/// Bytes read per `recvmsg` at most. Larger than a typical message, so that a large one
+/// takes few system calls.
+const READ_BUFFER_SIZE: usize = 64 * 1024;
 
 /// Transport layer for Unix socket communication with file descriptor passing.
 pub struct UnixSocketTransport {
@@ -54,6 +56,10 @@ impl UnixSocketTransport {
             Receiver {
                 stream,
                 buffer: Vec::new(),
+                consumed: 0,
+                scanner: Scanner::default(),
+                max_message_size: None,
+                read_buffer: Vec::new(),
                 fd_queue: VecDeque::new(),
                 pending_message: None,
             },
@@ -261,13 +267,28 @@ impl Sender {
 /// Receiver half of a Unix socket transport for receiving JSON-RPC messages.
 pub struct Receiver {
     stream: Arc<TokioUnixStream>,
+    /// Bytes received; those before `consumed` belong to messages already returned.
     buffer: Vec<u8>,
+    consumed: usize,
+    /// How far the current message has been scanned for its end.
+    scanner: Scanner,
+    /// The largest message accepted, in bytes (`None`: no limit).
+    max_message_size: Option<usize>,
+    read_buffer: Vec<u8>,
     fd_queue: VecDeque<OwnedFd>,
     /// A fully parsed JSON message waiting for its FDs to arrive.
     pending_message: Option<(serde_json::Value, usize)>,
 }
 
 impl Receiver {
+    /// Refuses messages larger than `max` bytes with [`Error::MessageTooLarge`], as soon as
+    /// that many bytes of one message have arrived (before parsing it), instead of
+    /// buffering whatever the peer sends. The connection cannot be used after that error:
+    /// the rest of the message is still in the stream.
+    pub fn set_max_message_size(&mut self, max: usize) {
+        self.max_message_size = Some(max);
+    }
+
     /// Receive a message, returning an error on connection close.
     ///
     /// See also [`receive_opt`](Self::receive_opt) which returns `Ok(None)`
@@ -347,7 +368,10 @@ impl Receiver {
             // if the buffer contains any non-whitespace byte the sender
             // has started the next message before delivering all FDs for
             // the current one — that is a fatal protocol violation.
-            if self.buffer.iter().any(|&b| !b.is_ascii_whitespace()) {
+            if self.buffer[self.consumed..]
+                .iter()
+                .any(|&b| !b.is_ascii_whitespace())
+            {
                 return Err(Error::MismatchedCount {
                     expected: *fd_count,
                     found: self.fd_queue.len(),
@@ -356,73 +380,94 @@ impl Receiver {
             return Ok(None);
         }
 
-        if self.buffer.is_empty() {
+        let rest = &self.buffer[self.consumed..];
+        if rest.is_empty() {
+            return Ok(None);
+        }
+        let end = match self.scanner.scan(rest) {
+            Scan::Incomplete => {
+                if let Some(max) = self.max_message_size
+                    && self.scanner.value_len() > max
+                {
+                    return Err(Error::MessageTooLarge { limit: max });
+                }
+                if self.scanner.between_values() {
+                    // Only whitespace so far: nothing to keep.
+                    self.consumed = self.buffer.len();
+                    self.scanner.reset();
+                }
+                self.compact();
+                return Ok(None);
+            }
+            Scan::Complete(end) => end,
+        };
+        if let Some(max) = self.max_message_size
+            && self.scanner.value_len() > max
+        {
+            return Err(Error::MessageTooLarge { limit: max });
+        }
+        // The message leaves the buffer whether or not it parses: the next one starts after
+        // it, so a peer that sent one bad message can be answered and heard again.
+        let bytes = &self.buffer[self.consumed..self.consumed + end];
+        self.consumed += end;
+        self.scanner.reset();
+        let parsed = serde_json::from_slice::<serde_json::Value>(bytes);
+        self.compact();
+        let value = parsed.map_err(Error::Json)?;
+        trace!("Parsed message ({} bytes): {:?}", end, value);
+
+        // Read the fds count from the message and extract FDs
+        let fd_count = get_fd_count(&value);
+
+        if fd_count > self.fd_queue.len() {
+            // FDs may arrive across multiple recvmsg() calls when the sender batches them.
+            // Buffer the parsed message and let the receive() loop read more data.
+            //
+            // Per the spec (Section 5, Step 4), if the buffer already contains non-whitespace
+            // bytes the sender has started the next message before delivering all FDs — a
+            // fatal error.
+            if self.buffer[self.consumed..]
+                .iter()
+                .any(|&b| !b.is_ascii_whitespace())
+            {
+                return Err(Error::MismatchedCount {
+                    expected: fd_count,
+                    found: self.fd_queue.len(),
+                });
+            }
+            trace!(
+                "Message expects {} FDs but only {} available, waiting for more",
+                fd_count,
+                self.fd_queue.len()
+            );
+            self.pending_message = Some((value, fd_count));
             return Ok(None);
         }
 
-        // Use streaming JSON parser to find message boundaries
-        let mut stream =
-            serde_json::Deserializer::from_slice(&self.buffer).into_iter::<serde_json::Value>();
+        Ok(Some(Self::build_message(
+            &mut self.fd_queue,
+            value,
+            fd_count,
+        )?))
+    }
 
-        match stream.next() {
-            Some(Ok(value)) => {
-                // Successfully parsed a complete JSON value
-                let bytes_consumed = stream.byte_offset();
-
-                trace!("Parsed message ({} bytes): {:?}", bytes_consumed, value);
-
-                // Drain the consumed bytes from the buffer
-                self.buffer.drain(..bytes_consumed);
-
-                // Read the fds count from the message and extract FDs
-                let fd_count = get_fd_count(&value);
-
-                if fd_count > self.fd_queue.len() {
-                    // FDs may arrive across multiple recvmsg() calls when the
-                    // sender batches them.  Buffer the parsed message and let
-                    // the receive() loop read more data.
-                    //
-                    // Per the spec (Section 5, Step 4), if the buffer already
-                    // contains non-whitespace bytes the sender has started the
-                    // next message before delivering all FDs — a fatal error.
-                    if self.buffer.iter().any(|&b| !b.is_ascii_whitespace()) {
-                        return Err(Error::MismatchedCount {
-                            expected: fd_count,
-                            found: self.fd_queue.len(),
-                        });
-                    }
-                    trace!(
-                        "Message expects {} FDs but only {} available, waiting for more",
-                        fd_count,
-                        self.fd_queue.len()
-                    );
-                    self.pending_message = Some((value, fd_count));
-                    return Ok(None);
-                }
-
-                Ok(Some(Self::build_message(
-                    &mut self.fd_queue,
-                    value,
-                    fd_count,
-                )?))
-            }
-            Some(Err(e)) if e.is_eof() => {
-                // Incomplete JSON - need more data
-                Ok(None)
-            }
-            Some(Err(e)) => {
-                // Actual parse error
-                Err(Error::Json(e))
-            }
-            None => {
-                // No more values (shouldn't happen with non-empty buffer, but handle it)
-                Ok(None)
-            }
+    /// Drops the bytes of messages already returned once they are most of the buffer, so
+    /// that the buffer neither grows without end nor is moved for every message.
+    fn compact(&mut self) {
+        if self.consumed == self.buffer.len() {
+            self.buffer.clear();
+            self.consumed = 0;
+        } else if self.consumed > self.buffer.len() / 2 {
+            self.buffer.drain(..self.consumed);
+            self.consumed = 0;
         }
     }
 
     async fn read_more_data(&mut self) -> Result<()> {
-        let mut data_buffer = [0u8; READ_BUFFER_SIZE];
+        if self.read_buffer.len() < READ_BUFFER_SIZE {
+            self.read_buffer.resize(READ_BUFFER_SIZE, 0);
+        }
+        let data_buffer = &mut self.read_buffer;
         let mut received_fds: Vec<OwnedFd> = Vec::new();
 
         let bytes_read = self
@@ -430,7 +475,7 @@ impl Receiver {
             .async_io(Interest::READABLE, || {
                 let sockfd = self.stream.as_fd();
 
-                let mut iov = [IoSliceMut::new(&mut data_buffer)];
+                let mut iov = [IoSliceMut::new(data_buffer)];
                 let mut cmsg_space: [MaybeUninit<u8>;
                     rustix::cmsg_space!(ScmRights(MAX_FDS_PER_RECVMSG))] =
                     [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_RECVMSG))];
@@ -460,7 +505,8 @@ impl Receiver {
             return Err(Error::ConnectionClosed);
         }
 
-        self.buffer.extend_from_slice(&data_buffer[..bytes_read]);
+        self.buffer
+            .extend_from_slice(&self.read_buffer[..bytes_read]);
         self.fd_queue.extend(received_fds);
 
         debug!(
