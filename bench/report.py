@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Summarises a bench/run.sh result directory: medians, ratios, design.md targets.
+"""Summarises a bench/run.sh result directory: medians, ratios, and the performance targets
+of docs/design.md.
 
 Usage: report.py RESULT_DIR  (reads runs.jsonl, rss.jsonl, machine.json; writes results.json
 and prints the tables). Standard library only.
@@ -11,7 +12,7 @@ import statistics
 import sys
 
 # What each row is compared with: the upstream containers-storage import on the same
-# filesystem (on ext4: its copy mode, as design.md asks), and the upstream tar path.
+# filesystem (on ext4: its copy mode, as docs/design.md asks), and the upstream tar path.
 UPSTREAM_REF = {"xfs": "cfsctl-xfs", "ext4": "cfsctl-ext4-copy"}
 TAR_REF = "tar-path-xfs"
 
@@ -113,7 +114,7 @@ def main():
     def med(case, cache):
         return medians.get(case, {}).get(cache, {}).get("median_seconds")
 
-    # Limits. Warm, as design.md defines it: hashing every byte and reflinking every file,
+    # Limits. Warm, as docs/design.md defines it: hashing every byte and reflinking every file,
     # each spread over all cores, i.e. the two all-core times one after the other. A tighter
     # bound is reported beside it: neither job can beat its own all-cores time, and both
     # together cannot beat their summed CPU time spread over all cores (it assumes that each
@@ -169,7 +170,7 @@ def main():
                     row["vs_limit"] = s / limits[cache]
             rows.append(row)
 
-    # design.md targets.
+    # The targets of docs/design.md (section 5).
     targets = []
 
     def target(name, value, limit, unit="", note=""):
@@ -184,7 +185,7 @@ def main():
            ratio(med("cstor-xfs-root", "warm"), med("cfsctl-xfs", "warm")), 0.25, "x")
     target("warm, XFS root: <= 1.5x the warm limit",
            ratio(med("cstor-xfs-root", "warm"), limits.get("warm")), 1.5, "x",
-           "limit = hash + reflink, each on all cores (design.md)")
+           "limit = hash + reflink, each on all cores (docs/design.md)")
     target("cold, XFS root: <= 1.3x reading every byte once",
            ratio(med("cstor-xfs-root", "cold"), limits.get("cold")), 1.3, "x")
     for case in ("cstor-xfs-root", "cstor-xfs-rootless", "cstor-ext4-root", "cstor-ext4-rootless"):
@@ -273,7 +274,7 @@ def main():
               f"{fmt_ratio(r['vs_upstream']):>9} {fmt_ratio(r['vs_tar_path']):>7} "
               f"{fmt_ratio(r['vs_limit']):>8}  {r['runs']}{failed}{extra}")
     print()
-    hdr = f"{'design.md target':<62} {'value':>9} {'limit':>7}  result"
+    hdr = f"{'docs/design.md target':<62} {'value':>9} {'limit':>7}  result"
     print(hdr)
     print("-" * len(hdr))
     for t in targets:
