@@ -5,9 +5,10 @@
 //! on every request, so the helper always sees what podman last committed.
 
 pub mod config;
-pub mod images;
-pub mod layer;
-pub mod layers;
+pub mod image_records;
+pub mod layer_records;
+pub mod layer_walk;
+pub mod open_layer;
 pub mod reference;
 
 use std::collections::HashMap;
@@ -22,8 +23,8 @@ use crate::confine::Root;
 use crate::error::{Error, Result};
 use crate::lock::ReadLock;
 pub use config::StorageOptions;
-use images::ImageRecord;
-use layers::LayerRecord;
+use image_records::ImageRecord;
+use layer_records::LayerRecord;
 use reference::{ImageSpec, NormalizedName};
 
 /// What a store root is to the storage.
@@ -199,7 +200,7 @@ impl Storage {
         let mut seen = std::collections::HashSet::new();
         for i in self.image_store_order() {
             let st = &self.stores[i];
-            for r in images::load(st.fd(), st.path())? {
+            for r in image_records::load(st.fd(), st.path())? {
                 // An id present in two stores is the same image; the first store wins.
                 if seen.insert(r.id.clone()) {
                     out.push((i, r));
@@ -215,7 +216,7 @@ impl Storage {
             order: Vec::new(),
         };
         for (i, st) in self.stores.iter().enumerate() {
-            for r in layers::load(st.fd(), st.path())? {
+            for r in layer_records::load(st.fd(), st.path())? {
                 if !idx.by_id.contains_key(&r.id) {
                     idx.order.push(r.id.clone());
                     idx.by_id.insert(r.id.clone(), (i, r));
@@ -319,7 +320,8 @@ impl Storage {
         image: &ImageRecord,
         spec: &ImageSpec,
     ) -> Result<(Blob, Blob)> {
-        let read = |key: &str| images::read_big_data(store.fd(), store.path(), &image.id, key);
+        let read =
+            |key: &str| image_records::read_big_data(store.fd(), store.path(), &image.id, key);
         // A digested reference selects that manifest, unless it is a list (then the
         // per-platform manifest stored as "manifest" is the image's).
         let mut manifest = None;

@@ -1,9 +1,9 @@
-//! Layer records (`overlay-layers/layers.json`, `volatile-layers.json`) and the overlay
-//! directory chain of a layer.
+//! Layer records: what `overlay-layers/layers.json` and `volatile-layers.json` say about
+//! each layer of a store.
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cstor_protocol::ErrorCode;
 use serde::Deserialize;
@@ -120,80 +120,6 @@ pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>
     Ok(out)
 }
 
-/// Reads `overlay/<id>/lower` and returns the ids of the lower layers' directories, nearest
-/// first. The file holds `l/<LINK>:l/<LINK>...`; each link is a symlink `../<id>/diff` in some
-/// store's `overlay/l/`. Absent file: no lowers.
-pub fn lower_chain(
-    stores: &[(BorrowedFd<'_>, &Path)],
-    layer_dir_store: BorrowedFd<'_>,
-    id: &str,
-) -> Result<Vec<String>> {
-    let rel = PathBuf::from(format!("overlay/{id}/lower"));
-    let bytes = match confine::read_small(layer_dir_store, &rel, 1 << 20) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("reading {}", rel.display()), e).layer(id)),
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|_| {
-        Error::new(
-            ErrorCode::CorruptMetadata,
-            format!("{} is not UTF-8", rel.display()),
-        )
-        .layer(id)
-    })?;
-    let mut ids = Vec::new();
-    for entry in text.trim().split(':').filter(|s| !s.is_empty()) {
-        let link = entry.strip_prefix("l/").filter(|l| {
-            !l.is_empty() && l.len() <= 64 && l.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-        let Some(link) = link else {
-            return Err(Error::new(
-                ErrorCode::CorruptMetadata,
-                format!("{} holds an unexpected entry {entry:?}", rel.display()),
-            )
-            .layer(id));
-        };
-        ids.push(resolve_link(stores, link).map_err(|e| e.layer(id))?);
-    }
-    Ok(ids)
-}
-
-/// Finds `overlay/l/<link>` in any store and returns the layer id it points to.
-fn resolve_link(stores: &[(BorrowedFd<'_>, &Path)], link: &str) -> Result<String> {
-    let rel = PathBuf::from(format!("overlay/l/{link}"));
-    for (fd, _path) in stores {
-        let target = match rustix::fs::readlinkat(*fd, &rel, Vec::new()) {
-            Ok(t) => t,
-            Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading link {}", rel.display()),
-                    e.into(),
-                ));
-            }
-        };
-        let target = target.to_string_lossy().into_owned();
-        // "../<id>/diff"
-        let id = target
-            .strip_prefix("../")
-            .and_then(|t| t.strip_suffix("/diff"))
-            .filter(|id| is_full_id(id));
-        return id.map(str::to_owned).ok_or_else(|| {
-            Error::new(
-                ErrorCode::CorruptMetadata,
-                format!(
-                    "{} points to {target:?}, not ../<layer-id>/diff",
-                    rel.display()
-                ),
-            )
-        });
-    }
-    Err(Error::new(
-        ErrorCode::CorruptMetadata,
-        format!("lower link l/{link} exists in no store"),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,34 +172,5 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(r.diff_id(), Some("sha256:e"));
-    }
-
-    #[test]
-    fn lower_chain_follows_links() {
-        let d = tempfile::tempdir().unwrap();
-        let o = d.path().join("overlay");
-        std::fs::create_dir_all(o.join("l")).unwrap();
-        std::fs::create_dir_all(o.join(A).join("diff")).unwrap();
-        std::fs::create_dir_all(o.join(B).join("diff")).unwrap();
-        std::os::unix::fs::symlink(format!("../{A}/diff"), o.join("l/LINKA")).unwrap();
-        std::fs::write(o.join(B).join("lower"), "l/LINKA").unwrap();
-        let root = Root::open(d.path()).unwrap();
-        let stores = [(root.fd(), d.path())];
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap(),
-            vec![A.to_string()]
-        );
-        assert!(lower_chain(&stores, root.fd(), A).unwrap().is_empty());
-        std::fs::write(o.join(B).join("lower"), "l/../../x").unwrap();
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
-            ErrorCode::CorruptMetadata
-        );
-        std::os::unix::fs::symlink("/etc", o.join("l/EVIL")).unwrap();
-        std::fs::write(o.join(B).join("lower"), "l/EVIL").unwrap();
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
-            ErrorCode::CorruptMetadata
-        );
     }
 }

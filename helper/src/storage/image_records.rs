@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::confine;
 use crate::error::{Error, Result};
-use crate::storage::layers::is_full_id;
+use crate::storage::layer_records::is_full_id;
 
 const MAX_IMAGES_JSON: u64 = 256 << 20;
 /// Largest manifest or config accepted (a 500-layer image's config is well under 1 MiB).
@@ -100,7 +100,7 @@ pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<ImageRecord>
 /// holds `[.0-9a-z]`, else `=` followed by standard padded base64 of the key.
 ///
 /// ```
-/// use cstor_helper::storage::images::big_data_file_name;
+/// use cstor_helper::storage::image_records::big_data_file_name;
 /// assert_eq!(big_data_file_name("manifest"), "manifest");
 /// assert_eq!(big_data_file_name("sha256:ab"), "=c2hhMjU2OmFi");
 /// ```
