@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cstor_protocol::{
-    Empty, ErrorCode, FetchFdsParams, GetImageParams, GetImageResult, GetLayerParams,
-    GetLayerResult, InitializeParams, InitializeResult, KeepAliveParams, KeepAliveResult, Limits,
-    ListImagesResult, PROTOCOL_VERSION, ReleaseLayerParams, RpcError, StreamInfo, capability,
-    method, stream,
+    Empty, ErrorCode, FetchFdsParams, GetImageParams, GetLayerParams, GetLayerResult,
+    InitializeParams, InitializeResult, KeepAliveParams, KeepAliveResult, Limits, ListImagesResult,
+    PROTOCOL_VERSION, ReleaseLayerParams, RpcError, StreamInfo, capability, method, stream,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -250,15 +249,8 @@ impl Connection {
             method::GET_IMAGE => {
                 let GetImageParams { reference } = params(method, p)?;
                 let h = self.helper.clone();
-                let d = blocking(move || h.storage.get_image(&reference)).await?;
-                Reply::of(&GetImageResult {
-                    id: d.id,
-                    names: d.names,
-                    store: d.store,
-                    manifest: d.manifest,
-                    config: d.config,
-                    layers: d.layers,
-                })
+                let image = blocking(move || h.storage.get_image(&reference)).await?;
+                Reply::of(&image)
             }
             method::GET_LAYER => self.get_layer(params(method, p)?).await,
             method::FETCH_FDS => {
