@@ -5,14 +5,10 @@ use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 
-use cstor_protocol::ErrorCode;
 use serde::Deserialize;
 
-use crate::confine;
-use crate::error::{Error, Result};
-
-/// Largest layers.json accepted (a store with tens of thousands of layers stays far below).
-const MAX_LAYERS_JSON: u64 = 256 << 20;
+use super::records_file;
+use crate::error::Result;
 
 /// One entry of layers.json (only the fields the helper uses).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -83,30 +79,15 @@ pub fn is_full_id(s: &str) -> bool {
 ///
 /// Fails with [`ErrorCode::CorruptMetadata`] when a file is not the expected JSON, or
 /// [`ErrorCode::Io`] when it cannot be read.
+///
+/// [`ErrorCode::CorruptMetadata`]: cstor_protocol::ErrorCode::CorruptMetadata
+/// [`ErrorCode::Io`]: cstor_protocol::ErrorCode::Io
 pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>> {
     let mut out: Vec<LayerRecord> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for file in ["layers.json", "volatile-layers.json"] {
         let rel = Path::new("overlay-layers").join(file);
-        let bytes = match confine::read_small(store, &rel, MAX_LAYERS_JSON) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading {}", store_path.join(&rel).display()),
-                    e,
-                ));
-            }
-        };
-        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        let records: Vec<LayerRecord> = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::new(
-                ErrorCode::CorruptMetadata,
-                format!("{} is not valid: {e}", store_path.join(&rel).display()),
-            )
-        })?;
+        let records: Vec<LayerRecord> = records_file::read(store, store_path, &rel)?;
         for r in records {
             if !is_full_id(&r.id) {
                 tracing::warn!(id = %r.id, file = %rel.display(), "ignoring layer with a malformed id");
@@ -124,6 +105,7 @@ pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>
 mod tests {
     use super::*;
     use crate::confine::Root;
+    use cstor_protocol::ErrorCode;
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";

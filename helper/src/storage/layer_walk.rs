@@ -45,6 +45,17 @@ pub struct FileItem {
     pub content: Option<File>,
 }
 
+impl FileItem {
+    fn without_content(name: Vec<u8>) -> Self {
+        Self {
+            name,
+            size: 0,
+            crc64: 0,
+            content: None,
+        }
+    }
+}
+
 /// Tar typeflags whose entries never have data blocks, whatever their size field says.
 fn header_only(typeflag: u8) -> bool {
     matches!(typeflag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6')
@@ -126,12 +137,7 @@ impl Walker {
         let show = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
         if size == 0 {
             self.sparse_pax = false;
-            return Ok(FileItem {
-                name,
-                size: 0,
-                crc64: 0,
-                content: None,
-            });
+            return Ok(FileItem::without_content(name));
         }
         if self.tail.len() < 512 {
             let shown = show(&name);
@@ -143,12 +149,7 @@ impl Walker {
         if header_only(typeflag) {
             // tar-split records the header's size field, but such entries carry no data.
             self.sparse_pax = false;
-            return Ok(FileItem {
-                name,
-                size: 0,
-                crc64: 0,
-                content: None,
-            });
+            return Ok(FileItem::without_content(name));
         }
         if !matches!(typeflag, b'0' | 0 | b'7') {
             let shown = show(&name);

@@ -10,6 +10,7 @@ pub mod layer_records;
 pub mod layer_walk;
 mod manifest;
 pub mod open_layer;
+mod records_file;
 pub mod reference;
 mod resolve;
 
