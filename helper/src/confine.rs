@@ -104,6 +104,14 @@ fn retry_openat2<T>(mut attempt: impl FnMut() -> rustix::io::Result<T>) -> io::R
     }
 }
 
+/// Whether `rel` names something beneath `dir`, a symlink as the last component counting
+/// as itself (as `lstat` sees it). A name that cannot be looked up beneath `dir`, for any
+/// reason (absent, escaping `dir`, a file where a directory should be), counts as absent.
+pub fn exists(dir: BorrowedFd<'_>, rel: &Path) -> bool {
+    // O_PATH opens without reading anything, and with O_NOFOLLOW a final symlink itself.
+    openat_beneath(dir, rel, OFlags::PATH | OFlags::NOFOLLOW).is_ok()
+}
+
 /// Opens directory `rel` beneath `dir`.
 pub fn open_dir(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
     openat_beneath(dir, rel, OFlags::RDONLY | OFlags::DIRECTORY)
@@ -303,6 +311,13 @@ mod tests {
         assert_eq!(exdev("../x"), Some(18));
         // Last-component symlinks are not followed.
         assert_eq!(exdev("sub/rel"), Some(40));
+        // Existence is decided beneath the root too: a name that escapes it is absent.
+        assert!(exists(root.fd(), Path::new("sub/ok")));
+        assert!(exists(root.fd(), Path::new("sub/rel")));
+        assert!(exists(root.fd(), Path::new("subdir-link/ok")));
+        assert!(!exists(root.fd(), Path::new("abs/secret")));
+        assert!(!exists(root.fd(), Path::new("sub/up/etc/passwd")));
+        assert!(!exists(root.fd(), Path::new("sub/none")));
     }
 
     #[test]

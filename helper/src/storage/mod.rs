@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use cstor_protocol::{ErrorCode, GetImageResult, ImageSummary, LayerInfo, StorageInfo};
 
-use crate::confine::Root;
+use crate::confine::{self, Root};
 use crate::error::{Error, Result};
 use crate::lock::ReadLock;
 pub use config::StorageOptions;
@@ -306,14 +306,9 @@ impl Storage {
     /// c/storage keeps tar-split even for imagestore layers).
     fn tar_split_store(&self, store: usize, id: &str) -> Option<usize> {
         let rel = Self::tar_split_rel(id);
-        [store, 0].into_iter().find(|&i| {
-            rustix::fs::statat(
-                self.stores[i].fd(),
-                &rel,
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .is_ok()
-        })
+        [store, 0]
+            .into_iter()
+            .find(|&i| confine::exists(self.stores[i].fd(), &rel))
     }
 
     fn layer_info(&self, store: usize, rec: &LayerRecord) -> LayerInfo {
@@ -334,14 +329,7 @@ impl Storage {
         let rel = PathBuf::from(format!("overlay/{id}"));
         std::iter::once(first)
             .chain(0..self.stores.len())
-            .find(|&i| {
-                rustix::fs::statat(
-                    self.stores[i].fd(),
-                    &rel,
-                    rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .is_ok()
-            })
+            .find(|&i| confine::exists(self.stores[i].fd(), &rel))
     }
 }
 
@@ -370,9 +358,7 @@ fn check_driver(driver: Option<&str>, graph: &Root) -> Result<()> {
             ),
         )),
         None => {
-            let has = |d: &str| {
-                rustix::fs::statat(graph.fd(), d, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok()
-            };
+            let has = |d: &str| confine::exists(graph.fd(), Path::new(d));
             if has("overlay-layers") || has("overlay-images") {
                 return Ok(());
             }

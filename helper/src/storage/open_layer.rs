@@ -120,13 +120,7 @@ impl Storage {
             ),
             ("additionallayer", "layers of an additional layer store"),
         ] {
-            if rustix::fs::statat(
-                dst.fd(),
-                base.join(marker),
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .is_ok()
-            {
+            if confine::exists(dst.fd(), &base.join(marker)) {
                 return Err(Error::new(
                     ErrorCode::Unsupported,
                     format!("layer {id}: {what} are not supported"),
@@ -194,9 +188,22 @@ fn lower_chain(
 
 /// Finds `overlay/l/<link>` in any store and returns the layer id it points to.
 fn resolve_link(stores: &[(BorrowedFd<'_>, &Path)], link: &str) -> Result<String> {
-    let rel = PathBuf::from(format!("overlay/l/{link}"));
-    for (fd, _path) in stores {
-        let target = match rustix::fs::readlinkat(*fd, &rel, Vec::new()) {
+    let links = Path::new("overlay/l");
+    let rel = links.join(link);
+    for (fd, path) in stores {
+        // The directory is opened confined, and `link` is one checked component: the link
+        // read cannot be one outside the store.
+        let dir = match confine::open_dir(*fd, links) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("opening {}", path.join(links).display()),
+                    e,
+                ));
+            }
+        };
+        let target = match rustix::fs::readlinkat(&dir, link, Vec::new()) {
             Ok(t) => t,
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => {
