@@ -55,6 +55,35 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Layers a client is expected to stream at once; fds are sized for that many.
+    pub const LAYERS_AT_ONCE: usize = 4;
+
+    /// Shrinks the per-layer fd queue (and with it the most fds per reply) to a share of
+    /// `budget`, the fds this process may still open (see [`cstor_protocol::fds::budget`]),
+    /// so that [`Self::LAYERS_AT_ONCE`] layers streaming at once fit: a helper at its fd
+    /// limit fails the layer it is opening a file for. The queue keeps at least 8 fds.
+    ///
+    /// ```
+    /// use cstor_helper::server::ServerConfig;
+    /// let c = ServerConfig::default().fit_fd_budget(1024 - 64);
+    /// assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
+    /// ```
+    pub fn fit_fd_budget(mut self, budget: usize) -> Self {
+        let per_layer = u32::try_from(budget / Self::LAYERS_AT_ONCE).unwrap_or(u32::MAX);
+        self.max_fds_queued = self.max_fds_queued.min(per_layer).max(8);
+        self.max_fds_per_message = self.max_fds_per_message.min(self.max_fds_queued);
+        self
+    }
+
+    /// The most fds the helper holds with [`Self::LAYERS_AT_ONCE`] layers streaming: each
+    /// layer's queue and a reply being sent, plus [`cstor_protocol::fds::RESERVE`].
+    pub fn fds_held(&self) -> usize {
+        Self::LAYERS_AT_ONCE * (self.max_fds_queued as usize + self.max_fds_per_message as usize)
+            + cstor_protocol::fds::RESERVE
+    }
+}
+
 /// How replies reach the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -377,4 +406,22 @@ fn stdio_unavailable(m: &str) -> RpcError {
             "{m} passes file descriptors, which --stdio cannot; GetLayer in --stdio mode already describes every file"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_queues_fit_the_budget() {
+        let d = ServerConfig::default();
+        assert_eq!(d.clone().fit_fd_budget(usize::MAX).max_fds_queued, 512);
+        // A hard limit of 1024: a quarter of what is left after the reserve, per layer.
+        let c = d.clone().fit_fd_budget(1024 - cstor_protocol::fds::RESERVE);
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
+        // Tiny limits keep a working minimum, and replies never exceed the queue.
+        let c = d.fit_fd_budget(0);
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (8, 8));
+        assert_eq!(ServerConfig::default().fds_held(), 4 * (512 + 200) + 64);
+    }
 }
