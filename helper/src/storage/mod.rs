@@ -3,6 +3,13 @@
 //! [`Storage::open`] opens the configured roots as directory fds once; every later access is
 //! relative to them (see [`crate::confine`]). Metadata is re-read under the stores' read locks
 //! on every request, so the helper always sees what podman last committed.
+//!
+//! This module opens the stores, orders and locks them, lists images and follows layer
+//! chains. The rest is one module per concept: [`config`] finds the storage configuration;
+//! [`image_records`] and [`layer_records`] read what `images.json` and `layers.json` say;
+//! [`reference`](mod@reference) parses image references, `resolve` picks the image one names, and
+//! `manifest` reads the manifest and config `GetImage` serves; [`open_layer`] finds and pins
+//! a layer and [`layer_walk`] walks it with its content files opened.
 
 pub mod config;
 pub mod image_records;
