@@ -22,17 +22,94 @@ use crate::error::{Error, Result};
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
 
+/// How many times in a row `openat2` may answer `EAGAIN` before the open fails.
+///
+/// The kernel answers `EAGAIN` to a confined lookup that went through `..` while a rename or
+/// mount happened anywhere on the system, because it can then no longer prove that `..`
+/// stayed beneath the root. A retry normally succeeds; retrying forever could spin for as
+/// long as something keeps renaming (podman pulling, say).
+pub const OPENAT2_ATTEMPTS: u32 = 8;
+
+/// Why a confined open failed, where the bare errno would not tell the user what to do.
+///
+/// It reaches callers inside an [`io::Error`] (see [`ConfineError::into_io`]), so that every
+/// open keeps one error type; [`crate::Error::io`] keeps its errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConfineError {
+    /// `openat2` answered `EAGAIN` [`OPENAT2_ATTEMPTS`] times in a row.
+    #[error(
+        "the path kept changing while it was looked up: openat2 returned EAGAIN {attempts} times \
+         in a row, as it does while renames or mounts elsewhere on the system race with a \
+         lookup through '..'; try again"
+    )]
+    KeptChanging {
+        /// How many times it was tried.
+        attempts: u32,
+    },
+    /// `openat2` does not exist here (`ENOSYS`).
+    #[error(
+        "the kernel does not provide openat2 (ENOSYS): cstor-helper confines every open with it \
+         and needs Linux 5.6 or later (and no seccomp filter that hides openat2)"
+    )]
+    KernelTooOld,
+}
+
+impl ConfineError {
+    /// The errno the kernel answered with.
+    pub fn errno(self) -> i32 {
+        match self {
+            Self::KeptChanging { .. } => rustix::io::Errno::AGAIN.raw_os_error(),
+            Self::KernelTooOld => rustix::io::Errno::NOSYS.raw_os_error(),
+        }
+    }
+
+    /// Wraps the error in an [`io::Error`] of the matching kind: a path that kept changing is
+    /// [`io::ErrorKind::WouldBlock`] (trying again later may work), a missing `openat2`
+    /// [`io::ErrorKind::Unsupported`].
+    pub fn into_io(self) -> io::Error {
+        let kind = match self {
+            Self::KeptChanging { .. } => io::ErrorKind::WouldBlock,
+            Self::KernelTooOld => io::ErrorKind::Unsupported,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
 /// Opens `rel` beneath `dir` with `flags` (plus `O_CLOEXEC`).
 ///
 /// Fails with the OS error (`ENOENT`, `ENOTDIR`, `ELOOP`...) as an [`io::Error`]; `EXDEV`
-/// means the path tried to escape `dir`.
+/// means the path tried to escape `dir`. A [`ConfineError`] inside the [`io::Error`] says
+/// that the path kept changing during the lookup, or that the kernel has no `openat2`.
 pub fn openat_beneath(dir: BorrowedFd<'_>, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+    retry_openat2(|| rustix::fs::openat2(dir, rel, flags | OFlags::CLOEXEC, Mode::empty(), RESOLVE))
+}
+
+/// Calls `attempt`, one `openat2`, again while a signal interrupts it, and at most
+/// [`OPENAT2_ATTEMPTS`] times in all while it answers `EAGAIN`; turns `ENOSYS` into
+/// [`ConfineError::KernelTooOld`].
+fn retry_openat2<T>(mut attempt: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    let mut again = 0;
     loop {
-        match rustix::fs::openat2(dir, rel, flags | OFlags::CLOEXEC, Mode::empty(), RESOLVE) {
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
+        match attempt() {
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                again += 1;
+                if again >= OPENAT2_ATTEMPTS {
+                    return Err(ConfineError::KeptChanging { attempts: again }.into_io());
+                }
+            }
+            Err(rustix::io::Errno::NOSYS) => return Err(ConfineError::KernelTooOld.into_io()),
             other => return other.map_err(io::Error::from),
         }
     }
+}
+
+/// Whether `rel` names something beneath `dir`, a symlink as the last component counting
+/// as itself (as `lstat` sees it). A name that cannot be looked up beneath `dir`, for any
+/// reason (absent, escaping `dir`, a file where a directory should be), counts as absent.
+pub fn exists(dir: BorrowedFd<'_>, rel: &Path) -> bool {
+    // O_PATH opens without reading anything, and with O_NOFOLLOW a final symlink itself.
+    openat_beneath(dir, rel, OFlags::PATH | OFlags::NOFOLLOW).is_ok()
 }
 
 /// Opens directory `rel` beneath `dir`.
@@ -159,12 +236,16 @@ pub struct Root {
 
 impl Root {
     /// Opens `path` (absolute, as configured) as a root.
+    ///
+    /// Also checks that confined opens work beneath it, so that a kernel without
+    /// `openat2` is reported here, once, as [`ConfineError::KernelTooOld`].
     pub fn open(path: &Path) -> io::Result<Self> {
         let fd = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        openat_beneath(fd.as_fd(), Path::new("."), OFlags::PATH | OFlags::DIRECTORY)?;
         Ok(Self {
             fd,
             path: path.to_owned(),
@@ -230,6 +311,13 @@ mod tests {
         assert_eq!(exdev("../x"), Some(18));
         // Last-component symlinks are not followed.
         assert_eq!(exdev("sub/rel"), Some(40));
+        // Existence is decided beneath the root too: a name that escapes it is absent.
+        assert!(exists(root.fd(), Path::new("sub/ok")));
+        assert!(exists(root.fd(), Path::new("sub/rel")));
+        assert!(exists(root.fd(), Path::new("subdir-link/ok")));
+        assert!(!exists(root.fd(), Path::new("abs/secret")));
+        assert!(!exists(root.fd(), Path::new("sub/up/etc/passwd")));
+        assert!(!exists(root.fd(), Path::new("sub/none")));
     }
 
     #[test]
@@ -247,6 +335,64 @@ mod tests {
         let e = open_regular(root.fd(), Path::new("fifo")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(open_regular(root.fd(), Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn eagain_is_retried_a_few_times_then_reported() {
+        let mut calls = 0;
+        let e = retry_openat2::<()>(|| {
+            calls += 1;
+            Err(rustix::io::Errno::AGAIN)
+        })
+        .unwrap_err();
+        assert_eq!(calls, OPENAT2_ATTEMPTS);
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let inner = e.get_ref().and_then(|i| i.downcast_ref::<ConfineError>());
+        assert_eq!(
+            inner,
+            Some(&ConfineError::KeptChanging {
+                attempts: OPENAT2_ATTEMPTS
+            })
+        );
+        assert!(e.to_string().contains("kept changing"), "{e}");
+        let wrapped = crate::Error::io("opening a layer file", e);
+        assert_eq!(
+            wrapped.errno(),
+            Some(rustix::io::Errno::AGAIN.raw_os_error())
+        );
+
+        // A lookup that succeeds on a later try is not an error, and signals do not count.
+        let mut answers = [
+            Err(rustix::io::Errno::AGAIN),
+            Err(rustix::io::Errno::INTR),
+            Err(rustix::io::Errno::AGAIN),
+            Ok(7),
+        ]
+        .into_iter();
+        assert_eq!(retry_openat2(|| answers.next().unwrap()).unwrap(), 7);
+        let mut answers = (1..OPENAT2_ATTEMPTS)
+            .map(|_| Err(rustix::io::Errno::AGAIN))
+            .chain(std::iter::repeat_n(Err(rustix::io::Errno::INTR), 20))
+            .chain([Ok(())]);
+        assert!(retry_openat2(|| answers.next().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn missing_openat2_says_the_kernel_is_too_old() {
+        let e = retry_openat2::<()>(|| Err(rustix::io::Errno::NOSYS)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert!(e.to_string().contains("Linux 5.6 or later"), "{e}");
+        let wrapped = crate::Error::io("opening the graph root", e);
+        assert_eq!(
+            wrapped.errno(),
+            Some(rustix::io::Errno::NOSYS.raw_os_error())
+        );
+        // Other errors pass through as they are.
+        let e = retry_openat2::<()>(|| Err(rustix::io::Errno::NOENT)).unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::NOENT.raw_os_error())
+        );
     }
 
     #[test]

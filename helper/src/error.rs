@@ -6,6 +6,8 @@ use std::io;
 
 use cstor_protocol::{ErrorCode, RpcError};
 
+use crate::confine::ConfineError;
+
 /// Details attached to an [`Error`]; they become fields of the JSON-RPC error's `data`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Details {
@@ -54,7 +56,11 @@ impl Error {
     /// An I/O error while `doing` something; keeps the errno and maps well-known errnos to
     /// more precise codes (ENOENT while opening content is decided by the caller).
     pub fn io(doing: impl fmt::Display, err: io::Error) -> Self {
-        let errno = err.raw_os_error();
+        let errno = err.raw_os_error().or_else(|| {
+            err.get_ref()
+                .and_then(|inner| inner.downcast_ref::<ConfineError>())
+                .map(|c| c.errno())
+        });
         let code = if errno == Some(libc_exdev()) {
             ErrorCode::PathEscape
         } else {

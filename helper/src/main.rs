@@ -85,31 +85,11 @@ fn parse_dir(v: &str) -> std::result::Result<PathBuf, String> {
     }
 }
 
-/// Grows the fd table now, while this process has one thread, to what serving four layers at
-/// once holds (see `cstor_protocol::fds::reserve_table`).
-fn reserve_fd_table() {
-    let defaults = ServerConfig::default();
-    let want = 4 * (defaults.max_fds_queued as usize + defaults.max_fds_per_message as usize)
-        + cstor_protocol::fds::RESERVE;
-    cstor_protocol::fds::reserve_table(want);
-}
-
-/// Shrinks the per-layer fd queue when even the raised limit is low (a hard limit of 1024,
-/// say): clients open up to 4 layers at once, and a helper at its limit fails the layer.
-fn fit_fd_limit(mut config: ServerConfig) -> ServerConfig {
-    use rustix::process::{Resource, getrlimit};
-    if let Some(limit) = getrlimit(Resource::Nofile).current {
-        let per_layer = u32::try_from(limit.saturating_sub(64) / 4).unwrap_or(u32::MAX);
-        config.max_fds_queued = config.max_fds_queued.min(per_layer).max(8);
-        config.max_fds_per_message = config.max_fds_per_message.min(config.max_fds_queued);
-    }
-    config
-}
-
 fn run(cli: Cli) -> Result<()> {
-    // Content fds are opened ahead of the client; the soft limit is often only 1024.
+    // Content fds are opened ahead of the client; the soft limit is often only 1024. The fd
+    // table is grown while this process has one thread (see reserve_table).
     cstor_protocol::fds::raise_soft_limit();
-    reserve_fd_table();
+    cstor_protocol::fds::reserve_table(ServerConfig::default().fds_held());
     let mut env = ConfigEnv::from_process();
     if let Some(conf) = &cli.storage_conf {
         env.vars.insert(
@@ -130,12 +110,13 @@ fn run(cli: Cli) -> Result<()> {
     let storage = Storage::open(options, cli.lock_timeout).context("opening the storage")?;
     let helper = Arc::new(Helper {
         storage,
-        config: fit_fd_limit(ServerConfig {
+        config: ServerConfig {
             lease: cli.lease_timeout,
             dump_tar: cli.dump_tar.clone(),
             describe_limit: cli.describe_limit,
             ..ServerConfig::default()
-        }),
+        }
+        .fit_fd_budget(cstor_protocol::fds::budget()),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,7 +1,7 @@
 //! Reader of tar-split metadata (`<layer-id>.tar-split.gz`).
 //!
 //! The file is a gzip stream of newline-delimited JSON, one object per tar entry or run of
-//! raw bytes (format of github.com/vbatts/tar-split, `tar/storage/entry.go`):
+//! raw bytes, as the tar-split library that containers/storage uses writes it:
 //!
 //! - `{"type":2,"payload":"<base64>","position":N}`: raw archive bytes (headers, padding,
 //!   end-of-archive blocks), to be copied verbatim;

@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cstor_protocol::{
-    Empty, ErrorCode, FetchFdsParams, GetImageParams, GetImageResult, GetLayerParams,
-    GetLayerResult, InitializeParams, InitializeResult, KeepAliveParams, KeepAliveResult, Limits,
-    ListImagesResult, PROTOCOL_VERSION, ReleaseLayerParams, RpcError, StreamInfo, capability,
-    method, stream,
+    Empty, ErrorCode, FetchFdsParams, GetImageParams, GetLayerParams, GetLayerResult,
+    InitializeParams, InitializeResult, KeepAliveParams, KeepAliveResult, Limits, ListImagesResult,
+    PROTOCOL_VERSION, ReleaseLayerParams, RpcError, StreamInfo, capability, method, stream,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -53,6 +52,35 @@ impl Default for ServerConfig {
             dump_tar: None,
             describe_limit: 100_000,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Layers a client is expected to stream at once; fds are sized for that many.
+    pub const LAYERS_AT_ONCE: usize = 4;
+
+    /// Shrinks the per-layer fd queue (and with it the most fds per reply) to a share of
+    /// `budget`, the fds this process may still open (see [`cstor_protocol::fds::budget`]),
+    /// so that [`Self::LAYERS_AT_ONCE`] layers streaming at once fit: a helper at its fd
+    /// limit fails the layer it is opening a file for. The queue keeps at least 8 fds.
+    ///
+    /// ```
+    /// use cstor_helper::server::ServerConfig;
+    /// let c = ServerConfig::default().fit_fd_budget(1024 - 64);
+    /// assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
+    /// ```
+    pub fn fit_fd_budget(mut self, budget: usize) -> Self {
+        let per_layer = u32::try_from(budget / Self::LAYERS_AT_ONCE).unwrap_or(u32::MAX);
+        self.max_fds_queued = self.max_fds_queued.min(per_layer).max(8);
+        self.max_fds_per_message = self.max_fds_per_message.min(self.max_fds_queued);
+        self
+    }
+
+    /// The most fds the helper holds with [`Self::LAYERS_AT_ONCE`] layers streaming: each
+    /// layer's queue and a reply being sent, plus [`cstor_protocol::fds::RESERVE`].
+    pub fn fds_held(&self) -> usize {
+        Self::LAYERS_AT_ONCE * (self.max_fds_queued as usize + self.max_fds_per_message as usize)
+            + cstor_protocol::fds::RESERVE
     }
 }
 
@@ -250,15 +278,8 @@ impl Connection {
             method::GET_IMAGE => {
                 let GetImageParams { reference } = params(method, p)?;
                 let h = self.helper.clone();
-                let d = blocking(move || h.storage.get_image(&reference)).await?;
-                Reply::of(&GetImageResult {
-                    id: d.id,
-                    names: d.names,
-                    store: d.store,
-                    manifest: d.manifest,
-                    config: d.config,
-                    layers: d.layers,
-                })
+                let image = blocking(move || h.storage.get_image(&reference)).await?;
+                Reply::of(&image)
             }
             method::GET_LAYER => self.get_layer(params(method, p)?).await,
             method::FETCH_FDS => {
@@ -385,4 +406,22 @@ fn stdio_unavailable(m: &str) -> RpcError {
             "{m} passes file descriptors, which --stdio cannot; GetLayer in --stdio mode already describes every file"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_queues_fit_the_budget() {
+        let d = ServerConfig::default();
+        assert_eq!(d.clone().fit_fd_budget(usize::MAX).max_fds_queued, 512);
+        // A hard limit of 1024: a quarter of what is left after the reserve, per layer.
+        let c = d.clone().fit_fd_budget(1024 - cstor_protocol::fds::RESERVE);
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
+        // Tiny limits keep a working minimum, and replies never exceed the queue.
+        let c = d.fit_fd_budget(0);
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (8, 8));
+        assert_eq!(ServerConfig::default().fds_held(), 4 * (512 + 200) + 64);
+    }
 }

@@ -13,7 +13,7 @@ use cstor_protocol::stream::{StreamSummary, StreamWriter};
 use cstor_protocol::{ErrorCode, RpcError};
 
 use crate::error::{Error, Result};
-use crate::storage::layer::{FileItem, Item, Walker};
+use crate::storage::layer_walk::{FileItem, Item, Walker};
 
 /// Where content files go.
 pub trait FdSink {

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::producer::{CancellableWriter, FdSink, produce, stream_pipe};
 use crate::error::{Error, Result};
 use crate::lock::ReadLock;
-use crate::storage::layer::OpenLayer;
+use crate::storage::open_layer::OpenLayer;
 
 /// Why a session ended early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

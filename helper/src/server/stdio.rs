@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use super::producer::{FdSink, produce, stream_pipe};
 use super::{Connection, Helper, Reply, Transport};
 use crate::error::{Error, Result};
-use crate::storage::layer::Item;
+use crate::storage::layer_walk::Item;
 
 fn response(id: Value, r: Result<Reply, RpcError>) -> Value {
     match r {

@@ -1,29 +1,18 @@
-//! Opening one layer for streaming, and walking its tar-split with content files resolved.
+//! Walking an opened layer: its tar-split records in order, each entry with content paired
+//! with the file opened beneath the layer's directories and checked against the recorded
+//! size.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use cstor_protocol::{ErrorCode, LayerInfo};
+use cstor_protocol::ErrorCode;
 use flate2::read::MultiGzDecoder;
 
-use super::{Storage, layers};
 use crate::confine;
 use crate::error::{Error, Result};
-use crate::lock::ReadLock;
 use crate::tarsplit::{Entry, TarSplitReader};
-
-/// A layer pinned for streaming: the layer stores stay read-locked until this is dropped.
-#[derive(Debug)]
-pub struct OpenLayer {
-    /// The layer.
-    pub info: LayerInfo,
-    /// Held while the layer is in use, so c/storage cannot change or delete it.
-    pub locks: Vec<ReadLock>,
-    /// The files to read; moved into whoever walks the layer.
-    pub source: LayerSource,
-}
 
 /// What a walk needs: the tar-split file and the directories content is looked up in.
 #[derive(Debug)]
@@ -32,139 +21,6 @@ pub struct LayerSource {
     tar_split: File,
     /// `diff` of the layer, then of each lower layer, nearest first.
     dirs: Vec<OwnedFd>,
-}
-
-impl Storage {
-    /// Opens and pins a layer named by id (64 hex) or diff id (`sha256:` + 64 hex).
-    ///
-    /// Fails with [`ErrorCode::InvalidParams`] for another form, [`ErrorCode::LayerNotFound`]
-    /// when no complete layer matches, [`ErrorCode::NoTarSplit`] when the layer has no
-    /// tar-split, [`ErrorCode::Unsupported`] for composefs-flat and additional-layer-store
-    /// layers, [`ErrorCode::LockTimeout`] when podman keeps the store locked.
-    pub fn open_layer(&self, wanted: &str) -> Result<OpenLayer> {
-        let by_diff_id = match wanted.strip_prefix("sha256:") {
-            Some(hex) if layers::is_full_id(hex) => true,
-            None if layers::is_full_id(wanted) => false,
-            _ => {
-                return Err(Error::new(
-                    ErrorCode::InvalidParams,
-                    format!(
-                        "{wanted:?} is neither a layer id (64 hex digits) nor a diff id (sha256:...)"
-                    ),
-                ));
-            }
-        };
-        let locks = self.lock_layers()?;
-        let index = self.load_layers()?;
-        let found = if by_diff_id {
-            // Several layers can share content (same diff id, other parents); any complete
-            // one with tar-split rebuilds the same bytes. Failing that, any match, so that the
-            // error says what is wrong with it.
-            let matching = || {
-                index
-                    .order
-                    .iter()
-                    .filter_map(|id| index.by_id.get(id))
-                    .filter(|(_, r)| r.diff_id() == Some(wanted))
-            };
-            matching()
-                .find(|(s, r)| !r.incomplete() && self.tar_split_store(*s, &r.id).is_some())
-                .or_else(|| matching().find(|(_, r)| !r.incomplete()))
-                .or_else(|| matching().next())
-        } else {
-            index.by_id.get(wanted)
-        };
-        let (store, rec) = match found {
-            Some((s, r)) if !r.incomplete() => (*s, r),
-            Some(_) => {
-                return Err(Error::new(
-                    ErrorCode::LayerNotFound,
-                    format!("layer {wanted} is incomplete (being created or deleted)"),
-                )
-                .layer(wanted));
-            }
-            None => {
-                return Err(
-                    Error::new(ErrorCode::LayerNotFound, format!("no layer {wanted}"))
-                        .layer(wanted),
-                );
-            }
-        };
-        let id = rec.id.clone();
-        let info = self.layer_info(store, rec);
-        let source = self.layer_source(store, &id).map_err(|e| e.layer(&id))?;
-        Ok(OpenLayer {
-            info,
-            locks,
-            source,
-        })
-    }
-
-    fn layer_source(&self, store: usize, id: &str) -> Result<LayerSource> {
-        let ts_store = self.tar_split_store(store, id).ok_or_else(|| {
-            Error::new(
-                ErrorCode::NoTarSplit,
-                format!(
-                    "layer {id} has no tar-split metadata, so it cannot be rebuilt bit-exactly"
-                ),
-            )
-        })?;
-        let st = &self.stores[ts_store];
-        let rel = Self::tar_split_rel(id);
-        let tar_split = confine::open_regular(st.fd(), &rel)
-            .map_err(|e| Error::io(format!("opening {}", st.path().join(&rel).display()), e))?;
-
-        let dir_store = self.layer_dir_store(store, id).ok_or_else(|| {
-            Error::new(
-                ErrorCode::CorruptMetadata,
-                format!("layer {id} is in layers.json but overlay/{id} exists in no store"),
-            )
-        })?;
-        let base = PathBuf::from(format!("overlay/{id}"));
-        let dst = &self.stores[dir_store];
-        for (marker, what) in [
-            (
-                "composefs-data/composefs.blob",
-                "composefs-flat layers (use_composefs)",
-            ),
-            ("additionallayer", "layers of an additional layer store"),
-        ] {
-            if rustix::fs::statat(
-                dst.fd(),
-                base.join(marker),
-                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .is_ok()
-            {
-                return Err(Error::new(
-                    ErrorCode::Unsupported,
-                    format!("layer {id}: {what} are not supported"),
-                ));
-            }
-        }
-        let mut dirs = vec![open_diff(dst, id)?];
-        let store_fds: Vec<_> = self.stores.iter().map(|s| (s.fd(), s.path())).collect();
-        for lower in layers::lower_chain(&store_fds, dst.fd(), id)? {
-            let s = self.layer_dir_store(dir_store, &lower).ok_or_else(|| {
-                Error::new(
-                    ErrorCode::CorruptMetadata,
-                    format!("lower layer {lower} of {id} has no directory"),
-                )
-            })?;
-            dirs.push(open_diff(&self.stores[s], &lower)?);
-        }
-        Ok(LayerSource {
-            layer_id: id.to_owned(),
-            tar_split,
-            dirs,
-        })
-    }
-}
-
-fn open_diff(store: &super::Store, id: &str) -> Result<OwnedFd> {
-    let rel = PathBuf::from(format!("overlay/{id}/diff"));
-    confine::open_dir(store.fd(), &rel)
-        .map_err(|e| Error::io(format!("opening {}", store.path().join(&rel).display()), e))
 }
 
 /// One step of a layer walk.
@@ -189,6 +45,17 @@ pub struct FileItem {
     pub content: Option<File>,
 }
 
+impl FileItem {
+    fn without_content(name: Vec<u8>) -> Self {
+        Self {
+            name,
+            size: 0,
+            crc64: 0,
+            content: None,
+        }
+    }
+}
+
 /// Tar typeflags whose entries never have data blocks, whatever their size field says.
 fn header_only(typeflag: u8) -> bool {
     matches!(typeflag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6')
@@ -207,6 +74,16 @@ pub struct Walker {
 }
 
 impl LayerSource {
+    /// What a walk of layer `layer_id` reads: its tar-split file, and the directories its
+    /// content is looked up in, nearest first.
+    pub(super) fn new(layer_id: String, tar_split: File, dirs: Vec<OwnedFd>) -> Self {
+        Self {
+            layer_id,
+            tar_split,
+            dirs,
+        }
+    }
+
     /// Starts walking.
     pub fn walk(self) -> Result<Walker> {
         let f = self
@@ -260,12 +137,7 @@ impl Walker {
         let show = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
         if size == 0 {
             self.sparse_pax = false;
-            return Ok(FileItem {
-                name,
-                size: 0,
-                crc64: 0,
-                content: None,
-            });
+            return Ok(FileItem::without_content(name));
         }
         if self.tail.len() < 512 {
             let shown = show(&name);
@@ -277,12 +149,7 @@ impl Walker {
         if header_only(typeflag) {
             // tar-split records the header's size field, but such entries carry no data.
             self.sparse_pax = false;
-            return Ok(FileItem {
-                name,
-                size: 0,
-                crc64: 0,
-                content: None,
-            });
+            return Ok(FileItem::without_content(name));
         }
         if !matches!(typeflag, b'0' | 0 | b'7') {
             let shown = show(&name);

@@ -5,14 +5,13 @@ use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use cstor_protocol::ErrorCode;
 use serde::Deserialize;
 
+use super::layer_records::is_full_id;
+use super::records_file;
 use crate::confine;
 use crate::error::{Error, Result};
-use crate::storage::layers::is_full_id;
 
-const MAX_IMAGES_JSON: u64 = 256 << 20;
 /// Largest manifest or config accepted (a 500-layer image's config is well under 1 MiB).
 pub const MAX_BIG_DATA: u64 = 64 << 20;
 
@@ -63,27 +62,12 @@ impl ImageRecord {
 ///
 /// Fails with [`ErrorCode::CorruptMetadata`] for malformed JSON, [`ErrorCode::Io`] when it
 /// cannot be read.
+///
+/// [`ErrorCode::CorruptMetadata`]: cstor_protocol::ErrorCode::CorruptMetadata
+/// [`ErrorCode::Io`]: cstor_protocol::ErrorCode::Io
 pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<ImageRecord>> {
     let rel = Path::new("overlay-images/images.json");
-    let bytes = match confine::read_small(store, rel, MAX_IMAGES_JSON) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(Error::io(
-                format!("reading {}", store_path.join(rel).display()),
-                e,
-            ));
-        }
-    };
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Ok(Vec::new());
-    }
-    let records: Vec<ImageRecord> = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::new(
-            ErrorCode::CorruptMetadata,
-            format!("{} is not valid: {e}", store_path.join(rel).display()),
-        )
-    })?;
+    let records: Vec<ImageRecord> = records_file::read(store, store_path, rel)?;
     Ok(records
         .into_iter()
         .filter(|r| {
@@ -100,7 +84,7 @@ pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<ImageRecord>
 /// holds `[.0-9a-z]`, else `=` followed by standard padded base64 of the key.
 ///
 /// ```
-/// use cstor_helper::storage::images::big_data_file_name;
+/// use cstor_helper::storage::image_records::big_data_file_name;
 /// assert_eq!(big_data_file_name("manifest"), "manifest");
 /// assert_eq!(big_data_file_name("sha256:ab"), "=c2hhMjU2OmFi");
 /// ```

@@ -1,18 +1,14 @@
-//! Layer records (`overlay-layers/layers.json`, `volatile-layers.json`) and the overlay
-//! directory chain of a layer.
+//! Layer records: what `overlay-layers/layers.json` and `volatile-layers.json` say about
+//! each layer of a store.
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use cstor_protocol::ErrorCode;
 use serde::Deserialize;
 
-use crate::confine;
-use crate::error::{Error, Result};
-
-/// Largest layers.json accepted (a store with tens of thousands of layers stays far below).
-const MAX_LAYERS_JSON: u64 = 256 << 20;
+use super::records_file;
+use crate::error::Result;
 
 /// One entry of layers.json (only the fields the helper uses).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -83,30 +79,15 @@ pub fn is_full_id(s: &str) -> bool {
 ///
 /// Fails with [`ErrorCode::CorruptMetadata`] when a file is not the expected JSON, or
 /// [`ErrorCode::Io`] when it cannot be read.
+///
+/// [`ErrorCode::CorruptMetadata`]: cstor_protocol::ErrorCode::CorruptMetadata
+/// [`ErrorCode::Io`]: cstor_protocol::ErrorCode::Io
 pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>> {
     let mut out: Vec<LayerRecord> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for file in ["layers.json", "volatile-layers.json"] {
         let rel = Path::new("overlay-layers").join(file);
-        let bytes = match confine::read_small(store, &rel, MAX_LAYERS_JSON) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading {}", store_path.join(&rel).display()),
-                    e,
-                ));
-            }
-        };
-        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        let records: Vec<LayerRecord> = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::new(
-                ErrorCode::CorruptMetadata,
-                format!("{} is not valid: {e}", store_path.join(&rel).display()),
-            )
-        })?;
+        let records: Vec<LayerRecord> = records_file::read(store, store_path, &rel)?;
         for r in records {
             if !is_full_id(&r.id) {
                 tracing::warn!(id = %r.id, file = %rel.display(), "ignoring layer with a malformed id");
@@ -120,84 +101,11 @@ pub fn load(store: BorrowedFd<'_>, store_path: &Path) -> Result<Vec<LayerRecord>
     Ok(out)
 }
 
-/// Reads `overlay/<id>/lower` and returns the ids of the lower layers' directories, nearest
-/// first. The file holds `l/<LINK>:l/<LINK>...`; each link is a symlink `../<id>/diff` in some
-/// store's `overlay/l/`. Absent file: no lowers.
-pub fn lower_chain(
-    stores: &[(BorrowedFd<'_>, &Path)],
-    layer_dir_store: BorrowedFd<'_>,
-    id: &str,
-) -> Result<Vec<String>> {
-    let rel = PathBuf::from(format!("overlay/{id}/lower"));
-    let bytes = match confine::read_small(layer_dir_store, &rel, 1 << 20) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("reading {}", rel.display()), e).layer(id)),
-    };
-    let text = std::str::from_utf8(&bytes).map_err(|_| {
-        Error::new(
-            ErrorCode::CorruptMetadata,
-            format!("{} is not UTF-8", rel.display()),
-        )
-        .layer(id)
-    })?;
-    let mut ids = Vec::new();
-    for entry in text.trim().split(':').filter(|s| !s.is_empty()) {
-        let link = entry.strip_prefix("l/").filter(|l| {
-            !l.is_empty() && l.len() <= 64 && l.bytes().all(|b| b.is_ascii_alphanumeric())
-        });
-        let Some(link) = link else {
-            return Err(Error::new(
-                ErrorCode::CorruptMetadata,
-                format!("{} holds an unexpected entry {entry:?}", rel.display()),
-            )
-            .layer(id));
-        };
-        ids.push(resolve_link(stores, link).map_err(|e| e.layer(id))?);
-    }
-    Ok(ids)
-}
-
-/// Finds `overlay/l/<link>` in any store and returns the layer id it points to.
-fn resolve_link(stores: &[(BorrowedFd<'_>, &Path)], link: &str) -> Result<String> {
-    let rel = PathBuf::from(format!("overlay/l/{link}"));
-    for (fd, _path) in stores {
-        let target = match rustix::fs::readlinkat(*fd, &rel, Vec::new()) {
-            Ok(t) => t,
-            Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading link {}", rel.display()),
-                    e.into(),
-                ));
-            }
-        };
-        let target = target.to_string_lossy().into_owned();
-        // "../<id>/diff"
-        let id = target
-            .strip_prefix("../")
-            .and_then(|t| t.strip_suffix("/diff"))
-            .filter(|id| is_full_id(id));
-        return id.map(str::to_owned).ok_or_else(|| {
-            Error::new(
-                ErrorCode::CorruptMetadata,
-                format!(
-                    "{} points to {target:?}, not ../<layer-id>/diff",
-                    rel.display()
-                ),
-            )
-        });
-    }
-    Err(Error::new(
-        ErrorCode::CorruptMetadata,
-        format!("lower link l/{link} exists in no store"),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::confine::Root;
+    use cstor_protocol::ErrorCode;
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -246,34 +154,5 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(r.diff_id(), Some("sha256:e"));
-    }
-
-    #[test]
-    fn lower_chain_follows_links() {
-        let d = tempfile::tempdir().unwrap();
-        let o = d.path().join("overlay");
-        std::fs::create_dir_all(o.join("l")).unwrap();
-        std::fs::create_dir_all(o.join(A).join("diff")).unwrap();
-        std::fs::create_dir_all(o.join(B).join("diff")).unwrap();
-        std::os::unix::fs::symlink(format!("../{A}/diff"), o.join("l/LINKA")).unwrap();
-        std::fs::write(o.join(B).join("lower"), "l/LINKA").unwrap();
-        let root = Root::open(d.path()).unwrap();
-        let stores = [(root.fd(), d.path())];
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap(),
-            vec![A.to_string()]
-        );
-        assert!(lower_chain(&stores, root.fd(), A).unwrap().is_empty());
-        std::fs::write(o.join(B).join("lower"), "l/../../x").unwrap();
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
-            ErrorCode::CorruptMetadata
-        );
-        std::os::unix::fs::symlink("/etc", o.join("l/EVIL")).unwrap();
-        std::fs::write(o.join(B).join("lower"), "l/EVIL").unwrap();
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
-            ErrorCode::CorruptMetadata
-        );
     }
 }
