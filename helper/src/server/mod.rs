@@ -64,14 +64,24 @@ impl ServerConfig {
     /// so that [`Self::LAYERS_AT_ONCE`] layers streaming at once fit: a helper at its fd
     /// limit fails the layer it is opening a file for. The queue keeps at least 8 fds.
     ///
+    /// A layer holds its queue and the reply being sent (taken off the queue) at once, so
+    /// the two share the layer's part of the budget.
+    ///
     /// ```
     /// use cstor_helper::server::ServerConfig;
     /// let c = ServerConfig::default().fit_fd_budget(1024 - 64);
-    /// assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
+    /// assert_eq!((c.max_fds_queued, c.max_fds_per_message), (120, 120));
+    /// assert!(c.fds_held() <= 1024);
     /// ```
     pub fn fit_fd_budget(mut self, budget: usize) -> Self {
         let per_layer = u32::try_from(budget / Self::LAYERS_AT_ONCE).unwrap_or(u32::MAX);
-        self.max_fds_queued = self.max_fds_queued.min(per_layer).max(8);
+        if self.max_fds_queued.saturating_add(self.max_fds_per_message) > per_layer {
+            self.max_fds_per_message = self.max_fds_per_message.min(per_layer / 2).max(4);
+            self.max_fds_queued = per_layer
+                .saturating_sub(self.max_fds_per_message)
+                .min(self.max_fds_queued)
+                .max(4);
+        }
         self.max_fds_per_message = self.max_fds_per_message.min(self.max_fds_queued);
         self
     }
@@ -418,10 +428,16 @@ mod tests {
         assert_eq!(d.clone().fit_fd_budget(usize::MAX).max_fds_queued, 512);
         // A hard limit of 1024: a quarter of what is left after the reserve, per layer.
         let c = d.clone().fit_fd_budget(1024 - cstor_protocol::fds::RESERVE);
-        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (240, 200));
-        // Tiny limits keep a working minimum, and replies never exceed the queue.
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (120, 120));
+        // Whatever the limit, four layers streaming stay within it (queue and reply both
+        // held), down to a working minimum.
+        for limit in [128usize, 256, 512, 1024, 1500, 4096, 65536] {
+            let c = d.clone().fit_fd_budget(limit - cstor_protocol::fds::RESERVE);
+            assert!(c.fds_held() <= limit, "{limit}: {c:?}");
+            assert!(c.max_fds_per_message <= c.max_fds_queued);
+        }
         let c = d.fit_fd_budget(0);
-        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (8, 8));
+        assert_eq!((c.max_fds_queued, c.max_fds_per_message), (4, 4));
         assert_eq!(ServerConfig::default().fds_held(), 4 * (512 + 200) + 64);
     }
 }
