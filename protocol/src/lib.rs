@@ -25,7 +25,7 @@
 //!     "params": GetImageParams { reference: "busybox".into() },
 //! });
 //! assert_eq!(req["params"]["reference"], "busybox");
-//! assert_eq!(PROTOCOL_VERSION.to_string(), "1.0");
+//! assert_eq!(PROTOCOL_VERSION.to_string(), "1.1");
 //! ```
 
 #![forbid(unsafe_code)]

@@ -47,6 +47,12 @@ pub struct InitializeParams {
     /// Free-form client name and version, for logs (e.g. `"cstor/0.1.0"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// Since 1.1: ask for a pidfd of the helper process with the reply
+    /// ([`InitializeResult::pidfd`]). A client that started the helper through a wrapper
+    /// (`podman unshare`) knows only the wrapper's pid; with the helper's own pidfd it can
+    /// kill a helper that stopped answering, which releases its storage locks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub helper_pidfd: bool,
 }
 
 /// Result of `Initialize`.
@@ -62,6 +68,10 @@ pub struct InitializeResult {
     pub storage: StorageInfo,
     /// Limits the client must respect.
     pub limits: Limits,
+    /// Since 1.1, when [`InitializeParams::helper_pidfd`] asked for it: the index of the
+    /// reply's fd that is a pidfd of the helper process (capability `helper-pidfd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pidfd: Option<u32>,
 }
 
 /// The storage a helper serves, as resolved from storage.conf, environment and flags.
@@ -98,6 +108,15 @@ pub struct Limits {
     pub lease_timeout_ms: u64,
     /// The most layer handles open at once on one connection.
     pub max_open_layers: u32,
+    /// Since 1.1: the largest request the helper reads, in bytes (a socket message or a
+    /// `--stdio` line); a larger one is refused (and on the socket, the connection closed).
+    /// Absent from 1.0 helpers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u32>,
+    /// Since 1.1: the most requests the helper handles at once on one connection; it reads
+    /// no further request until one is answered. Absent from 1.0 helpers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_in_flight: Option<u32>,
 }
 
 /// Params of `ListImages` (none; `{}` or absent).

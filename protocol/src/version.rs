@@ -44,7 +44,7 @@ impl Version {
 }
 
 /// The version this crate describes.
-pub const PROTOCOL_VERSION: Version = Version::new(1, 0);
+pub const PROTOCOL_VERSION: Version = Version::new(1, 1);
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -97,9 +97,17 @@ pub mod capability {
     pub const LEASES: &str = "leases";
     /// The helper reads additional image stores (`additionalimagestores`).
     pub const ADDITIONAL_IMAGE_STORES: &str = "additional-image-stores";
+    /// Since 1.1: `Initialize` passes a pidfd of the helper process when asked
+    /// (`helper_pidfd`).
+    pub const HELPER_PIDFD: &str = "helper-pidfd";
 
     /// Every token this version of the crate knows.
-    pub const ALL: &[&str] = &[LAYER_STREAM_V1, LEASES, ADDITIONAL_IMAGE_STORES];
+    pub const ALL: &[&str] = &[
+        LAYER_STREAM_V1,
+        LEASES,
+        ADDITIONAL_IMAGE_STORES,
+        HELPER_PIDFD,
+    ];
 }
 
 #[cfg(test)]

@@ -108,14 +108,17 @@ impl Client {
         let params = InitializeParams {
             protocol_version: PROTOCOL_VERSION,
             client: Some(concat!("cstor-proxy-client/", env!("CARGO_PKG_VERSION")).to_owned()),
+            // Under `podman unshare` our child is podman: only the helper's own pidfd lets
+            // us kill a helper that stopped answering (and with it, its storage locks).
+            helper_pidfd: process.is_some(),
         };
         let p = serde_json::to_value(&params).map_err(|e| Error::Protocol {
             method: method::INITIALIZE.into(),
             detail: e.to_string(),
         })?;
         let r = rpc.call(method::INITIALIZE, p, Some(timeout)).await;
-        let value = match r {
-            Ok((v, _)) => v,
+        let (value, fds) = match r {
+            Ok(r) => r,
             Err(e) => {
                 return Err(map_call_error(
                     method::INITIALIZE,
@@ -126,6 +129,17 @@ impl Client {
             }
         };
         let info: InitializeResult = decode(method::INITIALIZE, value)?;
+        if let (Some(p), Some(i)) = (&process, info.pidfd) {
+            match fds.into_iter().nth(i as usize) {
+                Some(fd) => p.set_helper_pidfd(fd),
+                None => {
+                    return Err(Error::Protocol {
+                        method: method::INITIALIZE.into(),
+                        detail: format!("the reply names pidfd {i} but carries no such fd"),
+                    });
+                }
+            }
+        }
         if !info
             .protocol_version
             .supports(cstor_protocol::Version::new(PROTOCOL_VERSION.major, 0))

@@ -284,6 +284,9 @@ pub struct HelperProcess {
     stderr: Arc<Mutex<VecDeque<u8>>>,
     /// Set when the client killed the helper for not answering: the call and the deadline.
     unresponsive: Mutex<Option<(String, Duration)>>,
+    /// The helper's own pidfd, which it passes at `Initialize` (protocol 1.1): the process
+    /// started may be `podman unshare`, whose death leaves the helper running.
+    helper_pidfd: Mutex<Option<OwnedFd>>,
 }
 
 impl HelperProcess {
@@ -387,6 +390,7 @@ impl HelperProcess {
             status,
             stderr,
             unresponsive: Mutex::new(None),
+            helper_pidfd: Mutex::new(None),
         })
     }
 
@@ -459,12 +463,23 @@ impl HelperProcess {
 
     /// Kills the helper (SIGKILL through its pidfd) unless it already exited.
     pub fn kill(&self) {
+        // The helper itself first: when it runs under `podman unshare`, killing podman
+        // would leave it (and its locks) behind. Its pidfd names it even after it exited.
+        if let Some(fd) = &*self.helper_pidfd.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+        }
         if self.exit_status(Duration::ZERO).is_some() {
             return;
         }
         if let Some(fd) = &self.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
         }
+    }
+
+    /// Keeps the helper's own pidfd (from `Initialize`), which [`HelperProcess::kill`]
+    /// signals first.
+    pub fn set_helper_pidfd(&self, fd: OwnedFd) {
+        *self.helper_pidfd.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd);
     }
 }
 

@@ -9,7 +9,7 @@ pub mod stdio;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,14 @@ pub struct ServerConfig {
     pub dump_tar: Option<PathBuf>,
     /// `--stdio`: most stream entries described per `GetLayer`.
     pub describe_limit: usize,
+    /// The largest request read (a socket message or a `--stdio` line). Requests are a few
+    /// hundred bytes; the bound keeps a peer from making the helper buffer and parse
+    /// megabytes (a JSON array parses into about 70 bytes per element).
+    pub max_request_bytes: u32,
+    /// Requests handled at once per connection; the next one is read when one is answered,
+    /// so a peer that pipelines requests without reading replies stops being read instead of
+    /// growing the helper.
+    pub max_requests_in_flight: u32,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +59,8 @@ impl Default for ServerConfig {
             max_fds_queued: 512,
             dump_tar: None,
             describe_limit: 100_000,
+            max_request_bytes: 64 << 10,
+            max_requests_in_flight: 64,
         }
     }
 }
@@ -156,6 +166,10 @@ pub struct Connection {
     transport: Transport,
     initialized: AtomicBool,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// `GetLayer` calls between their check against `max_open_layers` and the insertion of
+    /// their session: counted with the sessions, so that concurrent calls cannot all pass
+    /// the check. Changed only under the `sessions` lock.
+    opening: AtomicUsize,
     expired: Mutex<HashSet<u64>>,
     next_handle: AtomicU64,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -187,6 +201,7 @@ impl Connection {
             transport,
             initialized: AtomicBool::new(transport == Transport::Stdio),
             sessions: Mutex::new(HashMap::new()),
+            opening: AtomicUsize::new(0),
             expired: Mutex::new(HashSet::new()),
             next_handle: AtomicU64::new(1),
             shutdown,
@@ -338,6 +353,22 @@ impl Connection {
     }
 
     fn initialize(&self, p: InitializeParams) -> Result<Reply, RpcError> {
+        let pidfd = if p.helper_pidfd && self.transport == Transport::Socket {
+            Some(
+                rustix::process::pidfd_open(
+                    rustix::process::getpid(),
+                    rustix::process::PidfdFlags::empty(),
+                )
+                .map_err(|e| {
+                    RpcError::new(
+                        ErrorCode::Internal,
+                        format!("opening a pidfd of the helper (Linux 5.3 or later): {e}"),
+                    )
+                })?,
+            )
+        } else {
+            None
+        };
         if p.protocol_version.major != PROTOCOL_VERSION.major {
             return Err(RpcError::new(
                 ErrorCode::UnsupportedVersion,
@@ -350,7 +381,7 @@ impl Connection {
         tracing::debug!(client = ?p.client, version = %p.protocol_version, "initialized");
         self.initialized.store(true, Ordering::Release);
         let c = &self.helper.config;
-        Reply::of(&InitializeResult {
+        let mut reply = Reply::of(&InitializeResult {
             protocol_version: PROTOCOL_VERSION,
             helper_version: env!("CARGO_PKG_VERSION").to_owned(),
             capabilities: capability::ALL.iter().map(|s| s.to_string()).collect(),
@@ -360,23 +391,35 @@ impl Connection {
                 max_fds_queued: c.max_fds_queued,
                 lease_timeout_ms: c.lease.as_millis() as u64,
                 max_open_layers: c.max_open_layers,
+                max_request_bytes: Some(c.max_request_bytes),
+                max_requests_in_flight: Some(c.max_requests_in_flight),
             },
-        })
+            pidfd: pidfd.as_ref().map(|_| 0),
+        })?;
+        reply.fds.extend(pidfd);
+        Ok(reply)
+    }
+
+    /// Counts a `GetLayer` against `max_open_layers` before the layer is opened (which
+    /// awaits): the slot is held until the session is inserted or the call fails.
+    fn reserve_layer_slot(&self) -> Result<LayerSlot<'_>, RpcError> {
+        let sessions = lock(&self.sessions);
+        let max = self.helper.config.max_open_layers as usize;
+        if sessions.len() + self.opening.load(Ordering::Relaxed) >= max {
+            return Err(RpcError::new(
+                ErrorCode::TooManyHandles,
+                format!("{max} layers are open on this connection; release one first"),
+            ));
+        }
+        self.opening.fetch_add(1, Ordering::Relaxed);
+        Ok(LayerSlot { conn: Some(self) })
     }
 
     async fn get_layer(self: &Arc<Self>, p: GetLayerParams) -> Result<Reply, RpcError> {
         if self.transport == Transport::Stdio {
             return stdio::describe_layer(self.helper.clone(), p.layer).await;
         }
-        if lock(&self.sessions).len() >= self.helper.config.max_open_layers as usize {
-            return Err(RpcError::new(
-                ErrorCode::TooManyHandles,
-                format!(
-                    "{} layers are open on this connection; release one first",
-                    self.helper.config.max_open_layers
-                ),
-            ));
-        }
+        let slot = self.reserve_layer_slot()?;
         let h = self.helper.clone();
         let wanted = p.layer.clone();
         let open = blocking(move || h.storage.open_layer(&wanted)).await?;
@@ -385,7 +428,7 @@ impl Connection {
         let (session, pipe) = Session::start(handle, open, c.lease, c.max_fds_queued as usize)
             .map_err(RpcError::from)?;
         let info = session.info.clone();
-        lock(&self.sessions).insert(handle, session);
+        slot.fill(handle, session);
         Ok(Reply {
             result: to_value(&GetLayerResult {
                 handle,
@@ -399,6 +442,50 @@ impl Connection {
             })?,
             fds: vec![pipe],
         })
+    }
+}
+
+/// A `GetLayer` counted against `max_open_layers` while its layer is being opened.
+struct LayerSlot<'a> {
+    /// `None` once the slot became a session.
+    conn: Option<&'a Connection>,
+}
+
+impl LayerSlot<'_> {
+    /// The layer is open: its session takes the slot's place, atomically for
+    /// [`Connection::reserve_layer_slot`].
+    fn fill(mut self, handle: u64, session: Arc<Session>) {
+        if let Some(conn) = self.conn.take() {
+            let mut sessions = lock(&conn.sessions);
+            sessions.insert(handle, session);
+            conn.opening.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for LayerSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn {
+            let _sessions = lock(&conn.sessions);
+            conn.opening.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why `id` cannot be echoed, if it cannot: the reply must carry the request's id
+/// unchanged, and a number that does not fit 64 bits (or has a fraction) would come back
+/// rounded. Such a request is refused, answered with id null, rather than answered under an
+/// id the client never sent. Every other JSON value is echoed as it came.
+pub fn id_problem(id: &Value) -> Option<RpcError> {
+    match id {
+        Value::Number(n) if !(n.is_i64() || n.is_u64()) => Some(RpcError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "request id {n} cannot be echoed exactly: use a string, or an integer of at \
+                 most 64 bits"
+            ),
+        )),
+        _ => None,
     }
 }
 
@@ -432,7 +519,9 @@ mod tests {
         // Whatever the limit, four layers streaming stay within it (queue and reply both
         // held), down to a working minimum.
         for limit in [128usize, 256, 512, 1024, 1500, 4096, 65536] {
-            let c = d.clone().fit_fd_budget(limit - cstor_protocol::fds::RESERVE);
+            let c = d
+                .clone()
+                .fit_fd_budget(limit - cstor_protocol::fds::RESERVE);
             assert!(c.fds_held() <= limit, "{limit}: {c:?}");
             assert!(c.max_fds_per_message <= c.max_fds_queued);
         }

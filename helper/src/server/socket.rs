@@ -64,6 +64,10 @@ fn classify(e: jsonrpc_fdpass::Error) -> Verdict {
                 "a message announced {expected} fds but {found} arrived before the next message; closing the connection"
             ),
         )),
+        E::MessageTooLarge { limit } => Verdict::Close(RpcError::new(
+            ErrorCode::InvalidRequest,
+            format!("a request is larger than {limit} bytes; closing the connection"),
+        )),
         E::FramingError => Verdict::Close(RpcError::new(
             ErrorCode::ParseError,
             "framing error; closing the connection",
@@ -89,6 +93,11 @@ pub async fn serve(helper: Arc<Helper>, sock: OwnedFd) -> std::io::Result<()> {
     if let Some(n) = NonZeroUsize::new(FDS_PER_SENDMSG) {
         sender.set_max_fds_per_sendmsg(n);
     }
+    receiver.set_max_message_size(helper.config.max_request_bytes as usize);
+    // A permit per request being handled: the next message is read only with one in hand.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        helper.config.max_requests_in_flight.max(1) as usize,
+    ));
     let (tx, mut rx) = mpsc::channel::<MessageWithFds>(64);
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -114,6 +123,11 @@ pub async fn serve(helper: Arc<Helper>, sock: OwnedFd) -> std::io::Result<()> {
     };
 
     loop {
+        let permit = tokio::select! {
+            p = in_flight.clone().acquire_owned() => p,
+            _ = conn.shutdown_requested() => break,
+        };
+        let Ok(permit) = permit else { break };
         let msg = tokio::select! {
             m = receiver.receive() => m,
             _ = conn.shutdown_requested() => break,
@@ -127,9 +141,14 @@ pub async fn serve(helper: Arc<Helper>, sock: OwnedFd) -> std::io::Result<()> {
                     let conn = conn.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let nfds = file_descriptors.len();
                         // Whatever was attached is closed here: we accept no fds.
                         drop(file_descriptors);
+                        if let Some(e) = super::id_problem(&req.id) {
+                            let _ = tx.send(error_response(e, Value::Null)).await;
+                            return;
+                        }
                         if req.jsonrpc != "2.0" {
                             let e = RpcError::new(
                                 ErrorCode::InvalidRequest,
@@ -162,6 +181,7 @@ pub async fn serve(helper: Arc<Helper>, sock: OwnedFd) -> std::io::Result<()> {
                     let nfds = file_descriptors.len();
                     drop(file_descriptors);
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(e) = conn.dispatch(&n.method, n.params, nfds).await {
                             tracing::warn!(method = %n.method, "notification failed: {e}");
                         }

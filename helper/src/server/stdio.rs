@@ -35,31 +35,99 @@ fn error_line(e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": Value::Null, "error": e})
 }
 
+/// One line of input, or what was wrong with it.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Text(String),
+    /// Longer than the limit: skipped up to its newline without being kept.
+    TooLong(usize),
+    NotUtf8(std::str::Utf8Error),
+}
+
+/// Reads the next line of at most `max` bytes (without its newline); `None` at end of input.
+/// A longer line is consumed and dropped as it streams in, so its length costs no memory.
+fn read_line(input: &mut impl BufRead, max: usize) -> std::io::Result<Option<Line>> {
+    let mut line = Vec::new();
+    let mut len = 0usize;
+    let mut seen = false;
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            if !seen {
+                return Ok(None);
+            }
+            break;
+        }
+        seen = true;
+        let (chunk, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        len = len.saturating_add(chunk.len());
+        if len <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            line = Vec::new();
+        }
+        let used = done.unwrap_or(buf.len());
+        input.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if len > max {
+        return Ok(Some(Line::TooLong(len)));
+    }
+    Ok(Some(match String::from_utf8(line) {
+        Ok(s) => Line::Text(s),
+        Err(e) => Line::NotUtf8(e.utf8_error()),
+    }))
+}
+
 /// Serves stdin/stdout until end of input or `Shutdown`.
 pub async fn serve(helper: Arc<Helper>) -> std::io::Result<()> {
+    let max = helper.config.max_request_bytes as usize;
     let conn = Connection::new(helper, Transport::Stdio);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Line>>(4);
     // Blocking stdin reads live on their own thread so a slow request never stalls input.
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            if tx.blocking_send(line).is_err() {
+        let mut input = stdin.lock();
+        loop {
+            let line = match read_line(&mut input, max) {
+                Ok(Some(l)) => Ok(l),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
                 break;
             }
         }
     });
     let mut out = std::io::stdout();
     while let Some(line) = rx.recv().await {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Err(e) => Some(error_line(RpcError::new(
-                ErrorCode::ParseError,
-                format!("not JSON: {e}"),
+        let reply = match line? {
+            Line::Text(t) if t.trim().is_empty() => continue,
+            Line::Text(t) => match serde_json::from_str::<Value>(&t) {
+                Err(e) => Some(error_line(RpcError::new(
+                    ErrorCode::ParseError,
+                    format!("not JSON: {e}"),
+                ))),
+                Ok(v) => handle(&conn, v).await,
+            },
+            Line::TooLong(n) => Some(error_line(RpcError::new(
+                ErrorCode::InvalidRequest,
+                format!("a request line of {n} bytes is longer than the {max} accepted; skipped"),
             ))),
-            Ok(v) => handle(&conn, v).await,
+            Line::NotUtf8(e) => Some(error_line(RpcError::new(
+                ErrorCode::ParseError,
+                format!("not JSON: the line is not UTF-8 ({e})"),
+            ))),
         };
         if let Some(v) = reply {
             let text = serde_json::to_string_pretty(&v).unwrap_or_else(|e| {
@@ -84,6 +152,9 @@ async fn handle(conn: &Arc<Connection>, v: Value) -> Option<Value> {
         )));
     };
     let id = obj.remove("id");
+    if let Some(e) = id.as_ref().and_then(super::id_problem) {
+        return Some(error_line(e));
+    }
     let bad = |msg: String| {
         Some(
             json!({"jsonrpc": "2.0", "id": id.clone().unwrap_or(Value::Null),
@@ -332,5 +403,26 @@ fn describe(item: &Item, fd: Option<u64>) -> DescribedEntry {
                 }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod lines {
+    use super::{Line, read_line};
+
+    fn all(input: &[u8], max: usize) -> Vec<Line> {
+        let mut r = std::io::BufReader::with_capacity(7, input);
+        std::iter::from_fn(|| read_line(&mut r, max).unwrap()).collect()
+    }
+
+    #[test]
+    fn long_and_broken_lines_are_reported_and_skipped() {
+        let got = all(b"{}\nabcdefghijklmnop\n\xff\xfe\n\nlast", 10);
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], Line::Text("{}".into()));
+        assert_eq!(got[1], Line::TooLong(16));
+        assert!(matches!(got[2], Line::NotUtf8(_)));
+        assert_eq!(got[3], Line::Text(String::new()));
+        assert_eq!(got[4], Line::Text("last".into()));
     }
 }
