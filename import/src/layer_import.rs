@@ -20,7 +20,7 @@ use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::objects::Pool;
+use crate::objects::{JobResult, Pool, Submission, assemble_error, check_crc};
 use crate::report::ObjectStats;
 use crate::tree::Feed;
 use cstor_proxy_client::Contents;
@@ -51,9 +51,9 @@ enum Op<ObjectID> {
         size: u64,
         /// Bytes buffered for the worker (0: it reads the file itself).
         buffered: u64,
-        result: Receiver<super::objects::JobResult<ObjectID>>,
+        result: Receiver<JobResult<ObjectID>>,
         /// The result, once waited for out of order (see [`Queue::wait_below_limits`]).
-        done: Option<super::objects::JobResult<ObjectID>>,
+        done: Option<JobResult<ObjectID>>,
     },
 }
 
@@ -117,12 +117,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
         data
     }
 
-    fn push_external(
-        &mut self,
-        size: u64,
-        buffered: u64,
-        result: Receiver<super::objects::JobResult<ObjectID>>,
-    ) {
+    fn push_external(&mut self, size: u64, buffered: u64, result: Receiver<JobResult<ObjectID>>) {
         self.ops.push_back(Op::External {
             size,
             buffered,
@@ -192,12 +187,12 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                     if let Some(feed) = feed.as_deref_mut() {
                         feed.external(obj.clone());
                     }
-                    writer
-                        .write_reference(obj)
-                        .map_err(|cause| Error::Repository {
-                            doing: format!("writing the splitstream of layer {layer}"),
+                    writer.write_reference(obj).map_err(|cause| {
+                        Error::repository(
+                            format!("writing the splitstream of layer {layer}"),
                             cause,
-                        })?;
+                        )
+                    })?;
                 }
             }
         }
@@ -216,17 +211,9 @@ pub struct Imported<ObjectID> {
     pub tar_size: u64,
 }
 
-fn assemble_err(layer: &str, cause: AssembleError) -> Error {
-    cstor_proxy_client::Error::Assemble {
-        layer: layer.to_owned(),
-        cause,
-    }
-    .into()
-}
-
 /// Content fd `fd` (entry `name`) could not be had or duplicated.
 fn content_err(layer: &str, name: &str, fd: u64, cause: std::io::Error) -> Error {
-    assemble_err(
+    assemble_error(
         layer,
         AssembleError::Content {
             name: name.to_owned(),
@@ -274,9 +261,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             })?;
     let mut writer = repo
         .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
-        .map_err(|cause| Error::Repository {
-            doing: format!("creating the splitstream of layer {id}"),
-            cause,
+        .map_err(|cause| {
+            Error::repository(format!("creating the splitstream of layer {id}"), cause)
         })?;
     let mut sha = Sha256::new();
     let mut tar_size = 0u64;
@@ -340,18 +326,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         small.extend_from_slice(chunk);
                         Ok(())
                     })
-                    .map_err(|cause| assemble_err(id, cause))?;
-                    let actual = crc.finalize();
-                    if actual != f.crc64 {
-                        return Err(assemble_err(
-                            id,
-                            AssembleError::Crc {
-                                name,
-                                expected: f.crc64,
-                                actual,
-                            },
-                        ));
-                    }
+                    .map_err(|cause| assemble_error(id, cause))?;
+                    check_crc(id, &name, f.crc64, crc.finalize())?;
                     stats.inlined += 1;
                     stats.bytes_inlined += f.size;
                     queue.ops.push_back(Op::Inline(small));
@@ -362,16 +338,16 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             sha.update(chunk);
                             Ok(())
                         })
-                        .map_err(|cause| assemble_err(id, cause))?;
+                        .map_err(|cause| assemble_error(id, cause))?;
                         let buffered = data.len() as u64;
-                        let result = pool.submit(
+                        let result = pool.submit(Submission {
                             file,
-                            Some(data),
-                            f.size,
-                            f.crc64,
+                            data: Some(data),
+                            size: f.size,
+                            crc64: f.crc64,
                             name,
-                            layer_name.clone(),
-                        )?;
+                            layer: layer_name.clone(),
+                        })?;
                         queue.push_external(f.size, buffered, result);
                     } else {
                         // The worker reads a larger file itself: queue it first, so that
@@ -380,20 +356,20 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         let own = file
                             .try_clone()
                             .map_err(|cause| content_err(id, &name, fd, cause))?;
-                        let result = pool.submit(
+                        let result = pool.submit(Submission {
                             file,
-                            None,
-                            f.size,
-                            f.crc64,
-                            name.clone(),
-                            layer_name.clone(),
-                        )?;
+                            data: None,
+                            size: f.size,
+                            crc64: f.crc64,
+                            name: name.clone(),
+                            layer: layer_name.clone(),
+                        })?;
                         queue.push_external(f.size, 0, result);
                         read_content(&own, f.size, &name, fd, &mut buf, |chunk| {
                             sha.update(chunk);
                             Ok(())
                         })
-                        .map_err(|cause| assemble_err(id, cause))?;
+                        .map_err(|cause| assemble_error(id, cause))?;
                     }
                 }
                 if tar_size - last_report >= 4 << 20 {
@@ -444,9 +420,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     if let Some(feed) = feed {
         feed.done();
     }
-    let verity = writer.done().map_err(|cause| Error::Repository {
-        doing: format!("storing the splitstream of layer {id}"),
-        cause,
+    let verity = writer.done().map_err(|cause| {
+        Error::repository(format!("storing the splitstream of layer {id}"), cause)
     })?;
     Ok(Imported {
         verity,
