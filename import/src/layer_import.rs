@@ -32,16 +32,16 @@ pub const INLINE_MAX: u64 = 64;
 /// Files up to this size are read once, into memory, and the bytes go both into the layer's
 /// sha256 and (in a worker) into the CRC and fs-verity digest. Larger files are queued
 /// first and read twice, by the worker and here, at the same time: the worker need not wait
-/// for this thread's sha256 over the file (measured against 256 KiB and 4 MiB: as fast or
-/// faster, and 5-15 MB less memory; a second read from the page cache costs ~0.1 ms/MB).
+/// for this thread's sha256 over the file, a second read from the page cache is cheap, and
+/// a larger bound only buffers more memory without being faster.
 const BUFFERED_MAX: u64 = 64 << 10;
 
 /// Bytes of buffered file contents a layer may have queued for the workers.
 const INFLIGHT_BYTES: u64 = 8 << 20;
 
 /// Returned buffers kept for reuse (recycling them avoids zeroing fresh memory per file),
-/// and the largest buffer worth keeping: most files are a few KiB, and 32 buffers grown to
-/// 256 KiB held 8 MB per layer for the occasional larger file.
+/// and the largest buffer worth keeping: most files are a few KiB, and keeping every buffer
+/// an occasional larger file grew would hold that much memory per layer for nothing.
 const SPARE_BUFFERS: usize = 32;
 const SPARE_MAX: usize = 64 << 10;
 
@@ -76,8 +76,8 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
 
     /// Over its limits, the queue waits until it is back under half of them, not just for
     /// its oldest object: waking for nearly every object the workers finish cost a worker its
-    /// time slice each time (an import of the reference image made 26,600 context switches,
-    /// 10,700 since), and the reader refilled the queue one job at a time.
+    /// time slice each time (a context switch per object), and the reader refilled the queue
+    /// one job at a time.
     ///
     /// It waits for the result of the job at which the queue falls to half its limits (the
     /// workers take jobs roughly in order, so the older ones are done by then, and
@@ -352,7 +352,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                     } else {
                         // The worker reads a larger file itself: queue it first, so that
                         // it clones and hashes the file while this thread runs the sha256
-                        // over it (a 50 MB file used to hold every later job back ~35 ms).
+                        // over it (else a large file holds every later job back).
                         let own = file
                             .try_clone()
                             .map_err(|cause| content_err(id, &name, fd, cause))?;

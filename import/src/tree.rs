@@ -1,11 +1,11 @@
 //! The image's filesystem tree, built while the layers stream.
 //!
 //! composefs builds the tree for the EROFS image by reading every layer's splitstream back
-//! (zstd, then tar headers) once all layers are stored: about 0.12 s for the benchmark's
-//! reference image, on one core, after everything else is done. Here a tree thread gets each
-//! layer's splitstream contents (inline bytes and object references, as they go into the
-//! stream) while the layer is being imported, parses the tar headers and applies the entries
-//! in layer order, so that the tree is ready when the last layer is.
+//! (zstd, then tar headers) once all layers are stored: on one core, after everything else
+//! is done, on the import's serial tail. Here a tree thread gets each layer's splitstream
+//! contents (inline bytes and object references, as they go into the stream) while the
+//! layer is being imported, parses the tar headers and applies the entries in layer order,
+//! so that the tree is ready when the last layer is.
 //!
 //! The entries are what `composefs_oci::tar::get_entry` reads from the stored stream: the
 //! same tar parser (`tar-core`), the same inline/external rules, the same path and mtime
@@ -61,14 +61,14 @@ pub struct Backlog {
 const BACKLOG_MAX: usize = 24 << 20;
 
 /// Entries (of all layers) above which the tree thread gives up and drops its tree. While the
-/// layers stream, the tree (~250 bytes per entry) adds to their buffers, where composefs
-/// builds it once they are gone: beyond this, the import's peak memory would pass 100 MB, so
-/// large images get their tree after the layers, as before.
+/// layers stream, the tree adds to their buffers, where composefs builds it once they are
+/// gone: beyond this, the tree built early would raise the import's peak memory, so large
+/// images get their tree after the layers, as composefs builds it.
 const MAX_ENTRIES: usize = 80_000;
 
 /// The sending end for one layer: what its importer writes into the splitstream, it also
-/// sends here, [`BATCH`] pieces at a time (a send per piece woke the tree thread ~100,000
-/// times per import). Sending never blocks; a tree thread that stopped is ignored (the
+/// sends here, [`BATCH`] pieces at a time (a send per piece would wake the tree thread for
+/// every file and header). Sending never blocks; a tree thread that stopped is ignored (the
 /// finalize step then builds the tree from the streams).
 #[derive(Debug)]
 pub struct Feed<ObjectID> {

@@ -33,9 +33,8 @@ pub(super) fn object_dir<ObjectID: FsVerityHashValue>(id: &ObjectID) -> String {
 /// (see `placement`) or the one that will hold the object.
 ///
 /// Not in `objects/` itself: XFS allocates a file's inode in the allocation group of its
-/// directory and takes that group's AGI lock to create a tmpfile and again to link it, so with
-/// every tmpfile in `objects/` all object workers queue on one lock (profiled: about a fifth of
-/// each worker's time).
+/// directory and takes that group's AGI lock to create a tmpfile and again to link it, so
+/// with every tmpfile in `objects/` all object workers would queue on one lock.
 pub(super) fn object_tmpfile(objects: &OwnedFd, dir: &str) -> Result<File> {
     let open = || {
         rustix::fs::openat(

@@ -72,15 +72,13 @@ struct Job<ObjectID> {
 /// The workers are the last stage of the pipeline (helper -> layer reader -> workers) and the
 /// only one with a deep queue: when they take turns with the layer readers and the helper on
 /// equal terms, a reader woken for its next fds waits for a worker's time slice while the
-/// queue runs dry, and both cores idle for moments (about 7% of an import of the reference
-/// image on two cores). Below them the stages that feed them go first; the workers still get
-/// every cycle the feeders do not use. Measured on the reference image (two cores, interleaved
-/// runs): +10 took 5% off the wall time, +3 2%; the full +19 (capped there) another 3% (10
-/// rounds each, tighter spread; ext4 copies unchanged within their noise): a woken feeder
-/// then waits less for a worker to leave the CPU. Nice values weigh threads against the
-/// others of the same scheduling group (a session's autogroup, or a cgroup), so this does not
-/// hand the machine's other sessions or services a larger share; it does mean that a busy
-/// thread of a program that imports, in the same group, gets ahead of the workers.
+/// queue runs dry, and cores idle for moments. Below them the stages that feed them go
+/// first; the workers still get every cycle the feeders do not use. The lowest priority
+/// (+19, nice's cap) works best: a woken feeder then waits least for a worker to leave the
+/// CPU. Nice values weigh threads against the others of the same scheduling group (a
+/// session's autogroup, or a cgroup), so this does not hand the machine's other sessions or
+/// services a larger share; it does mean that a busy thread of a program that imports, in
+/// the same group, gets ahead of the workers.
 const WORKER_NICE: i32 = 19;
 
 /// Jobs a worker takes at once, when that many are queued: their object ids are computed

@@ -58,7 +58,7 @@ pub(super) fn clone_or_copy(
         });
     } else if policy == CopyPolicy::ReflinkOrHardlink {
         // Another worker found out that reflinks are unsupported after this one checked:
-        // link, as the files after it will be (it used to be copied, one file in some runs).
+        // link, as the files after it will be, rather than copy this one file.
         return Ok(None);
     }
     copy(src, tmp, size, name)?;

@@ -27,8 +27,9 @@ pub struct WorkerState {
     misses: AtomicU32,
 }
 
-/// See [`WorkerState::misses`]: a lookup costs a stat (about 7 µs on XFS); storing an object
-/// that was there already costs a tmpfile and a clone thrown away (about 60 µs).
+/// See [`WorkerState::misses`]: a lookup costs a stat, while storing an object that was
+/// there already costs a tmpfile and a clone thrown away, many times more; once lookups
+/// keep missing, most of them are saved.
 const PROBE_MISSES: u32 = 64;
 
 /// Whether `linkat(fd, "", AT_EMPTY_PATH)` works here: it needs CAP_DAC_READ_SEARCH or a
