@@ -20,7 +20,9 @@ use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::objects::{JobResult, Pool, Submission, assemble_error, check_crc};
+use crate::objects::{
+    JobResult, Pool, Submission, assemble_error, check_crc, read_error, unless_stopped,
+};
 use crate::report::ObjectStats;
 use crate::tree::Feed;
 use cstor_proxy_client::Contents;
@@ -365,11 +367,14 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             layer: layer_name.clone(),
                         })?;
                         queue.push_external(f.size, 0, result);
+                        // A large file is read a chunk at a time: the import may stop
+                        // between two.
                         read_content(&own, f.size, &name, fd, &mut buf, |chunk| {
+                            unless_stopped(stop)?;
                             sha.update(chunk);
                             Ok(())
                         })
-                        .map_err(|cause| assemble_error(id, cause))?;
+                        .map_err(|cause| read_error(id, cause, stop))?;
                     }
                 }
                 if tar_size - last_report >= 4 << 20 {

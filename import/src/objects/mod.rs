@@ -29,7 +29,7 @@ mod worker_state;
 pub(crate) use naming::link_tmpfile;
 pub use policy::{CopyPolicy, Stored};
 pub use pool::{JobResult, Pool, Submission};
-pub(crate) use source::{assemble_error, check_crc};
+pub(crate) use source::{assemble_error, check_crc, read_error, unless_stopped};
 pub use worker_state::WorkerState;
 
 /// Layer files for the tests of this module.

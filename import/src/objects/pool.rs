@@ -5,8 +5,6 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, SyncSender};
 
 use composefs::fsverity::FsVerityHashValue;
@@ -118,14 +116,14 @@ impl<ObjectID: FsVerityHashValue> std::fmt::Debug for Pool<ObjectID> {
 }
 
 impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
-    /// Starts `n` workers storing into `repo`. Once `stop` is set they answer the jobs they
-    /// take with [`Error::Cancelled`] instead of storing them.
+    /// Starts `n` workers storing into `repo`. Once the import is stopped (see
+    /// [`WorkerState::new`]) they answer the jobs they take with [`Error::Cancelled`] instead
+    /// of storing them.
     pub fn new(
         repo: Arc<Repository<ObjectID>>,
         n: usize,
         policy: CopyPolicy,
         state: Arc<WorkerState>,
-        stop: Arc<AtomicBool>,
     ) -> Result<Self> {
         let n = n.max(1);
         let queue = Arc::new(GroupQueue::<Job<ObjectID>>::new(n));
@@ -141,7 +139,6 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
             let queue = queue.clone();
             let repo = repo.clone();
             let state = state.clone();
-            let stop = stop.clone();
             let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
             threads.push(
                 std::thread::Builder::new()
@@ -158,7 +155,7 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                                 // from (see `job_queue`), whatever the order in the batch.
                                 let k = queue.choose(i, todo.iter().map(|((g, _), _)| *g));
                                 let ((_, job), id) = todo.remove(k.min(todo.len() - 1));
-                                if stop.load(Relaxed) {
+                                if state.stopped() {
                                     // Cancelled: what is queued is answered, not stored.
                                     let _ = job.reply.send((Err(Error::Cancelled), job.file.data));
                                     continue;

@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::policy::CopyPolicy;
 use super::worker_state::WorkerState;
@@ -61,20 +63,30 @@ pub(super) fn clone_or_copy(
         // link, as the files after it will be, rather than copy this one file.
         return Ok(None);
     }
-    copy(src, tmp, size, name)?;
+    copy(src, tmp, size, name, state.stop())?;
     Ok(Some(false))
 }
 
-/// Copies the `size` bytes of `src` (entry `name`) to `dst`.
-pub(super) fn copy(src: &File, dst: &File, size: u64, name: &str) -> Result<()> {
-    copy_range(src, dst, size).map_err(|e| Error::io(format!("copying {name}"), e))
+/// Copies the `size` bytes of `src` (entry `name`) to `dst`; stops between chunks once
+/// `stop` is set ([`Error::Cancelled`]).
+pub(super) fn copy(src: &File, dst: &File, size: u64, name: &str, stop: &AtomicBool) -> Result<()> {
+    copy_range(src, dst, size, stop).map_err(|e| {
+        if stop.load(Relaxed) {
+            return Error::Cancelled;
+        }
+        Error::io(format!("copying {name}"), e)
+    })
 }
 
-/// Copies `size` bytes of `src` (from offset 0) to `dst` inside the kernel.
-fn copy_range(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+/// Copies `size` bytes of `src` (from offset 0) to `dst` inside the kernel, a chunk at a
+/// time until `stop` is set.
+fn copy_range(src: &File, dst: &File, size: u64, stop: &AtomicBool) -> std::io::Result<()> {
     let mut off_in = 0u64;
     let mut off_out = 0u64;
     while off_in < size {
+        if stop.load(Relaxed) {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
         let want = usize::try_from(size - off_in)
             .unwrap_or(usize::MAX)
             .min(1 << 30);
@@ -91,7 +103,7 @@ fn copy_range(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
             Err(
                 rustix::io::Errno::XDEV | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL,
             ) if off_in == 0 => {
-                return copy_userspace(src, dst, size);
+                return copy_userspace(src, dst, size, stop);
             }
             Err(e) => return Err(e.into()),
         }
@@ -99,11 +111,14 @@ fn copy_range(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn copy_userspace(src: &File, dst: &File, size: u64) -> std::io::Result<()> {
+fn copy_userspace(src: &File, dst: &File, size: u64, stop: &AtomicBool) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < size {
+        if stop.load(Relaxed) {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
         let want = usize::try_from((size - off).min(buf.len() as u64)).unwrap_or(buf.len());
         let n = src.read_at(&mut buf[..want], off)?;
         if n == 0 {

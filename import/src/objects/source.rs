@@ -4,6 +4,8 @@
 //! the file changed while it was imported: [`Error::ContentChanged`]).
 
 use std::fs::File;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 
 use composefs::fsverity::FsVerityHashValue;
 use cstor_protocol::assemble::{AssembleError, CRC64, read_content};
@@ -30,8 +32,13 @@ pub struct Source<'a> {
 
 impl Source<'_> {
     /// Checks the file's bytes against its tar-split CRC-64 (and, read here, its length)
-    /// and computes its object id; `buf` is scratch space for reading the file.
-    pub fn digest<ObjectID: FsVerityHashValue>(&self, buf: &mut [u8]) -> Result<ObjectID> {
+    /// and computes its object id; `buf` is scratch space for reading the file. Reading
+    /// stops at the next chunk once `stop` is set ([`Error::Cancelled`]).
+    pub fn digest<ObjectID: FsVerityHashValue>(
+        &self,
+        buf: &mut [u8],
+        stop: &AtomicBool,
+    ) -> Result<ObjectID> {
         let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
         if let Some(bytes) = self.data {
             self.check_data(bytes)?;
@@ -40,11 +47,12 @@ impl Source<'_> {
         }
         let mut crc = CRC64.digest();
         read_content(self.file, self.size, self.name, 0, buf, |chunk| {
+            unless_stopped(stop)?;
             crc.update(chunk);
             verity.update(chunk);
             Ok(())
         })
-        .map_err(|cause| assemble_error(self.layer, cause))?;
+        .map_err(|cause| read_error(self.layer, cause, stop))?;
         check_crc(self.layer, self.name, self.crc64, crc.finalize())?;
         Ok(verity.finish())
     }
@@ -95,6 +103,24 @@ impl Source<'_> {
         }
         Ok(())
     }
+}
+
+/// For the callback of a read: fails once `stop` is set, so that the read ends at the
+/// chunk it is at (see [`read_error`]).
+pub fn unless_stopped(stop: &AtomicBool) -> Result<(), AssembleError> {
+    if stop.load(Relaxed) {
+        return Err(AssembleError::Write(std::io::ErrorKind::Interrupted.into()));
+    }
+    Ok(())
+}
+
+/// The error of a read of a file of `layer` that failed with `cause`: [`Error::Cancelled`]
+/// if the import was stopped meanwhile (see [`unless_stopped`]).
+pub fn read_error(layer: &str, cause: AssembleError, stop: &AtomicBool) -> Error {
+    if stop.load(Relaxed) {
+        return Error::Cancelled;
+    }
+    assemble_error(layer, cause)
 }
 
 /// A file of `layer` that is not what its tar-split says, as the helper's client reports it.

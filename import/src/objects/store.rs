@@ -40,7 +40,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
     tmp_dir: Option<&str>,
     buf: &mut [u8],
 ) -> Result<(ObjectID, Stored)> {
-    let id: ObjectID = source.digest(buf)?;
+    let id: ObjectID = source.digest(buf, state.stop())?;
     store_as(repo, id, source, policy, state, tmp_dir)
 }
 
@@ -104,7 +104,7 @@ pub(super) fn store_as<ObjectID: FsVerityHashValue>(
             if let Some(how) = hardlink(objects, src, &id, name, state)? {
                 return Ok((id, how));
             }
-            copy(src, &tmp, size, name)?;
+            copy(src, &tmp, size, name, state.stop())?;
             false
         }
     };
@@ -274,6 +274,40 @@ mod tests {
         // The same content again is found, not stored twice.
         let (how, _, _) = store_file("again", &[7u8; 5000], 0o644);
         assert_eq!(how, Stored::AlreadyPresent);
+    }
+
+    /// Once the import is stopped, a file the worker reads itself (a large one) ends
+    /// cancelled instead of being read to its end and stored.
+    #[test]
+    fn a_stopped_import_stores_no_more() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = insecure_repo(&tmp.path().join("repo"));
+        let content = vec![3u8; 3 << 20];
+        let src = source(tmp.path(), "large", &content, 0o644);
+        let source = Source {
+            file: &src,
+            data: None,
+            size: content.len() as u64,
+            crc64: CRC64.checksum(&content),
+            name: "large",
+            layer: "test-layer",
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let state = WorkerState::new(stop);
+        let e = store(
+            &repo,
+            &source,
+            CopyPolicy::CopyOnly,
+            &state,
+            None,
+            &mut [0u8; 1 << 20],
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Cancelled), "{e}");
+        // Nor is a copy made of a file already read.
+        let dst = tempfile::tempfile_in(tmp.path()).unwrap();
+        let e = copy(&src, &dst, content.len() as u64, "large", state.stop()).unwrap_err();
+        assert!(matches!(e, Error::Cancelled), "{e}");
     }
 
     #[test]

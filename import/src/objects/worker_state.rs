@@ -1,10 +1,11 @@
 //! What the object workers of one import learn and share: what the filesystem can do
-//! (reflinks, linking by fd), why data was copied, and which objects are already stored.
+//! (reflinks, linking by fd), why data was copied, which objects are already stored, and
+//! whether the import was stopped.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32};
+use std::sync::{Arc, Mutex};
 
 /// What the object workers of one import share: what they learnt about the filesystem, and
 /// which objects are already stored.
@@ -25,6 +26,10 @@ pub struct WorkerState {
     /// only one object in [`PROBE_MISSES`] is looked up, and an object that turns out to
     /// exist (its link fails with EEXIST) resets the count.
     misses: AtomicU32,
+    /// Set when the import is cancelled or dropped: workers answer the jobs they take with
+    /// `Cancelled`, and a file being read or copied stops at its next chunk, so that one
+    /// large file does not hold the import's end back.
+    stop: Arc<AtomicBool>,
 }
 
 /// See [`WorkerState::misses`]: a lookup costs a stat, while storing an object that was
@@ -46,6 +51,24 @@ pub(super) enum LinkByFd {
 }
 
 impl WorkerState {
+    /// The state of the workers of an import that `stop` stops.
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
+        Self {
+            stop,
+            ..Self::default()
+        }
+    }
+
+    /// The import's stop flag (see [`WorkerState::new`]).
+    pub(super) fn stop(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    /// Whether the import was stopped.
+    pub(super) fn stopped(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+
     pub(super) fn is_present(&self, id: &[u8]) -> bool {
         self.present
             .lock()
