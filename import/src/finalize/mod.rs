@@ -16,7 +16,10 @@
 //! - the V1 EROFS image is streamed by `cstor-erofs` (same bytes, a fraction of the memory);
 //! - layer streams are stored without a name and named here after a single `syncfs`, which
 //!   runs while the EROFS image is built (upstream's `write_stream` syncs once per layer,
-//!   and the last of those syncs delays everything after it).
+//!   and the last of those syncs delays everything after it);
+//! - with `bootable`, the boot image is composefs-oci's own (`generate_boot_image`), made
+//!   before the tag as upstream's pull makes it, and the manifest stream it rewrites is
+//!   written once more, with the layers in config order as above.
 //!
 //! - `layer_naming`: naming the stored layer streams after one `syncfs`;
 //! - `erofs_image`: the file tree and the EROFS image written from it;
@@ -54,7 +57,8 @@ pub struct Finalized<ObjectID> {
     pub erofs: ObjectID,
     /// Its boot variant, when asked for.
     pub boot: Option<ObjectID>,
-    /// Whether the image was already complete (only the tag was written).
+    /// Whether the image was already complete (only the tag was written, and the boot
+    /// variant if it was asked for and missing).
     pub already_complete: bool,
     /// Whether the image has a `/usr` directory (upstream's transform applied); `None`
     /// when the EROFS image already existed.
@@ -168,11 +172,14 @@ pub fn finalize<ObjectID: FsVerityHashValue>(
             }
         }
     };
+    if bootable {
+        // Before the tag, as upstream's pull: an image that cannot boot (no /boot, say)
+        // fails the import without one.
+        cancelled(&mut naming)?;
+        done.add_boot_image(repo, manifest_json, &manifest_id, &config_id, layers)?;
+    }
     cancelled(&mut naming)?;
     tag_image(repo, &done.manifest.0, tag).map_err(repo_err(format!("tagging {tag}")))?;
-    if bootable {
-        done.add_boot_image(repo, &manifest_id, &config_id)?;
-    }
     Ok(done)
 }
 
@@ -207,13 +214,17 @@ fn complete<ObjectID: FsVerityHashValue>(
 
 impl<ObjectID: FsVerityHashValue> Finalized<ObjectID> {
     /// Writes the boot variant of the image with composefs-oci's own code (as its pull with
-    /// `bootable` does: the boot transform with its default options), which rewrites the
-    /// config and manifest streams to refer to it; reads their new verities back.
+    /// `bootable` does: the boot transform with its default options), unless the image has
+    /// one. composefs-oci then rewrites the config stream to refer to it, and the manifest
+    /// stream with the layers in hash map order: the manifest is written again in config
+    /// order, so that an image always gets the same manifest stream.
     fn add_boot_image(
         &mut self,
         repo: &Arc<Repository<ObjectID>>,
+        manifest_json: &[u8],
         manifest_id: &str,
         config_id: &str,
+        layers: &[(OciDigest, ObjectID)],
     ) -> Result<()> {
         let boot = composefs_oci::boot::generate_boot_image(
             repo,
@@ -231,8 +242,18 @@ impl<ObjectID: FsVerityHashValue> Finalized<ObjectID> {
                     )
                 })
         };
-        self.manifest.1 = reread(manifest_id)?;
-        self.config.1 = reread(config_id)?;
+        let config_verity = reread(config_id)?;
+        if config_verity != self.config.1 {
+            self.manifest.1 = oci_streams::write_manifest(
+                repo,
+                manifest_json,
+                manifest_id,
+                &self.config.0,
+                &config_verity,
+                layers,
+            )?;
+            self.config.1 = config_verity;
+        }
         self.boot = Some(boot);
         Ok(())
     }
