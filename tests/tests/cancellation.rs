@@ -88,7 +88,7 @@ async fn first_layer_midway(events: &mut UnboundedReceiver<ImportEvent>) -> Opti
 /// store is shared by every test.)
 async fn podman_can_write(images: &'static StandardImages, image: &ImageRef, test: &str) {
     let id = image.id.clone();
-    let probe = format!("localhost/cstor-test/{test}:probe");
+    let probe = format!("localhost/cstor-test/{}:probe", test.replace('_', "-"));
     tokio::task::spawn_blocking(move || {
         for args in [["tag", &id, &probe], ["untag", &id, &probe]] {
             let mut podman = podman_background(&images.store, &args).unwrap();
@@ -200,14 +200,15 @@ fn same_image(a: &ImportReport<Sha512HashValue>, b: &ImportReport<Sha512HashValu
     );
 }
 
-#[test]
-fn cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly() {
-    let test = "cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly";
+/// A story: the commit image (the large feature layer below a small one) imported into a
+/// fresh repository and stopped by `stop` while a layer streams. `stop` runs the import and
+/// returns once it stopped it, with the index of the layer it stopped midway through and
+/// how promptly, for the log. Then everything the module's story promises is checked.
+fn stopped_midway(test: &str, stop: impl AsyncFnOnce(&Client, &Repo, &str) -> (usize, String)) {
     let Some(images) = standard_images_or_skip(test) else {
         return;
     };
     let _one = one_at_a_time();
-    // Two layers: the large feature layer below, a small one above.
     let image = &images.commit;
     let work = tempfile::tempdir().unwrap();
     let repo_dir = work.path().join("repo");
@@ -215,6 +216,26 @@ fn cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly() {
     runtime().block_on(async {
         let client = client_for(&images.store).await.unwrap();
         let layers = client.get_image(&image.name).await.unwrap().layers;
+        let (midway, promptly) = stop(&client, &repo, &image.name).await;
+        let threads = threads_gone()
+            .await
+            .expect("no thread of the import keeps running");
+        podman_can_write(images, image, test).await;
+        let midway_diff_id = layers[midway].diff_id.clone().unwrap();
+        let named = check_what_was_left(&repo_dir, &repo, &midway_diff_id).await;
+        cstor_tests::note(&format!(
+            "{test}: stopped midway through layer {midway}; {promptly}; the import's threads \
+             were gone {threads:?} after that; {named} complete layer(s) named"
+        ));
+        reimport_matches_a_fresh_import(&client, &repo, image, named).await;
+        client.shutdown().await.unwrap();
+    });
+}
+
+#[test]
+fn cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly() {
+    let test = "cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly";
+    stopped_midway(test, async |client, repo, image| {
         let token = CancellationToken::new();
         let (tx, mut events) = unbounded_channel();
         let options = ImportOptions::new().events(tx).cancel(token.clone());
@@ -223,10 +244,8 @@ fn cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly() {
             token.cancel();
             (midway, Instant::now())
         };
-        let (result, (midway, cancelled_at)) = tokio::join!(
-            import::import_image(&client, &repo, &image.name, &options),
-            cancel
-        );
+        let (result, (midway, cancelled_at)) =
+            tokio::join!(import::import_image(client, repo, image, &options), cancel);
         let stopped_after = cancelled_at.elapsed();
         let midway = midway.expect("a layer was reported part-way through");
         assert!(
@@ -235,58 +254,28 @@ fn cancelling_while_a_layer_streams_stops_the_import_promptly_and_cleanly() {
             result.map(|r| r.erofs_image)
         );
         assert!(stopped_after < PROMPTLY, "stopped {stopped_after:?} after");
-        let threads = threads_gone().await;
-        let threads = threads.expect("no thread of the import keeps running");
-
-        podman_can_write(images, image, "cancelled").await;
-        let midway_diff_id = layers[midway].diff_id.clone().unwrap();
-        let named = check_what_was_left(&repo_dir, &repo, &midway_diff_id).await;
-        cstor_tests::note(&format!(
-            "{test}: layer {midway} cancelled midway; import_image returned {stopped_after:?} \
-             after the cancel, its threads were gone {threads:?} after that; {named} complete \
-             layer(s) named"
-        ));
-        reimport_matches_a_fresh_import(&client, &repo, image, named).await;
-        client.shutdown().await.unwrap();
+        (
+            midway,
+            format!("import_image returned {stopped_after:?} after the cancel"),
+        )
     });
 }
 
 #[test]
 fn dropping_the_import_while_a_layer_streams_stops_it_as_cancelling_does() {
     let test = "dropping_the_import_while_a_layer_streams_stops_it_as_cancelling_does";
-    let Some(images) = standard_images_or_skip(test) else {
-        return;
-    };
-    let _one = one_at_a_time();
-    let image = &images.commit;
-    let work = tempfile::tempdir().unwrap();
-    let repo_dir = work.path().join("repo");
-    let repo = new_repo(&repo_dir);
-    runtime().block_on(async {
-        let client = client_for(&images.store).await.unwrap();
-        let layers = client.get_image(&image.name).await.unwrap().layers;
+    stopped_midway(test, async |client, repo, image| {
         let (tx, mut events) = unbounded_channel();
         let options = ImportOptions::new().events(tx);
         // The caller gives up (a timeout, another branch of a select!) while a layer is
         // part-way through: the import's future is dropped.
         let midway = tokio::select! {
-            r = import::import_image(&client, &repo, &image.name, &options) => {
+            r = import::import_image(client, repo, image, &options) => {
                 panic!("the import ended before a layer was part-way through: {:?}",
                     r.map(|r| r.erofs_image))
             }
             Some(midway) = first_layer_midway(&mut events) => midway,
         };
-        let threads = threads_gone().await;
-        let threads = threads.expect("no thread of the import keeps running");
-
-        podman_can_write(images, image, "dropped").await;
-        let midway_diff_id = layers[midway].diff_id.clone().unwrap();
-        let named = check_what_was_left(&repo_dir, &repo, &midway_diff_id).await;
-        cstor_tests::note(&format!(
-            "{test}: layer {midway} dropped midway; the import's threads were gone {threads:?} \
-             after the drop; {named} complete layer(s) named"
-        ));
-        reimport_matches_a_fresh_import(&client, &repo, image, named).await;
-        client.shutdown().await.unwrap();
+        (midway, "the future was dropped".to_owned())
     });
 }
