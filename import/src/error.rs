@@ -92,5 +92,13 @@ impl Error {
     }
 }
 
+/// For `map_err` on composefs' results: an [`Error::Repository`] saying what was being
+/// done. `doing` is built before the call; where that would cost an allocation per file,
+/// call [`Error::repository`] in a closure instead.
+pub(crate) fn repo_err(doing: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
+    let doing = doing.into();
+    move |cause| Error::Repository { doing, cause }
+}
+
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

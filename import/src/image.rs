@@ -32,7 +32,7 @@ use crate::{layer_identifier, layer_import, sys, tree};
 /// under [`crate::CopyPolicy::ReflinkOnly`], [`Error::ImageMismatch`] when the config's diff
 /// ids and the layer chain disagree, [`Error::Repository`], and [`Error::Cancelled`] when
 /// [`ImportOptions::cancel`] fired. Dropping the returned future stops the import as
-/// promptly (its threads stop at their next file).
+/// promptly (its threads stop at their next file, or a large file's next chunk).
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -62,8 +62,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
     tokio::select! {
         r = &mut work => r,
         () = token.cancelled() => {
-            // Let the import wind down (its threads see the flag at their next file) so that
-            // nothing of it is still running when this returns.
+            // Let the import wind down (its threads see the flag at their next file or chunk)
+            // so that nothing of it is still running when this returns.
             stop.flag.store(true, Ordering::Relaxed);
             match work.await {
                 Ok(report) => Ok(report),
@@ -74,7 +74,8 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
 }
 
 /// Set when the import is cancelled or its future dropped: the layer readers, the object
-/// workers and the finalize step look at it before each file or step.
+/// workers and the finalize step look at it before each file or step, and between the
+/// chunks of a large file.
 #[derive(Debug, Default)]
 struct StopOnDrop {
     flag: Arc<AtomicBool>,
@@ -110,7 +111,7 @@ async fn import<ObjectID: FsVerityHashValue>(
     });
     plan.report_skipped(&img, &progress);
 
-    let reflink = Arc::new(WorkerState::default());
+    let reflink = Arc::new(WorkerState::new(stop.clone()));
     let mut unnamed: Vec<Unnamed<ObjectID>> = Vec::new();
     let mut tree_builder = None;
     if !plan.todo.is_empty() {
@@ -438,7 +439,6 @@ async fn stream_layers<ObjectID: FsVerityHashValue>(
         threads,
         setup.options.copy_policy,
         setup.state.clone(),
-        setup.stop.clone(),
     ) {
         Ok(p) => Arc::new(p),
         Err(e) => return Err((e, stored)),

@@ -20,7 +20,9 @@ use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::objects::Pool;
+use crate::objects::{
+    JobResult, Pool, Submission, assemble_error, check_crc, read_error, unless_stopped,
+};
 use crate::report::ObjectStats;
 use crate::tree::Feed;
 use cstor_proxy_client::Contents;
@@ -32,16 +34,16 @@ pub const INLINE_MAX: u64 = 64;
 /// Files up to this size are read once, into memory, and the bytes go both into the layer's
 /// sha256 and (in a worker) into the CRC and fs-verity digest. Larger files are queued
 /// first and read twice, by the worker and here, at the same time: the worker need not wait
-/// for this thread's sha256 over the file (measured against 256 KiB and 4 MiB: as fast or
-/// faster, and 5-15 MB less memory; a second read from the page cache costs ~0.1 ms/MB).
+/// for this thread's sha256 over the file, a second read from the page cache is cheap, and
+/// a larger bound only buffers more memory without being faster.
 const BUFFERED_MAX: u64 = 64 << 10;
 
 /// Bytes of buffered file contents a layer may have queued for the workers.
 const INFLIGHT_BYTES: u64 = 8 << 20;
 
 /// Returned buffers kept for reuse (recycling them avoids zeroing fresh memory per file),
-/// and the largest buffer worth keeping: most files are a few KiB, and 32 buffers grown to
-/// 256 KiB held 8 MB per layer for the occasional larger file.
+/// and the largest buffer worth keeping: most files are a few KiB, and keeping every buffer
+/// an occasional larger file grew would hold that much memory per layer for nothing.
 const SPARE_BUFFERS: usize = 32;
 const SPARE_MAX: usize = 64 << 10;
 
@@ -51,9 +53,9 @@ enum Op<ObjectID> {
         size: u64,
         /// Bytes buffered for the worker (0: it reads the file itself).
         buffered: u64,
-        result: Receiver<super::objects::JobResult<ObjectID>>,
+        result: Receiver<JobResult<ObjectID>>,
         /// The result, once waited for out of order (see [`Queue::wait_below_limits`]).
-        done: Option<super::objects::JobResult<ObjectID>>,
+        done: Option<JobResult<ObjectID>>,
     },
 }
 
@@ -76,8 +78,8 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
 
     /// Over its limits, the queue waits until it is back under half of them, not just for
     /// its oldest object: waking for nearly every object the workers finish cost a worker its
-    /// time slice each time (an import of the reference image made 26,600 context switches,
-    /// 10,700 since), and the reader refilled the queue one job at a time.
+    /// time slice each time (a context switch per object), and the reader refilled the queue
+    /// one job at a time.
     ///
     /// It waits for the result of the job at which the queue falls to half its limits (the
     /// workers take jobs roughly in order, so the older ones are done by then, and
@@ -117,12 +119,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
         data
     }
 
-    fn push_external(
-        &mut self,
-        size: u64,
-        buffered: u64,
-        result: Receiver<super::objects::JobResult<ObjectID>>,
-    ) {
+    fn push_external(&mut self, size: u64, buffered: u64, result: Receiver<JobResult<ObjectID>>) {
         self.ops.push_back(Op::External {
             size,
             buffered,
@@ -192,12 +189,12 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                     if let Some(feed) = feed.as_deref_mut() {
                         feed.external(obj.clone());
                     }
-                    writer
-                        .write_reference(obj)
-                        .map_err(|cause| Error::Repository {
-                            doing: format!("writing the splitstream of layer {layer}"),
+                    writer.write_reference(obj).map_err(|cause| {
+                        Error::repository(
+                            format!("writing the splitstream of layer {layer}"),
                             cause,
-                        })?;
+                        )
+                    })?;
                 }
             }
         }
@@ -216,17 +213,9 @@ pub struct Imported<ObjectID> {
     pub tar_size: u64,
 }
 
-fn assemble_err(layer: &str, cause: AssembleError) -> Error {
-    cstor_proxy_client::Error::Assemble {
-        layer: layer.to_owned(),
-        cause,
-    }
-    .into()
-}
-
 /// Content fd `fd` (entry `name`) could not be had or duplicated.
 fn content_err(layer: &str, name: &str, fd: u64, cause: std::io::Error) -> Error {
-    assemble_err(
+    assemble_error(
         layer,
         AssembleError::Content {
             name: name.to_owned(),
@@ -274,9 +263,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
             })?;
     let mut writer = repo
         .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
-        .map_err(|cause| Error::Repository {
-            doing: format!("creating the splitstream of layer {id}"),
-            cause,
+        .map_err(|cause| {
+            Error::repository(format!("creating the splitstream of layer {id}"), cause)
         })?;
     let mut sha = Sha256::new();
     let mut tar_size = 0u64;
@@ -340,18 +328,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                         small.extend_from_slice(chunk);
                         Ok(())
                     })
-                    .map_err(|cause| assemble_err(id, cause))?;
-                    let actual = crc.finalize();
-                    if actual != f.crc64 {
-                        return Err(assemble_err(
-                            id,
-                            AssembleError::Crc {
-                                name,
-                                expected: f.crc64,
-                                actual,
-                            },
-                        ));
-                    }
+                    .map_err(|cause| assemble_error(id, cause))?;
+                    check_crc(id, &name, f.crc64, crc.finalize())?;
                     stats.inlined += 1;
                     stats.bytes_inlined += f.size;
                     queue.ops.push_back(Op::Inline(small));
@@ -362,38 +340,41 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                             sha.update(chunk);
                             Ok(())
                         })
-                        .map_err(|cause| assemble_err(id, cause))?;
+                        .map_err(|cause| assemble_error(id, cause))?;
                         let buffered = data.len() as u64;
-                        let result = pool.submit(
+                        let result = pool.submit(Submission {
                             file,
-                            Some(data),
-                            f.size,
-                            f.crc64,
+                            data: Some(data),
+                            size: f.size,
+                            crc64: f.crc64,
                             name,
-                            layer_name.clone(),
-                        )?;
+                            layer: layer_name.clone(),
+                        })?;
                         queue.push_external(f.size, buffered, result);
                     } else {
                         // The worker reads a larger file itself: queue it first, so that
                         // it clones and hashes the file while this thread runs the sha256
-                        // over it (a 50 MB file used to hold every later job back ~35 ms).
+                        // over it (else a large file holds every later job back).
                         let own = file
                             .try_clone()
                             .map_err(|cause| content_err(id, &name, fd, cause))?;
-                        let result = pool.submit(
+                        let result = pool.submit(Submission {
                             file,
-                            None,
-                            f.size,
-                            f.crc64,
-                            name.clone(),
-                            layer_name.clone(),
-                        )?;
+                            data: None,
+                            size: f.size,
+                            crc64: f.crc64,
+                            name: name.clone(),
+                            layer: layer_name.clone(),
+                        })?;
                         queue.push_external(f.size, 0, result);
+                        // A large file is read a chunk at a time: the import may stop
+                        // between two.
                         read_content(&own, f.size, &name, fd, &mut buf, |chunk| {
+                            unless_stopped(stop)?;
                             sha.update(chunk);
                             Ok(())
                         })
-                        .map_err(|cause| assemble_err(id, cause))?;
+                        .map_err(|cause| read_error(id, cause, stop))?;
                     }
                 }
                 if tar_size - last_report >= 4 << 20 {
@@ -444,9 +425,8 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     if let Some(feed) = feed {
         feed.done();
     }
-    let verity = writer.done().map_err(|cause| Error::Repository {
-        doing: format!("storing the splitstream of layer {id}"),
-        cause,
+    let verity = writer.done().map_err(|cause| {
+        Error::repository(format!("storing the splitstream of layer {id}"), cause)
     })?;
     Ok(Imported {
         verity,

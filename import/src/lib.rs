@@ -36,17 +36,15 @@
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
-// One audited exception: the XFS geometry ioctl (placement.rs), which has no safe wrapper.
+// One audited exception: the XFS geometry ioctl (objects/placement.rs), which has no safe wrapper.
 #![deny(unsafe_code)]
 
 mod error;
 mod finalize;
 mod image;
-mod job_queue;
 mod layer_import;
 mod objects;
 mod options;
-mod placement;
 mod progress;
 mod repo;
 mod report;

@@ -38,8 +38,10 @@ pub struct ImportOptions {
     /// objects were stored). Never blocks the import.
     pub events: Option<UnboundedSender<ImportEvent>>,
     /// Cancels the import when triggered: the layer readers and object workers stop at the
-    /// next file, the layers are released, and the import fails with
-    /// [`crate::Error::Cancelled`]. Dropping the import's future does the same.
+    /// next file (a large file at its next chunk), the layers are released, the layers
+    /// stored completely are named, and the import fails with [`crate::Error::Cancelled`].
+    /// Dropping the import's future stops it as promptly, but then nothing is left to name
+    /// the complete layers: a later import stores them again.
     pub cancel: Option<CancellationToken>,
     /// Also write the boot variant of the EROFS image (composefs' boot transform with its
     /// default options), as `composefs_oci::PullOptions::bootable` does.

@@ -44,8 +44,8 @@ fn to_id<ObjectID: FsVerityHashValue>(digest: &cstor_verity::Digest) -> ObjectID
 }
 
 /// The object ids of several whole files at once: with SHA-512 the blocks of all of them
-/// share the multi-buffer hasher ([`cstor_verity::digest_many`]), which makes a batch of
-/// small files about 2.5x cheaper than hashing them one by one.
+/// share the multi-buffer hasher ([`cstor_verity::digest_many`]), which hashes a batch of
+/// small files several at a time instead of one by one.
 pub fn ids<ObjectID: FsVerityHashValue>(files: &[&[u8]]) -> Vec<ObjectID> {
     cstor_verity::digest_many(algorithm::<ObjectID>(), files)
         .iter()

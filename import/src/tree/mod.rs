@@ -1,126 +1,43 @@
 //! The image's filesystem tree, built while the layers stream.
 //!
 //! composefs builds the tree for the EROFS image by reading every layer's splitstream back
-//! (zstd, then tar headers) once all layers are stored: about 0.12 s for the benchmark's
-//! reference image, on one core, after everything else is done. Here a tree thread gets each
-//! layer's splitstream contents (inline bytes and object references, as they go into the
-//! stream) while the layer is being imported, parses the tar headers and applies the entries
-//! in layer order, so that the tree is ready when the last layer is.
+//! (zstd, then tar headers) once all layers are stored: on one core, after everything else
+//! is done, on the import's serial tail. Here a tree thread gets each layer's splitstream
+//! contents (inline bytes and object references, as they go into the stream) while the
+//! layer is being imported, parses the tar headers and applies the entries in layer order,
+//! so that the tree is ready when the last layer is.
 //!
 //! The entries are what `composefs_oci::tar::get_entry` reads from the stored stream: the
 //! same tar parser (`tar-core`), the same inline/external rules, the same path and mtime
 //! handling, and composefs' own `process_entry` applies them (whiteouts, hardlinks). The
 //! tests build trees both ways and compare them; the finalize step falls back to reading
 //! the streams if the tree thread failed.
+//!
+//! - `feed`: the layer importers' side, batched, never blocking, with a bounded backlog;
+//! - `fed_reader`: tar entries read back from a layer's pieces;
+//! - here: the tree thread ([`Builder`]), which applies the entries layer by layer.
 
-use std::collections::BTreeMap;
-use std::collections::VecDeque;
-use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::PathBuf;
+mod fed_reader;
+mod feed;
+
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Receiver;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::Context;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::generic_tree::Stat;
 use composefs::repository::Repository;
-use composefs::tree::{FileSystem, LeafContent, RegularFile};
-use composefs_oci::tar::{TarEntry, TarItem};
-use tar_core::EntryType;
-use tar_core::parse::{ParseEvent, Parser};
+use composefs::tree::FileSystem;
 
-use crate::layer_import::INLINE_MAX;
-
-/// One piece of a layer's splitstream, in stream order.
-#[derive(Debug)]
-pub enum Piece<ObjectID> {
-    /// Inline bytes (tar headers, padding, small files).
-    Inline(Vec<u8>),
-    /// A file's contents, stored as this object.
-    External(ObjectID),
-    /// The layer's stream is complete and matched its diff id.
-    Done,
-    /// The importer stopped feeding (too much was waiting): the tree thread gives up and
-    /// the finalize step reads the streams.
-    GaveUp,
-}
-
-/// Inline bytes sent to the tree thread and not parsed yet, for all layers; above
-/// [`BACKLOG_MAX`] the feeds give up. The tree thread runs at the lowest priority and may
-/// fall behind on a busy machine (and a layer's pieces wait while the layers before it are
-/// applied): this bounds the memory that costs.
-#[derive(Debug, Default)]
-pub struct Backlog {
-    bytes: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-const BACKLOG_MAX: usize = 24 << 20;
+use fed_reader::FedReader;
+pub use feed::{Backlog, Feed, Piece};
 
 /// Entries (of all layers) above which the tree thread gives up and drops its tree. While the
-/// layers stream, the tree (~250 bytes per entry) adds to their buffers, where composefs
-/// builds it once they are gone: beyond this, the import's peak memory would pass 100 MB, so
-/// large images get their tree after the layers, as before.
+/// layers stream, the tree adds to their buffers, where composefs builds it once they are
+/// gone: beyond this, the tree built early would raise the import's peak memory, so large
+/// images get their tree after the layers, as composefs builds it.
 const MAX_ENTRIES: usize = 80_000;
-
-/// The sending end for one layer: what its importer writes into the splitstream, it also
-/// sends here, [`BATCH`] pieces at a time (a send per piece woke the tree thread ~100,000
-/// times per import). Sending never blocks; a tree thread that stopped is ignored (the
-/// finalize step then builds the tree from the streams).
-#[derive(Debug)]
-pub struct Feed<ObjectID> {
-    /// `None` once the feed gave up.
-    tx: Option<Sender<Vec<Piece<ObjectID>>>>,
-    batch: Vec<Piece<ObjectID>>,
-    backlog: Arc<Backlog>,
-}
-
-/// Pieces per message to the tree thread.
-const BATCH: usize = 256;
-
-impl<ObjectID> Feed<ObjectID> {
-    fn push(&mut self, piece: Piece<ObjectID>) {
-        let Some(tx) = &self.tx else { return };
-        if let Piece::Inline(b) = &piece {
-            let now = self.backlog.bytes.fetch_add(b.len(), Relaxed) + b.len();
-            self.backlog.peak.fetch_max(now, Relaxed);
-            if now > BACKLOG_MAX {
-                self.batch.clear();
-                let _ = tx.send(vec![Piece::GaveUp]);
-                self.tx = None;
-                return;
-            }
-        }
-        self.batch.push(piece);
-        if self.batch.len() >= BATCH {
-            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
-            let _ = tx.send(batch);
-        }
-    }
-
-    /// Inline bytes, after they went into the stream.
-    pub fn inline(&mut self, bytes: Vec<u8>) {
-        if !bytes.is_empty() {
-            self.push(Piece::Inline(bytes));
-        }
-    }
-
-    /// An object reference, after it went into the stream.
-    pub fn external(&mut self, id: ObjectID) {
-        self.push(Piece::External(id));
-    }
-
-    /// The layer is complete and verified; without this the tree thread fails.
-    pub fn done(mut self) {
-        if let Some(tx) = self.tx.take() {
-            self.batch.push(Piece::Done);
-            let _ = tx.send(std::mem::take(&mut self.batch));
-        }
-    }
-}
 
 /// Where the tree thread gets a layer's entries from.
 pub enum Source<ObjectID> {
@@ -133,12 +50,7 @@ pub enum Source<ObjectID> {
 /// A layer's feed and the matching source for the tree thread, sharing `backlog`.
 pub fn channel<ObjectID>(backlog: &Arc<Backlog>) -> (Feed<ObjectID>, Source<ObjectID>) {
     let (tx, rx) = std::sync::mpsc::channel();
-    let feed = Feed {
-        tx: Some(tx),
-        batch: Vec::with_capacity(BATCH),
-        backlog: backlog.clone(),
-    };
-    (feed, Source::Fed(rx))
+    (Feed::new(tx, backlog.clone()), Source::Fed(rx))
 }
 
 /// Why the tree thread has no tree.
@@ -260,297 +172,6 @@ pub fn apply_stored<ObjectID: FsVerityHashValue>(
     Ok(entries)
 }
 
-/// `return Err(Stop::Failed(anyhow!(...)))`.
-macro_rules! fail {
-    ($($t:tt)*) => {
-        return Err(Stop::Failed(anyhow::anyhow!($($t)*)))
-    };
-}
-
-/// [`fail!`] unless the condition holds.
-macro_rules! check {
-    ($cond:expr, $($t:tt)*) => {
-        if !$cond {
-            fail!($($t)*);
-        }
-    };
-}
-
-/// Reads tar entries from a layer's pieces the way composefs' `SplitStreamReader` and
-/// `get_entry` read them from the stored stream: headers come from inline bytes 512 at a
-/// time (consecutive inline pieces form one chunk, as the stream writer merges them); a
-/// file's contents are either the next object reference (followed by its padding, inline) or
-/// inline bytes.
-struct FedReader<'a, ObjectID> {
-    rx: Receiver<Vec<Piece<ObjectID>>>,
-    backlog: &'a Backlog,
-    /// Pieces received, not taken yet.
-    received: std::vec::IntoIter<Piece<ObjectID>>,
-    /// Inline bytes not consumed yet, front first.
-    inline: VecDeque<Vec<u8>>,
-    /// Consumed bytes of `inline`'s front.
-    offset: usize,
-    /// A reference taken from the channel while looking for inline bytes.
-    external: Option<ObjectID>,
-    done: bool,
-}
-
-impl<'a, ObjectID: FsVerityHashValue> FedReader<'a, ObjectID> {
-    fn new(rx: Receiver<Vec<Piece<ObjectID>>>, backlog: &'a Backlog) -> Self {
-        Self {
-            rx,
-            backlog,
-            received: Vec::new().into_iter(),
-            inline: VecDeque::new(),
-            offset: 0,
-            external: None,
-            done: false,
-        }
-    }
-
-    /// Takes the next piece into `inline`/`external`; false at the end of the layer.
-    fn pull(&mut self) -> Result<bool, Stop> {
-        if self.done || self.external.is_some() {
-            return Ok(false);
-        }
-        let piece = loop {
-            if let Some(p) = self.received.next() {
-                break p;
-            }
-            match self.rx.recv() {
-                Ok(batch) => self.received = batch.into_iter(),
-                Err(_) => {
-                    return Err(Stop::Failed(anyhow::anyhow!(
-                        "the layer's import stopped before its end"
-                    )));
-                }
-            }
-        };
-        match piece {
-            Piece::Inline(bytes) => {
-                self.backlog.bytes.fetch_sub(bytes.len(), Relaxed);
-                self.inline.push_back(bytes);
-                Ok(true)
-            }
-            Piece::GaveUp => Err(Stop::GaveUp),
-            Piece::External(id) => {
-                self.external = Some(id);
-                Ok(false)
-            }
-            Piece::Done => {
-                self.done = true;
-                Ok(false)
-            }
-        }
-    }
-
-    fn inline_available(&self) -> usize {
-        self.inline.iter().map(Vec::len).sum::<usize>() - self.offset
-    }
-
-    /// Exactly `buf.len()` inline bytes; false if the stream ends first (with none read).
-    fn read_inline(&mut self, buf: &mut [u8]) -> Result<bool, Stop> {
-        while self.inline_available() < buf.len() {
-            if !self.pull()? {
-                if self.external.is_some() {
-                    fail!("unexpected external reference in the splitstream");
-                }
-                if self.inline_available() == 0 {
-                    return Ok(false);
-                }
-                fail!("the splitstream ends inside an inline chunk");
-            }
-        }
-        let mut filled = 0;
-        while filled < buf.len() {
-            let Some(front) = self.inline.front() else {
-                fail!("inline bytes went missing");
-            };
-            let take = (front.len() - self.offset).min(buf.len() - filled);
-            buf[filled..filled + take].copy_from_slice(&front[self.offset..self.offset + take]);
-            filled += take;
-            self.offset += take;
-            if self.offset == front.len() {
-                self.inline.pop_front();
-                self.offset = 0;
-            }
-        }
-        Ok(true)
-    }
-
-    /// A file's contents of `size` bytes stored in `stored` (`size` rounded up to 512).
-    fn read_content(&mut self, size: usize, stored: usize) -> Result<Content<ObjectID>, Stop> {
-        if self.inline_available() == 0 && self.external.is_none() {
-            self.pull()?;
-        }
-        if self.inline_available() == 0
-            && let Some(id) = self.external.take()
-        {
-            let mut pad = [0u8; 512];
-            let pad_len = stored - size;
-            check!(pad_len < 512, "padding of {pad_len} bytes");
-            if pad_len > 0 && !self.read_inline(&mut pad[..pad_len])? {
-                fail!("unexpected end of the splitstream in a file's padding");
-            }
-            return Ok(Content::External(id));
-        }
-        let mut content = vec![0u8; stored];
-        if stored > 0 && !self.read_inline(&mut content)? {
-            fail!("unexpected end of the splitstream in a file's contents");
-        }
-        content.truncate(size);
-        Ok(Content::Inline(content))
-    }
-
-    /// Skips what follows the tar's end (nothing, normally) up to the layer's completion;
-    /// fails if the layer's import stopped instead.
-    fn finish(mut self) -> Result<(), Stop> {
-        while !self.done {
-            self.external = None;
-            self.pull()?;
-            self.inline.clear();
-            self.offset = 0;
-        }
-        Ok(())
-    }
-
-    /// The next entry, or `None` at the end of the tar.
-    fn next_entry(&mut self) -> Result<Option<TarEntry<ObjectID>>, Stop> {
-        let mut parser = Parser::with_defaults();
-        let mut header: Vec<u8> = Vec::new();
-        let mut block = [0u8; 512];
-        loop {
-            if !self.read_inline(&mut block)? {
-                return Ok(None);
-            }
-            header.extend_from_slice(&block);
-            loop {
-                match parser.parse(&header)? {
-                    ParseEvent::NeedData { .. } => break,
-                    ParseEvent::GlobalExtensions { consumed, .. } => {
-                        header.drain(..consumed.min(header.len()));
-                    }
-                    ParseEvent::End { .. } => return Ok(None),
-                    ParseEvent::SparseEntry { .. } => {
-                        fail!("sparse tar entries are not supported")
-                    }
-                    ParseEvent::Entry { entry, .. } => {
-                        let size = usize::try_from(entry.size).context("entry size")?;
-                        let stored = size.checked_next_multiple_of(512).context("entry size")?;
-                        let item = match self.read_content(size, stored)? {
-                            Content::External(id) => match entry.entry_type {
-                                EntryType::Regular | EntryType::Continuous => {
-                                    check!(
-                                        entry.size > INLINE_MAX,
-                                        "a {size} byte file is stored as an object"
-                                    );
-                                    TarItem::Leaf(LeafContent::Regular(RegularFile::External(
-                                        id, entry.size,
-                                    )))
-                                }
-                                other => fail!("an object for a {other:?} entry"),
-                            },
-                            Content::Inline(content) => {
-                                inline_item(&entry, content.into_boxed_slice())?
-                            }
-                        };
-                        let xattrs: BTreeMap<Box<OsStr>, Box<[u8]>> = entry
-                            .xattrs
-                            .iter()
-                            .map(|(k, v)| (Box::from(OsStr::from_bytes(k)), Box::from(&v[..])))
-                            .collect();
-                        return Ok(Some(TarEntry {
-                            path: absolute(&entry.path),
-                            stat: Stat {
-                                st_uid: entry.uid as u32,
-                                st_gid: entry.gid as u32,
-                                st_mode: entry.mode,
-                                st_mtim_sec: entry.mtime as i64,
-                                st_mtim_nsec: entry.pax.map_or(0, mtime_nsec),
-                                xattrs,
-                            },
-                            item,
-                        }));
-                    }
-                }
-            }
-        }
-    }
-}
-
-enum Content<ObjectID> {
-    Inline(Vec<u8>),
-    External(ObjectID),
-}
-
-/// The item of an entry whose contents were inline.
-fn inline_item<ObjectID: FsVerityHashValue>(
-    entry: &tar_core::parse::ParsedEntry<'_>,
-    content: Box<[u8]>,
-) -> anyhow::Result<TarItem<ObjectID>> {
-    let device = || match (entry.dev_major, entry.dev_minor) {
-        (Some(major), Some(minor)) => Ok(rustix::fs::makedev(major, minor)),
-        _ => bail!("a device entry without device numbers"),
-    };
-    let target = || entry.link_target.as_deref().unwrap_or_default();
-    Ok(match entry.entry_type {
-        EntryType::Directory => TarItem::Directory,
-        EntryType::Regular | EntryType::Continuous => {
-            ensure!(
-                content.len() as u64 <= INLINE_MAX,
-                "a {} byte file is stored inline",
-                content.len()
-            );
-            TarItem::Leaf(LeafContent::Regular(RegularFile::Inline(content)))
-        }
-        EntryType::Link => TarItem::Hardlink(absolute(target()).into_os_string()),
-        EntryType::Symlink => {
-            TarItem::Leaf(LeafContent::Symlink(Box::from(OsStr::from_bytes(target()))))
-        }
-        EntryType::Block => TarItem::Leaf(LeafContent::BlockDevice(device()?)),
-        EntryType::Char => TarItem::Leaf(LeafContent::CharacterDevice(device()?)),
-        EntryType::Fifo => TarItem::Leaf(LeafContent::Fifo),
-        other => bail!("unsupported tar entry type {other:?}"),
-    })
-}
-
-/// `/` + the tar path without leading or trailing slashes; the root is the empty path
-/// (composefs' convention for root entries).
-fn absolute(tar_path: &[u8]) -> PathBuf {
-    let mut path = tar_path.strip_prefix(b"/").unwrap_or(tar_path);
-    while let [rest @ .., b'/'] = path {
-        path = rest;
-    }
-    if path.is_empty() {
-        return PathBuf::new();
-    }
-    let mut out = Vec::with_capacity(path.len() + 1);
-    out.push(b'/');
-    out.extend_from_slice(path);
-    PathBuf::from(OsString::from_vec(out))
-}
-
-/// Nanoseconds of the PAX `mtime` record ("secs.frac"): the fraction's first nine digits,
-/// a shorter fraction scaled up ("5" is half a second), 0 when absent or not a number.
-fn mtime_nsec(pax: &[u8]) -> u32 {
-    let Some(value) = tar_core::PaxExtensions::new(pax)
-        .flatten()
-        .find(|e| e.key_bytes() == b"mtime")
-    else {
-        return 0;
-    };
-    let Some((_, frac)) = value.value().ok().and_then(|v| v.split_once('.')) else {
-        return 0;
-    };
-    if frac.len() >= 9 {
-        frac.get(..9).and_then(|f| f.parse().ok()).unwrap_or(0)
-    } else {
-        frac.parse::<u32>()
-            .ok()
-            .map_or(0, |v| v * 10u32.pow(9 - frac.len() as u32))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -558,8 +179,12 @@ mod tests {
 
     use composefs::fsverity::{Algorithm, Sha512HashValue};
     use composefs::repository::RepositoryConfig;
+    use tar_core::EntryType;
+    use tar_core::parse::{ParseEvent, Parser};
 
+    use super::feed::BACKLOG_MAX;
     use super::*;
+    use crate::layer_import::INLINE_MAX;
 
     type Id = Sha512HashValue;
 
@@ -664,7 +289,7 @@ mod tests {
                     let stored = size.next_multiple_of(512);
                     let regular = matches!(entry.entry_type, EntryType::Regular);
                     if regular && size as u64 > INLINE_MAX {
-                        let ids: Vec<Id> = super::super::verity::ids(&[&tar[pos..pos + size]]);
+                        let ids: Vec<Id> = crate::verity::ids(&[&tar[pos..pos + size]]);
                         out.push(Piece::External(ids[0].clone()));
                         out.push(Piece::Inline(tar[pos + size..pos + stored].to_vec()));
                     } else {

@@ -5,9 +5,9 @@
 //! (which also puts it on the group's unlinked list) and once when `linkat` gives it a name
 //! and takes it off that list. Workers whose tmpfiles land in the same group serialize on
 //! that lock, and with as many workers as cores the holder is regularly preempted by the
-//! helper or the stream reader while the other worker waits (profiled on the reference
-//! image: about half a second of off-CPU time per worker with tmpfiles in the object's own
-//! `objects/XX`, a quarter of them colliding on 4 groups).
+//! helper or the stream reader while the other worker waits. With tmpfiles in each object's
+//! own `objects/XX`, workers collide on a group as often as chance has their digests share
+//! one.
 //!
 //! So every worker gets an `objects/XX` directory of a group of its own for its tmpfiles;
 //! `linkat` then names the object in whichever `objects/XX` its digest says (a link does not

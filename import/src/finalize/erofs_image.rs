@@ -1,0 +1,229 @@
+//! The image's EROFS image: its file tree (built while the layers streamed, or read back
+//! from the stored layer streams), transformed as composefs-oci transforms it, and written
+//! as a repository object named `images/<id>`; the V1 format streamed by `cstor-erofs`
+//! while another thread computes its object id.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Write;
+use std::sync::Arc;
+
+use composefs::erofs::format::FormatVersion;
+use composefs::fsverity::FsVerityHashValue;
+use composefs::generic_tree::{Stat, is_allowed_container_xattr};
+use composefs::repository::Repository;
+use composefs::tree::FileSystem;
+use composefs_oci::OciDigest;
+
+use crate::error::{Error, Result, repo_err};
+
+/// Where an import took the file tree of the EROFS image it wrote from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TreeSource {
+    /// Built while the layers streamed, from the pieces of their splitstreams (the usual
+    /// case).
+    Streamed,
+    /// Read back from the stored layer streams after the last layer: every layer was in
+    /// the repository already, the image lists one layer twice, or the tree thread gave up
+    /// (a backlog or entry count over its bounds) or failed (logged as a warning). Same
+    /// image, built later: reading the streams back adds to the import's serial tail.
+    ReadBack,
+}
+
+/// The EROFS image(s) written for an image, and what went into them.
+#[derive(Debug)]
+pub(super) struct Written<ObjectID> {
+    /// Each format's image.
+    pub images: HashMap<FormatVersion, ObjectID>,
+    /// Whether the tree has `/usr` (upstream's transform applied).
+    pub has_usr: bool,
+    /// Where the tree came from.
+    pub tree: TreeSource,
+}
+
+/// Builds the image's filesystem from its layer streams and writes its EROFS image(s).
+/// The tree comes from the tree thread when there is one (built while the layers streamed),
+/// else, or if that failed, from the stored layer streams.
+pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    layers: &[(OciDigest, ObjectID)],
+    tree: Option<crate::tree::Builder<ObjectID>>,
+) -> Result<Written<ObjectID>> {
+    let prebuilt = match tree.map(crate::tree::Builder::finish) {
+        Some(Ok(Some(fs))) => Some(fs),
+        Some(Ok(None)) => {
+            tracing::debug!("the tree thread gave up: reading the layer streams");
+            None
+        }
+        Some(Err(e)) => {
+            tracing::warn!(
+                "building the tree while streaming failed ({e:#}); reading the layer streams \
+                 instead"
+            );
+            None
+        }
+        None => None,
+    };
+    let source = match prebuilt {
+        Some(_) => TreeSource::Streamed,
+        None => TreeSource::ReadBack,
+    };
+    let mut fs = match prebuilt {
+        Some(fs) => fs,
+        None => {
+            let mut fs: FileSystem<ObjectID> = FileSystem::new(Stat::uninitialized());
+            for (diff_id, verity) in layers {
+                crate::tree::apply_stored(repo, &mut fs, verity)
+                    .map_err(repo_err(format!("applying layer {diff_id}")))?;
+            }
+            fs
+        }
+    };
+    crate::sys::log_memory("tree built");
+    let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
+    if has_usr {
+        fs.transform_for_oci(&Default::default())
+            .map_err(|e| repo_err("transforming the image for OCI")(e.into()))?;
+    } else {
+        // No /usr to take the root's metadata from: keep the root entry of the layers, or a
+        // plain 0755 root:root directory when no layer had one.
+        if fs.root.stat.st_mode == 0 {
+            let mut stat = Stat::uninitialized();
+            stat.st_mode = 0o755;
+            fs.set_root_stat(stat);
+        }
+        fs.filter_xattrs(is_allowed_container_xattr);
+        fs.compact();
+    }
+    crate::sys::log_memory("tree transformed");
+    let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
+    let images = if versions == [FormatVersion::V1] {
+        let id = write_v1_image(repo, &fs)?;
+        HashMap::from([(FormatVersion::V1, id)])
+    } else {
+        // Other formats (legacy V2, or V1 plus V2) are rare enough to leave to composefs.
+        fs.commit_images(repo, None)
+            .map_err(repo_err("writing the EROFS image"))?
+    };
+    Ok(Written {
+        images,
+        has_usr,
+        tree: source,
+    })
+}
+
+/// Streams the V1 EROFS image of `fs` into a repository object and names it `images/<id>`,
+/// as `commit_images` does, without holding the image (or composefs' per-file xattr copies)
+/// in memory: this is where an import used to reach its peak memory.
+fn write_v1_image<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    fs: &FileSystem<ObjectID>,
+) -> Result<ObjectID> {
+    let write_err = |e: cstor_erofs::Error| repo_err("writing the EROFS image")(e.into());
+    let tmp = match repo.create_object_tmpfile() {
+        Ok(fd) => std::fs::File::from(fd),
+        // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
+        Err(_) => {
+            let mut image = Vec::new();
+            cstor_erofs::write_image(fs, FormatVersion::V1, &mut image).map_err(write_err)?;
+            return repo
+                .write_image(None, &image)
+                .map_err(repo_err("storing the EROFS image"));
+        }
+    };
+    // In an insecure repository the image's object id is computed as it is written, on
+    // another thread (the other cores are idle here, on the import's serial tail), instead
+    // of composefs' finalize_object_tmpfile reading the whole image back and hashing it
+    // block by block afterwards.
+    let mut hashing = HashingWriter {
+        inner: &tmp,
+        verity: if repo.is_insecure() {
+            Some(BackgroundHasher::start().map_err(|e| Error::io("starting a hasher", e))?)
+        } else {
+            None
+        },
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut hashing);
+    let len = cstor_erofs::write_image(fs, FormatVersion::V1, &mut out).map_err(write_err)?;
+    out.flush()
+        .map_err(|e| Error::io("writing the EROFS image", e))?;
+    drop(out);
+    crate::sys::log_memory("image written");
+    let id = match hashing.verity.take() {
+        Some(verity) => {
+            let id: ObjectID = verity.finish()?;
+            crate::objects::link_tmpfile(repo, &tmp, &id)?;
+            id
+        }
+        None => {
+            repo.finalize_object_tmpfile(tmp, len)
+                .map_err(repo_err("storing the EROFS image"))?
+                .0
+        }
+    };
+    repo.symlink(
+        format!("images/{}", id.to_hex()),
+        format!("objects/{}", id.to_object_pathname()),
+    )
+    .map_err(repo_err("naming the EROFS image"))?;
+    Ok(id)
+}
+
+/// Passes writes through to `inner`, feeding what was written to an fs-verity hasher.
+struct HashingWriter<W, ObjectID> {
+    inner: W,
+    verity: Option<BackgroundHasher<ObjectID>>,
+}
+
+impl<W: Write, ObjectID: FsVerityHashValue> Write for HashingWriter<W, ObjectID> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(v) = &mut self.verity {
+            v.update(buf.get(..n).unwrap_or(buf));
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// An fs-verity hasher on a thread of its own, fed copies of the bytes (the image is written
+/// through a 1 MiB buffer: a copy per megabyte).
+struct BackgroundHasher<ObjectID> {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    thread: std::thread::JoinHandle<ObjectID>,
+}
+
+impl<ObjectID: FsVerityHashValue> BackgroundHasher<ObjectID> {
+    fn start() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let thread = std::thread::Builder::new()
+            .name("cstor-hash".into())
+            .spawn(move || {
+                let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
+                for chunk in rx {
+                    verity.update(&chunk);
+                }
+                verity.finish()
+            })?;
+        Ok(Self { tx, thread })
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        // A hasher thread that is gone shows in finish().
+        let _ = self.tx.send(bytes.to_vec());
+    }
+
+    fn finish(self) -> Result<ObjectID> {
+        drop(self.tx);
+        self.thread.join().map_err(|_| {
+            Error::io(
+                "hashing the EROFS image",
+                std::io::Error::other("the hasher thread panicked"),
+            )
+        })
+    }
+}
