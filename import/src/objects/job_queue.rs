@@ -97,6 +97,18 @@ impl<T> GroupQueue<T> {
         self.ready.notify_all();
     }
 
+    /// No more items, and those queued are dropped unprocessed: workers finish the item
+    /// they hold, then [`pop`](Self::pop) returns `None`.
+    pub fn abandon(&self) {
+        let dropped = {
+            let mut s = self.lock();
+            s.closed = true;
+            std::mem::take(&mut s.items)
+        };
+        self.ready.notify_all();
+        drop(dropped);
+    }
+
     /// The next item for `worker`, which is done with its previous one; blocks while the
     /// queue is empty, `None` once it is closed and empty.
     #[cfg(test)]
@@ -171,6 +183,20 @@ impl<T> GroupQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closing_drains_abandoning_drops() {
+        let q = GroupQueue::new(1);
+        q.push(None, 1).unwrap();
+        q.close();
+        assert_eq!(q.pop(0), Some(1));
+        assert_eq!(q.pop(0), None);
+        let q = GroupQueue::new(1);
+        q.push(None, 1).unwrap();
+        q.abandon();
+        assert_eq!(q.pop(0), None);
+        assert_eq!(q.push(None, 2), Err(2));
+    }
 
     #[test]
     fn a_worker_skips_the_group_another_is_on() {

@@ -205,7 +205,10 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
 
 impl<ObjectID: FsVerityHashValue> Drop for Pool<ObjectID> {
     fn drop(&mut self) {
-        self.queue.close();
+        // Every layer that succeeded waited for its own jobs, so what is still queued now
+        // belongs to layers that failed: storing it would only delay the error (by seconds
+        // when large files are queued behind a helper that died).
+        self.queue.abandon();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

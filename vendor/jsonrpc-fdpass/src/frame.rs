@@ -30,7 +30,7 @@ enum State {
 
 /// The result of [`Scanner::scan`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scan {
+pub enum Scan {
     /// A value ends at this offset (exclusive) of the buffer.
     Complete(usize),
     /// More bytes are needed; this many at the start are whitespace only.
@@ -39,7 +39,7 @@ pub(crate) enum Scan {
 
 /// Finds the end of the first JSON value of a buffer that grows between calls.
 #[derive(Debug, Default)]
-pub(crate) struct Scanner {
+pub struct Scanner {
     /// Bytes of the buffer already looked at.
     scanned: usize,
     state: State,
@@ -50,7 +50,7 @@ pub(crate) struct Scanner {
 impl Scanner {
     /// Looks at the bytes of `buf` not seen yet. `buf` must start with the bytes given to
     /// earlier calls since the last [`Scanner::reset`].
-    pub(crate) fn scan(&mut self, buf: &[u8]) -> Scan {
+    pub fn scan(&mut self, buf: &[u8]) -> Scan {
         while self.scanned < buf.len() {
             let i = self.scanned;
             let b = buf[i];
@@ -127,17 +127,17 @@ impl Scanner {
 
     /// How many bytes of the value seen so far (0 before its first byte): what a size
     /// limit is checked against.
-    pub(crate) fn value_len(&self) -> usize {
+    pub fn value_len(&self) -> usize {
         self.start.map_or(0, |s| self.scanned - s)
     }
 
     /// Whether everything scanned so far is whitespace between values.
-    pub(crate) fn between_values(&self) -> bool {
+    pub fn between_values(&self) -> bool {
         self.state == State::Between
     }
 
     /// Starts over for a buffer whose first `consumed` bytes were removed.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         *self = Scanner::default();
     }
 }

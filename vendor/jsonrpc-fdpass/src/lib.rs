@@ -110,7 +110,9 @@
 
 /// Error types for JSON-RPC operations.
 pub mod error;
-mod frame;
+/// Where one JSON value ends in a byte stream (public for fuzzing; not a stable API).
+#[doc(hidden)]
+pub mod frame;
 /// JSON-RPC message types and serialization.
 pub mod message;
 /// JSON-RPC 2.0 server implementation with file descriptor passing.
