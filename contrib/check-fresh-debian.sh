@@ -18,10 +18,10 @@
 # cache, so a rerun downloads no Debian base system and few crates. Each run unpacks the
 # tarball into a new directory under CACHE_DIR and removes it at the end. COMMIT (default
 # HEAD) is any commit of the repository this script belongs to; uncommitted changes are not
-# part of the check. The mirror is http://deb.debian.org/debian unless
-# CSTOR_DEBIAN_MIRROR says otherwise; the chroot uses this machine's /etc/apt and
-# /etc/resolv.conf. With CSTOR_FRESH_DEBIAN_CRATES=download the chroot starts with an empty
-# cargo home and downloads every crate from crates.io.
+# part of the check. The mirror is http://deb.debian.org/debian unless CSTOR_DEBIAN_MIRROR
+# says otherwise; the chroot uses this machine's /etc/apt and /etc/resolv.conf, and trusts its
+# local CA certificates. With CSTOR_FRESH_DEBIAN_CRATES=download the chroot starts with an
+# empty cargo home and downloads every crate from crates.io.
 #
 # Everything runs in a private mount namespace, so the mounts it makes (proc, sys, dev, the
 # toolchain, the cargo home) are invisible outside it; an exit trap unmounts them all, and it
@@ -118,6 +118,12 @@ chmod 755 "$root" # mktemp made it 0700; as / it must let apt's _apt user in
 rm -f "$root/etc/apt/sources.list"
 cp -a /etc/apt/. "$root/etc/apt/"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+# Local CA certificates of this machine (a TLS-inspecting proxy's, say): the chroot's
+# ca-certificates package, once install-deps.sh installs it, trusts them too.
+if [ -d /usr/local/share/ca-certificates ]; then
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
 # No service may start inside the chroot (podman's and others' postinst scripts ask).
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
 chmod 755 "$root/usr/sbin/policy-rc.d"
