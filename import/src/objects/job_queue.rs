@@ -92,6 +92,8 @@ impl<T> GroupQueue<T> {
     }
 
     /// No more items: workers drain what is queued, then [`pop`](Self::pop) returns `None`.
+    /// (The pool abandons instead; the queue's ordering tests drain.)
+    #[cfg(test)]
     pub fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
@@ -185,12 +187,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn closing_drains_abandoning_drops() {
-        let q = GroupQueue::new(1);
-        q.push(None, 1).unwrap();
-        q.close();
-        assert_eq!(q.pop(0), Some(1));
-        assert_eq!(q.pop(0), None);
+    fn abandoning_drops_what_is_queued() {
         let q = GroupQueue::new(1);
         q.push(None, 1).unwrap();
         q.abandon();
