@@ -38,6 +38,8 @@
 //! # Ok::<(), cstor_erofs::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 
 use composefs::erofs::format::FormatVersion;

@@ -36,8 +36,7 @@
 
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
-// One audited exception: the XFS geometry ioctl (objects/placement.rs), which has no safe wrapper.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod error;
 mod finalize;

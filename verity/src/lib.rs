@@ -22,8 +22,9 @@
 //! ```
 
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
-pub mod sha512x8;
+pub use cstor_sys::sha512x8;
 
 /// Block size of the Merkle tree: 4 KiB (`log_blocksize` 12), what composefs uses.
 pub const BLOCK: usize = 4096;

@@ -16,32 +16,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-/// XFS's `struct xfs_fsop_geom_v1`, the reply of `XFS_IOC_FSGEOMETRY_V1` (in every kernel
-/// since XFS was merged; later versions only append fields).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-struct GeometryV1 {
-    blocksize: u32,
-    rtextsize: u32,
-    agblocks: u32,
-    agcount: u32,
-    logblocks: u32,
-    sectsize: u32,
-    inodesize: u32,
-    imaxpct: u32,
-    datablocks: u64,
-    rtblocks: u64,
-    rtextents: u64,
-    logstart: u64,
-    uuid: [u8; 16],
-    sunit: u32,
-    swidth: u32,
-    version: i32,
-    flags: u32,
-    logsectsize: u32,
-    rtsectsize: u32,
-    dirblocksize: u32,
-}
+use cstor_sys::xfs::Geometry;
 
 /// What placement needs to know about an XFS filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +32,7 @@ pub(crate) struct Groups {
 impl Groups {
     /// From the raw geometry; `None` when it makes no sense (a zero or non-power-of-two
     /// size, which no mounted XFS reports).
-    fn from_geometry(g: &GeometryV1) -> Option<Self> {
+    fn from_geometry(g: &Geometry) -> Option<Self> {
         if g.agcount == 0
             || g.agblocks == 0
             || g.inodesize == 0
@@ -83,21 +58,9 @@ impl Groups {
 }
 
 /// The allocation groups of the XFS filesystem holding `fd`, or `None` on any other
-/// filesystem (the ioctl fails with `ENOTTY`) or if the kernel refuses.
-#[allow(unsafe_code)]
+/// filesystem or if the kernel refuses.
 pub(crate) fn xfs_groups(fd: BorrowedFd<'_>) -> Option<Groups> {
-    use rustix::ioctl::{Getter, ioctl, opcode};
-    const XFS_IOC_FSGEOMETRY_V1: rustix::ioctl::Opcode = opcode::read::<GeometryV1>(b'X', 100);
-    // SAFETY: XFS_IOC_FSGEOMETRY_V1 is `_IOR('X', 100, struct xfs_fsop_geom_v1)`; the opcode
-    // above encodes that direction, number and size (112 bytes), and `GeometryV1` is that
-    // struct field for field in `repr(C)`, all of it plain integers, so any bytes the kernel
-    // writes form a valid value. Other filesystems reject the opcode without writing
-    // (`ENOTTY`), and rustix only reads the output after a successful call.
-    let geometry = unsafe {
-        let getter = Getter::<XFS_IOC_FSGEOMETRY_V1, GeometryV1>::new();
-        ioctl(fd, getter)
-    };
-    Groups::from_geometry(&geometry.ok()?)
+    Groups::from_geometry(&cstor_sys::xfs::geometry(fd)?)
 }
 
 /// [`xfs_groups`] of the filesystem holding directory `dir`, which may be an `O_PATH`
@@ -190,14 +153,8 @@ pub(crate) fn worker_dirs(
 mod tests {
     use super::*;
 
-    fn geometry(agblocks: u32, agcount: u32, blocksize: u32, inodesize: u32) -> GeometryV1 {
-        GeometryV1 {
-            agblocks,
-            agcount,
-            blocksize,
-            inodesize,
-            ..Default::default()
-        }
+    fn geometry(agblocks: u32, agcount: u32, blocksize: u32, inodesize: u32) -> Geometry {
+        Geometry::new(blocksize, agblocks, agcount, inodesize)
     }
 
     #[test]
@@ -221,18 +178,6 @@ mod tests {
         assert!(Groups::from_geometry(&geometry(0, 4, 4096, 512)).is_none());
         assert!(Groups::from_geometry(&geometry(1 << 20, 4, 512, 4096)).is_none());
         assert!(Groups::from_geometry(&geometry(1 << 20, 4, 4096, 500)).is_none());
-    }
-
-    #[test]
-    fn the_ioctl_matches_the_struct() {
-        // _IOR('X', 100, 112 bytes) as the kernel headers spell it: dir 2 (read) << 30,
-        // size << 16, type << 8, number.
-        assert_eq!(std::mem::size_of::<GeometryV1>(), 112);
-        let expected = (2u32 << 30) | (112 << 16) | (u32::from(b'X') << 8) | 100;
-        assert_eq!(
-            rustix::ioctl::opcode::read::<GeometryV1>(b'X', 100) as u64,
-            u64::from(expected)
-        );
     }
 
     #[test]

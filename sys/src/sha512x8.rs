@@ -368,6 +368,19 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    /// Reproducible bytes (xorshift).
+    fn test_data(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     use super::*;
 
     #[test]
@@ -376,7 +389,7 @@ mod tests {
             eprintln!("note: no AVX-512F here; only the fallback is tested");
         }
         for round in 0..20u64 {
-            let data = crate::test_data(round + 1, MESSAGE * LANES);
+            let data = test_data(round + 1, MESSAGE * LANES);
             let mut blocks = data.as_chunks::<MESSAGE>().0.iter();
             let messages: [&[u8; MESSAGE]; LANES] =
                 std::array::from_fn(|_| blocks.next().expect("eight blocks"));
