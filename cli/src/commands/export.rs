@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use cstor_proxy_client::protocol::{GetImageResult, LayerInfo};
 
-use super::{connect, finish, not_found};
+use super::{connect, finish, get_image, not_found};
 use crate::args::{Global, StorageArgs};
 use crate::output::{print_json, short};
 
@@ -38,10 +38,7 @@ pub async fn layer_tar(
 ) -> Result<()> {
     let client = connect(g, storage, Some(image)).await?;
     let r = async {
-        let img = client
-            .get_image(image)
-            .await
-            .with_context(|| format!("inspecting {image}"))?;
+        let img = get_image(&client, image).await?;
         let l = pick_layer(&img, layer)?;
         let opened = client
             .open_layer(&l.id)
@@ -76,10 +73,7 @@ pub async fn layer_tar(
 pub async fn verify(g: &Global, storage: &StorageArgs, image: &str) -> Result<()> {
     let client = connect(g, storage, Some(image)).await?;
     let r = async {
-        let img = client
-            .get_image(image)
-            .await
-            .with_context(|| format!("inspecting {image}"))?;
+        let img = get_image(&client, image).await?;
         let mut results = Vec::new();
         for (i, l) in img.layers.iter().enumerate() {
             let opened = client

@@ -4,17 +4,14 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use super::{connect, finish};
+use super::{connect, finish, get_image};
 use crate::args::{Global, StorageArgs};
 use crate::output::{print_json, short};
 
 pub async fn run(g: &Global, storage: &StorageArgs, image: &str) -> Result<()> {
     let client = connect(g, storage, Some(image)).await?;
     let r = async {
-        let img = client
-            .get_image(image)
-            .await
-            .with_context(|| format!("inspecting {image}"))?;
+        let img = get_image(&client, image).await?;
         if g.json {
             return print_json(&img);
         }

@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
+use cstor_proxy_client::protocol::GetImageResult;
 use cstor_proxy_client::protocol::reference::split_store;
 use cstor_proxy_client::{Client, HelperConfig, Privilege, StorageSelection};
 
@@ -85,6 +86,14 @@ async fn connect(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result
         .reply_timeout(s.helper.helper_timeout);
     config.program = s.helper.helper.clone();
     Ok(Client::spawn(&config).await?)
+}
+
+/// The image `reference` names, with the reference in the error.
+async fn get_image(client: &Client, reference: &str) -> Result<GetImageResult> {
+    client
+        .get_image(reference)
+        .await
+        .with_context(|| format!("inspecting {reference}"))
 }
 
 /// The repository to use: the given one, else cfsctl's default for this user.
