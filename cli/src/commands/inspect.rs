@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::{connect, finish, get_image};
 use crate::args::{Global, StorageArgs};
