@@ -545,7 +545,7 @@ mod tests {
         let f = Fixture::new(0);
         f.write_root(
             "usr/share/containers/storage.conf",
-            "[storage]\ndriver_priority = [\"overlay\"]\n[storage.options]\nadditionallayerstores = [\"/l1:ref\"]\n",
+            "[storage]\ngraphroot = \"/g\"\nrunroot = \"/r\"\ndriver_priority = [\"overlay\"]\n[storage.options]\nadditionallayerstores = [\"/l1:ref\"]\n",
         );
         f.write_root(
             "etc/containers/storage.conf.d/1.conf",
@@ -564,6 +564,8 @@ mod tests {
             r#"
 [storage]
 driver = "overlay"
+graphroot = "/g"
+runroot = "/r"
 transient_store = true
 
 [storage.options]
@@ -659,10 +661,7 @@ x = 1
     #[test]
     fn pull_options_merge_across_files() {
         let f = Fixture::new(0);
-        f.write_root(
-            "etc/containers/storage.conf",
-            "[storage.options.pull_options]\na = \"1\"\nb = \"1\"\n",
-        );
+        f.write_system("[storage.options.pull_options]\na = \"1\"\nb = \"1\"\n");
         f.write_root(
             "etc/containers/storage.conf.d/1.conf",
             "[storage.options.pull_options]\nb = \"2\"\n",
@@ -693,7 +692,7 @@ x = 1
         let f = Fixture::new(0);
         f.write_root(
             "etc/containers/storage.conf",
-            "[Storage]\nDriver = \"vfs\"\nGraphRoot = \"/G\"\n[Storage.Options]\nMount_Program = \"/mp\"\n\"\u{17F}ize\" = \"3G\"\n",
+            "[Storage]\nDriver = \"vfs\"\nGraphRoot = \"/G\"\nRunRoot = \"/R\"\n[Storage.Options]\nMount_Program = \"/mp\"\n\"\u{17F}ize\" = \"3G\"\n",
         );
         let o = f.load();
         assert_eq!(o.driver.as_deref(), Some("vfs"));

@@ -1,6 +1,9 @@
 //! The process inputs of discovery: environment variables, the effective uid, and the
-//! per-user directories (home, `$XDG_CONFIG_HOME`, `$XDG_DATA_HOME`, the runtime directory)
-//! that containers/storage derives from them for rootless storage.
+//! per-user directories (home, `$XDG_DATA_HOME`, the run-time directory) that
+//! containers/storage derives from them for per-user storage.
+//!
+//! The rules are those of the containers/storage that podman 4.3.1 is built with. What
+//! podman itself adds to the environment first is in `session`.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -22,7 +25,8 @@ pub struct ConfigEnv {
     pub vars: HashMap<String, OsString>,
     /// Effective uid of the process.
     pub euid: u32,
-    /// Prefix for /etc, /usr/share and /run/user paths: "/" in production, a temp dir in tests.
+    /// Prefix for /etc, /usr/share, /run/user, /tmp and /proc paths: "/" in production, a
+    /// temp dir in tests.
     pub fs_root: PathBuf,
 }
 
@@ -56,6 +60,12 @@ impl ConfigEnv {
     pub(super) fn rooted(&self, absolute: &str) -> PathBuf {
         clean(&self.fs_root.join(absolute.trim_start_matches('/')))
     }
+
+    /// Go's `os.TempDir`: `$TMPDIR`, else `/tmp`.
+    pub(super) fn temp_dir(&self) -> PathBuf {
+        self.non_empty("TMPDIR")
+            .map_or_else(|| self.rooted("/tmp"), PathBuf::from)
+    }
 }
 
 /// The uid that `$UID` expands to and that selects the rootless drop-in directories.
@@ -72,7 +82,7 @@ pub(super) fn rootless_uid(env: &ConfigEnv) -> u32 {
 
 /// Home directory as upstream's `unshare.HomeDir`: `$HOME`, else the passwd entry of the
 /// rootless uid.
-fn home_dir(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
+pub(super) fn home_dir(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
     if let Some(home) = env.non_empty("HOME") {
         return Ok(PathBuf::from(home));
     }
@@ -98,75 +108,133 @@ fn home_dir(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
     )))
 }
 
-/// `$XDG_CONFIG_HOME/containers`, or `~/.config/containers`.
-pub(super) fn user_config_dir(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
-    // Upstream uses LookupEnv here, so an empty XDG_CONFIG_HOME yields the relative
-    // directory "containers".
-    if let Some(dir) = env.lookup("XDG_CONFIG_HOME") {
-        return Ok(clean(&Path::new(dir).join("containers")));
+/// Go's `filepath.EvalSymlinks` as far as discovery needs it: an empty path is ".", which
+/// is what podman makes of an unset `HOME`.
+pub(super) fn eval_symlinks(path: &Path) -> io::Result<PathBuf> {
+    if path.as_os_str().is_empty() {
+        return Ok(PathBuf::from("."));
     }
-    Ok(clean(&home_dir(env, uid)?.join(".config/containers")))
+    std::fs::canonicalize(path)
 }
 
-/// Graph root and run root for per-user storage, before any configuration applies.
-pub(super) fn per_user_defaults(
+/// Whether podman could create `path` with `mkdir -p`: its nearest existing ancestor is a
+/// directory this process may write to. podman creates the run-time directories it picks;
+/// we do not write, so we ask whether it would have succeeded.
+pub(super) fn creatable(path: &Path) -> bool {
+    let Some(existing) = path
+        .ancestors()
+        .skip(1)
+        .find(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_ok())
+    else {
+        return false;
+    };
+    existing.is_dir()
+        && rustix::fs::access(
+            existing,
+            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+        )
+        .is_ok()
+}
+
+/// `$XDG_DATA_HOME`, else `~/.local/share`: where per-user storage lives by default.
+pub(super) fn data_home(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = env.non_empty("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(dir));
+    }
+    match home_dir(env, uid) {
+        Ok(home) if !home.as_os_str().is_empty() => Ok(home.join(".local/share")),
+        _ => Err(ConfigError::Invalid(
+            "could not get either XDG_DATA_HOME or HOME".into(),
+        )),
+    }
+}
+
+/// The run root of per-user storage that no file names: `containers` in the run-time
+/// directory (see [`storage_runtime_dir`]), which must exist or be creatable. `created` is
+/// a directory podman makes before it looks, and so counts as existing.
+pub(super) fn per_user_run_root(
     env: &ConfigEnv,
     uid: u32,
-) -> Result<(PathBuf, PathBuf), ConfigError> {
-    let data_home = match env.non_empty("XDG_DATA_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => match home_dir(env, uid) {
-            Ok(home) if !home.as_os_str().is_empty() => home.join(".local/share"),
-            _ => {
-                return Err(ConfigError::Invalid(
-                    "could not get either XDG_DATA_HOME or HOME".into(),
-                ));
-            }
-        },
-    };
-    let graphroot = clean(&data_home.join("containers/storage"));
-    let runroot = clean(&runtime_dir(env, uid)?.join("containers"));
-    Ok((graphroot, runroot))
+    created: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let run = storage_runtime_dir(env, uid, created)?.join("containers");
+    // Upstream creates it and gives up when it cannot.
+    if std::fs::metadata(&run).is_err() && !creatable(&run) {
+        return Err(ConfigError::Invalid(format!(
+            "unable to make rootless runtime: {} cannot be created",
+            run.display()
+        )));
+    }
+    Ok(run)
 }
 
-/// Upstream's `homedir.GetRuntimeDir`, minus the directory creation.
-fn runtime_dir(env: &ConfigEnv, uid: u32) -> Result<PathBuf, ConfigError> {
+/// containers/storage's run-time directory for per-user storage (`GetRootlessRuntimeDir`
+/// of the version podman 4.3.1 is built with), minus the directory creation:
+///
+/// 1. `$XDG_RUNTIME_DIR`, symlinks resolved, when it resolves. One that does not exist is
+///    passed over, not an error.
+/// 2. `/run/user/<uid>`, only when `/proc/1/comm` cannot be read or holds exactly
+///    `systemd`. The kernel ends that file with a newline, so in practice a readable one
+///    never matches: upstream compares without trimming.
+/// 3. `$TMPDIR/containers-user-<uid>` (`/tmp` without `TMPDIR`), which upstream creates when
+///    it is missing.
+/// 4. `~/rundir`, the home directory's symlinks resolved.
+///
+/// Candidates 2 and 3 count only when they are directories of this user that neither
+/// group nor others may read or write.
+fn storage_runtime_dir(
+    env: &ConfigEnv,
+    uid: u32,
+    created: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
     if let Some(dir) = env.non_empty("XDG_RUNTIME_DIR") {
-        return std::fs::canonicalize(dir).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "XDG_RUNTIME_DIR {} cannot be resolved: {e}",
-                Path::new(dir).display()
-            ))
-        });
+        if let Ok(resolved) = std::fs::canonicalize(dir) {
+            return Ok(resolved);
+        }
+        if created == Some(Path::new(dir)) {
+            return Ok(PathBuf::from(dir));
+        }
     }
-    let owned_privately = |m: &std::fs::Metadata| m.uid() == env.euid && m.mode() & 0o722 == 0o700;
+    let private = |p: &Path| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| {
+            m.uid() == env.euid && m.mode() & 0o700 == 0o700 && m.mode() & 0o066 == 0
+        })
+    };
 
-    let run_user = env.rooted("/run/user").join(uid.to_string());
-    if std::fs::symlink_metadata(&run_user).is_ok_and(|m| owned_privately(&m)) {
-        return Ok(run_user);
+    let comm = std::fs::read(env.rooted("/proc/1/comm"));
+    if comm.as_ref().map_or(true, |c| c == b"systemd") {
+        let run_user = env.rooted("/run/user").join(uid.to_string());
+        if private(&run_user) {
+            return Ok(run_user);
+        }
     }
 
-    let tmp = env
-        .non_empty("TMPDIR")
-        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    let fallback = clean(&tmp.join(format!("storage-run-{uid}")));
-    match std::fs::symlink_metadata(&fallback) {
-        Ok(m) if owned_privately(&m) => Ok(fallback),
-        // Upstream would create it (mode 0700); we do not write, and the result is the same.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(fallback),
-        _ => Err(ConfigError::Invalid(format!(
-            "path {} exists and it is not writeable only by the current user",
-            fallback.display()
-        ))),
+    let per_user_tmp = clean(&env.temp_dir().join(format!("containers-user-{uid}")));
+    let usable = match std::fs::symlink_metadata(&per_user_tmp) {
+        // Upstream creates it; when it cannot, it goes on to the home directory.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => creatable(&per_user_tmp),
+        _ => private(&per_user_tmp),
+    };
+    if usable {
+        return Ok(per_user_tmp);
     }
+
+    let home = home_dir(env, uid)?;
+    let home = std::fs::canonicalize(&home).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "no run-time directory: home directory {} cannot be resolved: {e}",
+            home.display()
+        ))
+    })?;
+    Ok(home.join("rundir"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::config::fixture::Fixture;
-    use crate::storage::config::{ConfigError, DEFAULT_GRAPHROOT, DEFAULT_RUNROOT};
-    use std::os::unix::fs::PermissionsExt;
+    use crate::storage::config::{ConfigError, DEFAULT_GRAPHROOT};
+    use std::os::unix::fs::{PermissionsExt, symlink};
 
     #[test]
     fn per_user_defaults_without_files() {
@@ -188,8 +256,7 @@ mod tests {
 
     #[test]
     fn plain_nonzero_euid_is_per_user() {
-        let mut f = Fixture::new(4242);
-        f.set("XDG_RUNTIME_DIR", f.tmp.path().to_path_buf());
+        let f = Fixture::new(4242);
         let o = f.load();
         assert!(o.rootless);
         assert_eq!(o.rootless_uid, 4242);
@@ -211,42 +278,62 @@ mod tests {
     }
 
     #[test]
-    fn runtime_dir_fallbacks() {
+    fn run_time_directory_fallbacks() {
         let mut f = Fixture::per_user();
-        f.unset("XDG_RUNTIME_DIR");
         let tmpdir = f.tmp.path().join("tmp");
         std::fs::create_dir_all(&tmpdir).expect("mkdir tmp");
         f.set("TMPDIR", &tmpdir);
+        let dir = |f: &Fixture| storage_runtime_dir(&f.env, 1000, None).expect("runtime dir");
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        };
 
-        // /run/user/<uid> owned by us with mode 0700 is used.
+        // An XDG_RUNTIME_DIR that does not resolve is passed over, not an error.
+        f.set("XDG_RUNTIME_DIR", f.tmp.path().join("nope"));
+        let per_user_tmp = tmpdir.join("containers-user-1000");
+        assert_eq!(dir(&f), per_user_tmp);
+
+        // /run/user/<uid>, private to us, while /proc/1/comm cannot be read...
         let run_user = f.root("run/user/1000");
         std::fs::create_dir_all(&run_user).expect("mkdir run/user");
-        std::fs::set_permissions(&run_user, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        assert_eq!(f.load().runroot, run_user.join("containers"));
+        mode(&run_user, 0o700);
+        assert_eq!(dir(&f), run_user);
+        // ...or says exactly "systemd". The kernel's newline spoils that comparison.
+        f.write_root("proc/1/comm", "systemd\n");
+        assert_eq!(dir(&f), per_user_tmp);
+        f.write_root("proc/1/comm", "systemd");
+        assert_eq!(dir(&f), run_user);
+        // Group or others may not read it.
+        mode(&run_user, 0o740);
+        assert_eq!(dir(&f), per_user_tmp);
+        f.write_root("proc/1/comm", "systemd\n");
 
-        // Group-writable: rejected, fall back to $TMPDIR/storage-run-<uid>.
-        std::fs::set_permissions(&run_user, std::fs::Permissions::from_mode(0o770)).expect("chmod");
-        assert_eq!(f.load().runroot, tmpdir.join("storage-run-1000/containers"));
-
-        // An existing fallback directory must be writable only by its owner.
-        let fallback = tmpdir.join("storage-run-1000");
-        std::fs::create_dir_all(&fallback).expect("mkdir fallback");
-        std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o757)).expect("chmod");
-        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m.contains("storage-run-1000")));
-        // Only write access for others matters.
-        std::fs::set_permissions(&fallback, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        assert_eq!(f.load().runroot, fallback.join("containers"));
-
-        // The runtime dir is only consulted for per-user storage.
-        let rootful = Fixture::new(0);
-        assert_eq!(rootful.load().runroot, Path::new(DEFAULT_RUNROOT));
+        // $TMPDIR/containers-user-<uid> once it exists: private, and not a symlink.
+        std::fs::create_dir(&per_user_tmp).expect("mkdir");
+        mode(&per_user_tmp, 0o700);
+        assert_eq!(dir(&f), per_user_tmp);
+        mode(&per_user_tmp, 0o704);
+        let rundir = std::fs::canonicalize(f.home())
+            .expect("canon")
+            .join("rundir");
+        assert_eq!(dir(&f), rundir);
+        std::fs::remove_dir(&per_user_tmp).expect("rmdir");
+        symlink(&run_user, &per_user_tmp).expect("symlink");
+        mode(&run_user, 0o700);
+        assert_eq!(dir(&f), rundir);
     }
 
     #[test]
-    fn missing_xdg_runtime_dir_is_an_error_for_per_user_storage() {
+    fn run_root_must_be_creatable() {
         let mut f = Fixture::per_user();
-        f.set("XDG_RUNTIME_DIR", f.tmp.path().join("nope"));
-        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m.contains("XDG_RUNTIME_DIR")));
+        let file = f.write(&f.tmp.path().join("file"), "");
+        f.set("XDG_RUNTIME_DIR", &file);
+        assert!(
+            matches!(per_user_run_root(&f.env, 1000, None), Err(ConfigError::Invalid(m)) if m.contains("unable to make rootless runtime"))
+        );
+        // The whole lookup stops earlier, where podman does: it cannot make libpod's
+        // directory there either.
+        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m.contains("libpod")));
     }
 
     #[test]

@@ -13,7 +13,14 @@ use super::ConfigEnv;
 pub(super) fn expand_env_path(raw: &str, uid: u32, env: &ConfigEnv) -> PathBuf {
     let with_uid = raw.replace("$UID", &uid.to_string());
     let expanded = PathBuf::from(OsString::from_vec(go_expand_env(&with_uid, env)));
-    std::fs::canonicalize(&expanded).unwrap_or_else(|_| clean(&expanded))
+    expand_path(&expanded)
+}
+
+/// The last step of [`expand_env_path`], for paths that are built rather than configured
+/// (upstream passes its defaults through the whole function, but they hold no `$`): symlinks
+/// resolved when the path exists, else a lexical clean.
+pub(super) fn expand_path(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| clean(path))
 }
 
 /// Go's `os.ExpandEnv`: `$NAME` and `${NAME}`, unset variables become empty, a lone `$`
@@ -102,8 +109,8 @@ mod tests {
     fn path_expansion() {
         let mut f = Fixture::per_user();
         f.set("FOO", "/foo");
-        f.write_root(
-            "etc/containers/storage.conf",
+        f.write(
+            &f.user_conf(),
             "[storage]\ngraphroot = \"$HOME/store-$UID\"\nrunroot = \"${FOO}/run/$UNSET/x/./\"\nimagestore = \"$HOME/img\"\n",
         );
         let o = f.load();
@@ -117,10 +124,7 @@ mod tests {
         std::fs::create_dir_all(&real).expect("mkdir real");
         symlink(&real, f.tmp.path().join("link")).expect("symlink");
         f.set("LINK", f.tmp.path().join("link"));
-        f.write_root(
-            "etc/containers/storage.conf",
-            "[storage]\ngraphroot = \"$LINK\"\n",
-        );
+        f.write(&f.user_conf(), "[storage]\ngraphroot = \"$LINK\"\n");
         assert_eq!(
             f.load().graphroot,
             std::fs::canonicalize(&real).expect("canon")

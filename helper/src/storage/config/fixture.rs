@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 use super::env::ENV_ROOTLESS_UID;
 use super::{ConfigEnv, ConfigError, StorageOptions};
 
+/// The graph root [`Fixture::write_system`] names.
+pub(super) const SYSTEM_GRAPHROOT: &str = "/system/graph";
+/// The run root [`Fixture::write_system`] names.
+pub(super) const SYSTEM_RUNROOT: &str = "/system/run";
+
 /// A hermetic environment: fs_root and HOME inside one temp dir, no other variables.
 pub(super) struct Fixture {
     pub(super) tmp: tempfile::TempDir,
@@ -70,6 +75,18 @@ impl Fixture {
 
     pub(super) fn write_root(&self, rel: &str, contents: &str) -> PathBuf {
         self.write(&self.root(rel), contents)
+    }
+
+    /// Writes `/etc/containers/storage.conf` with `contents` and the graph and run roots
+    /// that a rootful file must name ([`SYSTEM_GRAPHROOT`], [`SYSTEM_RUNROOT`]), for tests
+    /// about something else. `contents` must not set them itself.
+    pub(super) fn write_system(&self, contents: &str) -> PathBuf {
+        let roots = format!("graphroot = \"{SYSTEM_GRAPHROOT}\"\nrunroot = \"{SYSTEM_RUNROOT}\"\n");
+        let body = match contents.strip_prefix("[storage]\n") {
+            Some(rest) => format!("[storage]\n{roots}{rest}"),
+            None => format!("[storage]\n{roots}{contents}"),
+        };
+        self.write_root("etc/containers/storage.conf", &body)
     }
 
     pub(super) fn user_conf(&self) -> PathBuf {

@@ -1,27 +1,48 @@
-//! Storage configuration: the graph root, run root, driver and driver options that
-//! containers/storage (the Go library podman is built on) would use, found the way it finds
-//! them.
+//! Storage configuration: the graph root, run root, driver and driver options that podman
+//! would use, found the way podman 4.3.1 (and the containers/storage it is built with)
+//! finds them.
 //!
-//! [`StorageOptions::load`] follows the library's rules:
+//! [`StorageOptions::load`] follows these rules:
 //!
-//! 1. If `CONTAINERS_STORAGE_CONF` is set, that file alone is read. It must exist.
-//! 2. Otherwise the first existing file among `$XDG_CONFIG_HOME/containers/storage.conf`
-//!    (or `$HOME/.config/containers/storage.conf`), `/etc/containers/storage.conf` and
-//!    `/usr/share/containers/storage.conf` is read. Then the `*.conf` drop-ins are read
-//!    from the `storage.conf.d` directories, sorted by base name.
-//! 3. `CONTAINERS_STORAGE_CONF_OVERRIDE` is read last, if set. It must exist.
+//! 1. Files. If `CONTAINERS_STORAGE_CONF` is set, that file alone is read; it must exist
+//!    (set but empty is refused, as podman refuses it). Otherwise the first that exists of
+//!    the per-user file, `/etc/containers/storage.conf` and
+//!    `/usr/share/containers/storage.conf` is read. The per-user file is
+//!    `$XDG_CONFIG_HOME/containers/storage.conf`; for per-user storage, without
+//!    `XDG_CONFIG_HOME`, `~/.config/containers/storage.conf`. Root reads a per-user file
+//!    only through `XDG_CONFIG_HOME`.
+//! 2. Rootful roots. When no file exists, `/var/lib/containers/storage` and
+//!    `/run/containers/storage`; a file that exists must name both `graphroot` and
+//!    `runroot`.
+//! 3. Per-user roots. `graphroot` and `runroot` count only in the per-user file: elsewhere
+//!    they are root's, also in the file `CONTAINERS_STORAGE_CONF` names. The graph root is
+//!    then `rootless_storage_path`, else `$XDG_DATA_HOME/containers/storage` (or
+//!    `~/.local/share/...`); the run root is `containers` in the run-time directory.
+//! 4. Per-user environment. podman fills in `XDG_RUNTIME_DIR` and `XDG_CONFIG_HOME` before
+//!    it looks, and the rules above see its values (`session`). The run-time directory of a
+//!    new store is the one podman's outer process records in libpod's database, which in
+//!    one case comes from the unmodified environment (`session::outer_process_run_root`).
+//! 5. Paths. `graphroot`, `runroot` and `rootless_storage_path` are expanded the way
+//!    containers/storage expands them (`$UID`, then `$VAR`, then symlinks).
 //!
-//! Every file is decoded over the same configuration, so a later file overrides the
-//! scalar keys it sets. Built-in defaults, `STORAGE_DRIVER` and `STORAGE_OPTS` are then
-//! applied, and paths are expanded the way containers/storage expands them.
+//! Every file read is decoded over the same configuration. podman 4.3.1 reads one file, but
+//! later containers/storage releases also read drop-in directories (`storage.conf.d` and
+//! its rootful, rootless and per-uid variants) after it and `CONTAINERS_STORAGE_CONF_OVERRIDE`
+//! last; where those exist they are read too. Built-in defaults, `STORAGE_DRIVER` and
+//! `STORAGE_OPTS` are then applied.
+//!
+//! podman keeps using the run root it recorded when it first used a store, whatever the
+//! configuration says later; nothing here reads libpod's database, so the run root
+//! reported is the one podman records for a store it has not used yet.
 //!
 //! One concept per module: `env` holds the process inputs (environment, uid, and the
-//! per-user directories derived from them), `expand` the Go-compatible path expansion,
-//! `discovery` which files are read in which order, `decode` the storage.conf decoder, and
-//! `overlay_options` how the overlay driver reads its driver options.
+//! per-user directories derived from them), `session` what podman adds to them, `expand`
+//! the Go-compatible path expansion, `discovery` which files are read in which order,
+//! `decode` the storage.conf decoder, and `overlay_options` how the overlay driver reads
+//! its driver options.
 //!
-//! Nothing here creates or modifies files. Where containers/storage would create a
-//! directory (the fallback runtime directory), we only check what is already there.
+//! Nothing here creates or modifies files. Where podman or containers/storage would create
+//! a directory (a run-time directory), we check that it could and take it as created.
 
 mod decode;
 mod discovery;
@@ -30,15 +51,17 @@ mod expand;
 #[cfg(test)]
 mod fixture;
 mod overlay_options;
+mod session;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::PathBuf;
 
-use discovery::read_config_files;
-use env::{per_user_defaults, rootless_uid};
-use expand::expand_env_path;
+use discovery::{Discovered, MainFile, read_config_files};
+use env::{data_home, per_user_run_root, rootless_uid};
+use expand::{expand_env_path, expand_path};
+use session::{RecordedRunRoot, Session, outer_process_run_root, podman_session};
 
 pub use env::ConfigEnv;
 
@@ -71,7 +94,7 @@ pub struct StorageOptions {
     pub rootless: bool,
     /// The uid $UID expands to.
     pub rootless_uid: u32,
-    /// Files read, in order.
+    /// Files whose settings were read, in order.
     pub config_files: Vec<PathBuf>,
 }
 
@@ -127,7 +150,8 @@ pub enum ConfigError {
 }
 
 impl StorageOptions {
-    /// Reads the storage configuration the way containers/storage does.
+    /// Reads the storage configuration the way podman 4.3.1 does (see the module
+    /// documentation).
     ///
     /// # Errors
     ///
@@ -136,12 +160,14 @@ impl StorageOptions {
     ///   configuration file exists but cannot be read (permissions, a directory, ...).
     /// - [`ConfigError::ReadDir`] when a drop-in directory exists but cannot be listed.
     /// - [`ConfigError::Parse`] on a TOML syntax error, a known key of the wrong type, or a
-    ///   malformed `{append = ...}` element.
-    /// - [`ConfigError::Invalid`] when the home directory is needed but cannot be found,
-    ///   when `XDG_RUNTIME_DIR` is set for per-user storage but does not resolve, when the
-    ///   fallback runtime directory exists with the wrong owner or mode, when
-    ///   `STORAGE_DRIVER`/`STORAGE_OPTS` are not UTF-8, when graphroot or runroot end up
-    ///   empty, and when imagestore equals graphroot.
+    ///   malformed `{append = ...}` element; for per-user storage also in the system file
+    ///   that podman's outer process reads before it picks the per-user file.
+    /// - [`ConfigError::Invalid`] when `CONTAINERS_STORAGE_CONF` is set but empty, when a
+    ///   rootful configuration file lacks `runroot` or `graphroot`, when the home directory
+    ///   is needed but cannot be found, when a given `XDG_RUNTIME_DIR` belongs to another
+    ///   user or podman could not make its directories there, when no run-time directory can
+    ///   be found or made, when `STORAGE_DRIVER`/`STORAGE_OPTS` are not UTF-8, and when
+    ///   imagestore equals graphroot.
     pub fn load(env: &ConfigEnv) -> Result<Self, ConfigError> {
         let rootless_uid = rootless_uid(env);
         // Upstream wants IsRootless() and a non-zero rootless uid. IsRootless() is already
@@ -149,17 +175,15 @@ impl StorageOptions {
         // missing CAP_SYS_ADMIN, partial uid maps) only matter when the uid is 0, and then
         // per-user storage is off anyway.
         let per_user = rootless_uid != 0;
-
-        let (cfg, config_files) = read_config_files(env, rootless_uid)?;
-
-        let (mut graphroot, mut runroot) = if per_user {
-            per_user_defaults(env, rootless_uid)?
+        // What podman's storage lookups see: for per-user storage it fills in XDG_* first.
+        let session = if per_user {
+            podman_session(env, rootless_uid)?
         } else {
-            (
-                PathBuf::from(DEFAULT_GRAPHROOT),
-                PathBuf::from(DEFAULT_RUNROOT),
-            )
+            Session::unchanged(env)
         };
+
+        let found = read_config_files(env, &session.env, rootless_uid)?;
+        let cfg = &found.config;
 
         let mut driver = non_empty_string(&cfg.driver);
         if let Some(v) = env.non_empty("STORAGE_DRIVER") {
@@ -174,28 +198,11 @@ impl StorageOptions {
             driver_options = split_storage_opts(utf8_var("STORAGE_OPTS", v)?);
         }
 
-        if !cfg.runroot.is_empty() {
-            runroot = expand_env_path(&cfg.runroot, rootless_uid, env);
-        }
-        if runroot.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid("runroot must be set".into()));
-        }
-
-        // rootless_storage_path is deprecated; graphroot, wherever it was set, beats it.
-        if !cfg.rootless_storage_path.is_empty() && per_user {
-            graphroot = expand_env_path(&cfg.rootless_storage_path, rootless_uid, env);
-        }
-        if !cfg.graphroot.is_empty() {
-            if !cfg.rootless_storage_path.is_empty() {
-                tracing::warn!(
-                    "both rootless_storage_path and graphroot are set in storage.conf; using graphroot"
-                );
-            }
-            graphroot = expand_env_path(&cfg.graphroot, rootless_uid, env);
-        }
-        if graphroot.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid("graphroot must be set".into()));
-        }
+        let (graphroot, runroot) = if per_user {
+            per_user_roots(env, &session, rootless_uid, &found)?
+        } else {
+            rootful_roots(env, &found)?
+        };
 
         // Upstream compares the strings, so "/a/" and "/a" count as different.
         if let Some(store) = &imagestore
@@ -209,16 +216,16 @@ impl StorageOptions {
 
         Ok(Self {
             driver,
-            driver_priority: cfg.driver_priority.values,
+            driver_priority: cfg.driver_priority.values.clone(),
             graphroot,
             runroot,
             imagestore,
             driver_options,
             transient_store: cfg.transient_store,
-            pull_options: cfg.options.pull_options.unwrap_or_default(),
+            pull_options: cfg.options.pull_options.clone().unwrap_or_default(),
             rootless: per_user,
             rootless_uid,
-            config_files,
+            config_files: found.files,
         })
     }
 
@@ -266,6 +273,87 @@ impl StorageOptions {
     }
 }
 
+/// Rootful graph and run roots. A file read must name both, since podman 4.3.1 fills in
+/// its defaults only when no file exists (and then refuses with these very messages).
+fn rootful_roots(env: &ConfigEnv, found: &Discovered) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let cfg = &found.config;
+    let pick = |configured: &str, default: &str, key: &str| {
+        if !configured.is_empty() {
+            Ok(expand_env_path(configured, 0, env))
+        } else if found.main == MainFile::Absent {
+            Ok(expand_env_path(default, 0, env))
+        } else {
+            Err(ConfigError::Invalid(format!("{key} must be set")))
+        }
+    };
+    // Upstream checks the run root first.
+    let runroot = pick(&cfg.runroot, DEFAULT_RUNROOT, "runroot")?;
+    let graphroot = pick(&cfg.graphroot, DEFAULT_GRAPHROOT, "graphroot")?;
+    Ok((graphroot, runroot))
+}
+
+/// Per-user graph and run roots, as podman 4.3.1 computes them in `session`:
+///
+/// - `graphroot` and `runroot` count only from the per-user file. In the file
+///   `CONTAINERS_STORAGE_CONF` names, and in the system files, they are meant for root.
+/// - `rootless_storage_path` from whichever file was read comes next for the graph root
+///   (graphroot beats it), then `$XDG_DATA_HOME/containers/storage`.
+/// - The run root is `containers` in the run-time directory, from the unmodified
+///   environment where podman's outer process records it (see
+///   [`session::outer_process_run_root`]).
+fn per_user_roots(
+    env: &ConfigEnv,
+    session: &Session,
+    uid: u32,
+    found: &Discovered,
+) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let created = session.creates.as_deref();
+    let session = &session.env;
+    let cfg = &found.config;
+    let user_file = found.main == MainFile::User;
+    let rsp = &cfg.rootless_storage_path;
+    // Upstream computes both defaults whether or not a file overrides them, so their errors
+    // stand either way.
+    let default_graphroot = data_home(session, uid)?.join("containers/storage");
+    let default_runroot = per_user_run_root(session, uid, created)?;
+
+    let graphroot = if user_file && !cfg.graphroot.is_empty() {
+        if !rsp.is_empty() {
+            tracing::warn!(
+                "both rootless_storage_path and graphroot are set in storage.conf; using graphroot"
+            );
+        }
+        expand_env_path(&cfg.graphroot, uid, session)
+    } else if !rsp.is_empty() {
+        expand_env_path(rsp, uid, session)
+    } else {
+        expand_path(&default_graphroot)
+    };
+
+    let names_run_root = user_file && !cfg.runroot.is_empty();
+    let outer_graphroot = if (user_file && !cfg.graphroot.is_empty()) || !rsp.is_empty() {
+        graphroot.clone()
+    } else if !found.outer_rootless_storage_path.is_empty() {
+        expand_env_path(&found.outer_rootless_storage_path, uid, env)
+    } else {
+        expand_path(&data_home(env, uid)?.join("containers/storage"))
+    };
+    let recorded = RecordedRunRoot {
+        user_file: found.user_file.as_deref(),
+        names_run_root,
+        graphroot: &graphroot,
+        outer_graphroot,
+    };
+    let runroot = if names_run_root {
+        expand_env_path(&cfg.runroot, uid, session)
+    } else if outer_process_run_root(env, uid, &recorded) {
+        expand_path(&per_user_run_root(env, uid, None)?)
+    } else {
+        expand_path(&default_runroot)
+    };
+    Ok((graphroot, runroot))
+}
+
 fn non_empty_string(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
@@ -298,8 +386,9 @@ fn split_storage_opts(value: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::config::discovery::ENV_CONF;
     use crate::storage::config::env::ENV_ROOTLESS_UID;
-    use crate::storage::config::fixture::{Fixture, driver_of};
+    use crate::storage::config::fixture::{Fixture, SYSTEM_GRAPHROOT, driver_of};
     use std::path::Path;
 
     #[test]
@@ -322,28 +411,21 @@ mod tests {
     #[test]
     fn storage_driver_env_and_overlay2() {
         let mut f = Fixture::new(0);
-        f.write_root(
-            "etc/containers/storage.conf",
-            "[storage]\ndriver = \"overlay2\"\n",
-        );
+        f.write_system("[storage]\ndriver = \"overlay2\"\n");
         assert_eq!(driver_of(&f).as_deref(), Some("overlay"));
         f.set("STORAGE_DRIVER", "vfs");
         assert_eq!(driver_of(&f).as_deref(), Some("vfs"));
         f.set("STORAGE_DRIVER", "overlay2");
         assert_eq!(driver_of(&f).as_deref(), Some("overlay"));
         f.set("STORAGE_DRIVER", "");
-        f.write_root(
-            "etc/containers/storage.conf",
-            "[storage]\ndriver = \"btrfs\"\n",
-        );
+        f.write_system("[storage]\ndriver = \"btrfs\"\n");
         assert_eq!(driver_of(&f).as_deref(), Some("btrfs"));
     }
 
     #[test]
     fn storage_opts_replaces_config_options() {
         let mut f = Fixture::new(0);
-        f.write_root(
-            "etc/containers/storage.conf",
+        f.write_system(
             "[storage.options]\nadditionalimagestores = [\"/a\"]\nmount_program = \"/bin/fuse\"\n",
         );
         assert_eq!(
@@ -361,26 +443,122 @@ mod tests {
     }
 
     #[test]
-    fn rootless_storage_path_versus_graphroot() {
+    fn per_user_roots_ignore_the_named_file() {
+        // The reported disagreement: for a user, the graphroot and runroot of the file
+        // CONTAINERS_STORAGE_CONF names are root's; rootless_storage_path is the user's.
+        let mut f = Fixture::per_user();
+        let named = f.write(
+            &f.tmp.path().join("named.conf"),
+            "[storage]\ngraphroot = \"/graph\"\nrunroot = \"/run\"\n",
+        );
+        f.set(ENV_CONF, &named);
+        let o = f.load();
+        let run = std::fs::canonicalize(f.tmp.path().join("xdg-run")).expect("canon");
+        assert_eq!(
+            o.graphroot,
+            f.home().join(".local/share/containers/storage")
+        );
+        assert_eq!(o.runroot, run.join("containers"));
+        assert_eq!(o.config_files, vec![named.clone()]);
+
+        f.write(
+            &named,
+            "[storage]\ngraphroot = \"/graph\"\nrootless_storage_path = \"/rsp/$UID\"\n",
+        );
+        assert_eq!(f.load().graphroot, Path::new("/rsp/1000"));
+    }
+
+    #[test]
+    fn per_user_roots_ignore_the_system_file() {
         let mut f = Fixture::per_user();
         f.write_root(
             "etc/containers/storage.conf",
-            "[storage]\nrootless_storage_path = \"/rsp/$UID\"\n",
+            "[storage]\ngraphroot = \"/graph\"\nrunroot = \"/run\"\n",
+        );
+        let run = std::fs::canonicalize(f.tmp.path().join("xdg-run")).expect("canon");
+        let o = f.load();
+        assert_eq!(
+            o.graphroot,
+            f.home().join(".local/share/containers/storage")
+        );
+        assert_eq!(o.runroot, run.join("containers"));
+
+        f.write_root(
+            "etc/containers/storage.conf",
+            "[storage]\ngraphroot = \"/graph\"\nrootless_storage_path = \"/rsp/$UID\"\n",
         );
         assert_eq!(f.load().graphroot, Path::new("/rsp/1000"));
 
-        // graphroot from any file beats rootless_storage_path.
-        f.write_root(
-            "etc/containers/storage.conf.d/1.conf",
+        // A per-user file, even one without any path, hides the system file.
+        f.write(&f.user_conf(), "[storage]\ndriver = \"overlay\"\n");
+        assert_eq!(
+            f.load().graphroot,
+            f.home().join(".local/share/containers/storage")
+        );
+
+        // Rootful storage ignores rootless_storage_path.
+        f.unset(ENV_ROOTLESS_UID);
+        f.env.euid = 0;
+        f.write_system("[storage]\nrootless_storage_path = \"/rsp\"\n");
+        assert_eq!(f.load().graphroot, Path::new(SYSTEM_GRAPHROOT));
+    }
+
+    #[test]
+    fn per_user_file_names_the_roots() {
+        let f = Fixture::per_user();
+        f.write(
+            &f.user_conf(),
+            "[storage]\nrootless_storage_path = \"/rsp/$UID\"\nrunroot = \"/run/$UID\"\n",
+        );
+        let o = f.load();
+        assert_eq!(o.graphroot, Path::new("/rsp/1000"));
+        assert_eq!(o.runroot, Path::new("/run/1000"));
+        // graphroot beats rootless_storage_path.
+        f.write(
+            &f.user_conf(),
+            "[storage]\nrootless_storage_path = \"/rsp\"\ngraphroot = \"/graph\"\n",
+        );
+        assert_eq!(f.load().graphroot, Path::new("/graph"));
+        // So it does from a drop-in, for the podman releases that read them.
+        f.write(
+            &f.user_conf(),
+            "[storage]\nrootless_storage_path = \"/rsp\"\n",
+        );
+        f.write(
+            &f.home().join(".config/containers/storage.conf.d/1.conf"),
             "[storage]\ngraphroot = \"/graph\"\n",
         );
         assert_eq!(f.load().graphroot, Path::new("/graph"));
+    }
 
-        // Rootful ignores rootless_storage_path.
-        std::fs::remove_file(f.root("etc/containers/storage.conf.d/1.conf")).expect("rm");
-        f.unset(ENV_ROOTLESS_UID);
-        f.env.euid = 0;
-        assert_eq!(f.load().graphroot, Path::new(DEFAULT_GRAPHROOT));
+    #[test]
+    fn rootful_files_must_name_both_roots() {
+        let mut f = Fixture::new(0);
+        // No file at all: the built-in defaults.
+        assert_eq!(f.load().runroot, Path::new(DEFAULT_RUNROOT));
+
+        let conf = "etc/containers/storage.conf";
+        f.write_root(conf, "[storage]\ngraphroot = \"/g\"\n");
+        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m == "runroot must be set"));
+        f.write_root(conf, "[storage]\nrunroot = \"/r\"\n");
+        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m == "graphroot must be set"));
+        // An empty file too: the run root is checked first.
+        f.write_root(conf, "");
+        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m == "runroot must be set"));
+        f.write_root(conf, "[storage]\nrunroot = \"/r\"\ngraphroot = \"/g\"\n");
+        let o = f.load();
+        assert_eq!(
+            (o.graphroot.as_path(), o.runroot.as_path()),
+            (Path::new("/g"), Path::new("/r"))
+        );
+
+        // The same for the file CONTAINERS_STORAGE_CONF names.
+        let named = f.write(
+            &f.tmp.path().join("named.conf"),
+            "[storage]\ngraphroot = \"/g\"\n",
+        );
+        f.set(ENV_CONF, &named);
+        assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m == "runroot must be set"));
     }
 
     #[test]
@@ -388,12 +566,12 @@ mod tests {
         let f = Fixture::new(0);
         f.write_root(
             "etc/containers/storage.conf",
-            "[storage]\ngraphroot = \"/srv/s\"\nimagestore = \"/srv/s\"\n",
+            "[storage]\ngraphroot = \"/srv/s\"\nrunroot = \"/r\"\nimagestore = \"/srv/s\"\n",
         );
         assert!(matches!(f.load_err(), ConfigError::Invalid(m) if m.contains("imagestore")));
         f.write_root(
             "etc/containers/storage.conf",
-            "[storage]\ngraphroot = \"/srv/s\"\nimagestore = \"/srv/i\"\n",
+            "[storage]\ngraphroot = \"/srv/s\"\nrunroot = \"/r\"\nimagestore = \"/srv/i\"\n",
         );
         assert_eq!(f.load().imagestore.as_deref(), Some(Path::new("/srv/i")));
     }
@@ -401,8 +579,7 @@ mod tests {
     #[test]
     fn overrides_apply() {
         let f = Fixture::new(0);
-        f.write_root(
-            "etc/containers/storage.conf",
+        f.write_system(
             "[storage]\ndriver = \"vfs\"\n[storage.options]\nadditionalimagestores = [\"/a\"]\n",
         );
         let mut o = f.load();
