@@ -19,6 +19,7 @@ use cstor_protocol::assemble::{
 use cstor_protocol::stream::{Record, StreamReader};
 use sha2::{Digest, Sha256};
 
+use crate::INLINE_MAX;
 use crate::error::{Error, Result};
 use crate::objects::{
     JobResult, Pool, Submission, assemble_error, check_crc, read_error, unless_stopped,
@@ -26,10 +27,6 @@ use crate::objects::{
 use crate::report::ObjectStats;
 use crate::tree::Feed;
 use cstor_proxy_client::Contents;
-
-/// Files up to this size are stored inline in the splitstream, as composefs-oci does
-/// (`INLINE_CONTENT_MAX_V0`).
-pub const INLINE_MAX: u64 = 64;
 
 /// Files up to this size are read once, into memory, and the bytes go both into the layer's
 /// sha256 and (in a worker) into the CRC and fs-verity digest. Larger files are queued

@@ -52,15 +52,19 @@ mod tree;
 mod verity;
 
 pub use error::{Error, Result};
-pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, TreeSource, config_identifier};
+pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 pub use image::import_image;
-pub use layer_import::INLINE_MAX;
 pub use options::{CopyPolicy, ImportOptions};
 pub use progress::ImportEvent;
 pub use repo::{
     InitOutcome, RepoAlgorithm, init_repository, open_repository, repository_algorithm,
 };
-pub use report::{ImportReport, LayerReport, ObjectStats};
+pub use report::{ImportReport, LayerReport, ObjectStats, TreeSource};
+
+/// Files up to this size are stored inline in a layer's splitstream, larger ones as
+/// repository objects, as composefs-oci splits them (`INLINE_CONTENT_MAX_V0`): the layer
+/// streams, and so the image ids, depend on it.
+pub const INLINE_MAX: u64 = 64;
 
 /// The stream name of a layer (`oci-layer-<diff id>`), as composefs-oci names it.
 pub fn layer_identifier(diff_id: &str) -> String {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use composefs_oci::{ImportStats, PullResult};
 use serde::Serialize;
 
-use crate::finalize::TreeSource;
 use crate::objects::Stored;
 
 /// How objects of one layer (or a whole import) were stored.
@@ -176,4 +175,18 @@ pub(crate) fn import_stats<ObjectID>(
         bytes_hardlinked: objects.bytes_hardlinked,
         bytes_inlined: objects.bytes_inlined,
     }
+}
+
+/// Where an import took the file tree of the EROFS image it wrote from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TreeSource {
+    /// Built while the layers streamed, from the pieces of their splitstreams (the usual
+    /// case).
+    Streamed,
+    /// Read back from the stored layer streams after the last layer: every layer was in
+    /// the repository already, the image lists one layer twice, or the tree thread gave up
+    /// (a backlog or entry count over its bounds) or failed (logged as a warning). Same
+    /// image, built later: reading the streams back adds to the import's serial tail.
+    ReadBack,
 }

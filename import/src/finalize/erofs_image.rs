@@ -16,20 +16,7 @@ use composefs::tree::FileSystem;
 use composefs_oci::OciDigest;
 
 use crate::error::{Error, Result, repo_err};
-
-/// Where an import took the file tree of the EROFS image it wrote from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum TreeSource {
-    /// Built while the layers streamed, from the pieces of their splitstreams (the usual
-    /// case).
-    Streamed,
-    /// Read back from the stored layer streams after the last layer: every layer was in
-    /// the repository already, the image lists one layer twice, or the tree thread gave up
-    /// (a backlog or entry count over its bounds) or failed (logged as a warning). Same
-    /// image, built later: reading the streams back adds to the import's serial tail.
-    ReadBack,
-}
+use crate::report::TreeSource;
 
 /// The EROFS image(s) written for an image, and what went into them.
 #[derive(Debug)]

@@ -39,11 +39,11 @@ use composefs::repository::Repository;
 use composefs_oci::OciDigest;
 use composefs_oci::oci_image::{OciImage, manifest_identifier, tag_image};
 
-pub use erofs_image::TreeSource;
 pub use layer_naming::{Unnamed, name_layers};
 pub use oci_streams::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 
 use crate::error::{Error, Result, repo_err};
+use crate::report::TreeSource;
 use layer_naming::Naming;
 
 /// What finalizing produced.

@@ -19,7 +19,7 @@ use tar_core::parse::{ParseEvent, Parser};
 
 use super::Stop;
 use super::feed::{Backlog, Piece};
-use crate::layer_import::INLINE_MAX;
+use crate::INLINE_MAX;
 
 /// `return Err(Stop::Failed(anyhow!(...)))`.
 macro_rules! fail {

@@ -184,7 +184,7 @@ mod tests {
 
     use super::feed::BACKLOG_MAX;
     use super::*;
-    use crate::layer_import::INLINE_MAX;
+    use crate::INLINE_MAX;
 
     type Id = Sha512HashValue;
 
