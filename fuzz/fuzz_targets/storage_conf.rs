@@ -8,8 +8,12 @@ use std::collections::HashMap;
 use cstor_helper::storage::config::{ConfigEnv, StorageOptions};
 use libfuzzer_sys::fuzz_target;
 
+/// One directory for the whole run: a new one per input would cost more than the parse.
+static DIR: std::sync::LazyLock<tempfile::TempDir> =
+    std::sync::LazyLock::new(|| tempfile::tempdir().expect("a temp dir"));
+
 fuzz_target!(|data: &[u8]| {
-    let dir = tempfile::tempdir().expect("a temp dir");
+    let dir = &*DIR;
     let conf = dir.path().join("storage.conf");
     std::fs::write(&conf, data).expect("writing the file");
     for euid in [0, 1000] {
