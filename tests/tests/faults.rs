@@ -1,8 +1,8 @@
 //! Story: the fault-injection campaign that hardened the import, kept so that what it found
 //! cannot come back. `cstor import` is killed with SIGKILL at random moments and in its
 //! commit phase; its helper is killed, or frozen with SIGSTOP, as root and as a rootless
-//! user; podman removes, prunes and re-commits the image while it is imported; four imports
-//! run at once into one repository.
+//! user; podman removes, prunes and re-commits the image while it is imported; the
+//! repository's filesystem fills up; four imports run at once into one repository.
 //!
 //! After every fault: `cstor` exits with the status and a message that say what happened;
 //! no helper is left running; podman can take its write locks within seconds; every object
@@ -602,6 +602,144 @@ fn podman_image_prune_racing_an_import() {
 #[test]
 fn podman_commit_racing_an_import() {
     podman_racing_an_import("podman_commit_racing_an_import", Race::Commit);
+}
+
+/// A tmpfs mounted for a story; unmounted on drop.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, bytes: u64) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        cstor_tests::run_command(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes},mode=0755"))
+                .arg("tmpfs")
+                .arg(path),
+            "mounting a tmpfs",
+        )
+        .unwrap();
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Bytes free.
+    fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.path).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+
+    /// Fills the filesystem until `left` bytes are free (a file `filler`).
+    fn fill_until(&self, left: u64) {
+        let f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let len = self.free().saturating_sub(left);
+        if len > 0 {
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len).unwrap();
+        }
+    }
+
+    fn unfill(&self) {
+        let _ = std::fs::remove_file(self.path.join("filler"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Err(e) = cstor_tests::unmount_all_under(&self.path) {
+            cstor_tests::note(&format!("unmounting {}: {e:#}", self.path.display()));
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_import_clearly_and_a_rerun_after_freeing_space_succeeds() {
+    let story = "a_full_disk_fails_the_import_clearly_and_a_rerun_after_freeing_space_succeeds";
+    if !skip::require_tools(story, &["mount", "umount"]) {
+        return;
+    }
+    let Some(s) = setup(story) else {
+        return;
+    };
+    let mut tally = Tally::new(story);
+    // How much room an import takes on a tmpfs, and how big its EROFS image is.
+    let fs = Tmpfs::mount(&s.fs.dir().join("small-fs"), 64 << 20);
+    let empty = fs.free();
+    let repo = fs.path.join("repo");
+    run(&mut s.import(&repo), IMPORT_BOUND)
+        .unwrap()
+        .report()
+        .unwrap();
+    let needed = empty - fs.free();
+    let erofs = std::fs::metadata(repo.join("images").join(&s.clean.report.erofs_image))
+        .unwrap()
+        .len();
+    std::fs::remove_dir_all(&repo).unwrap();
+    drop(fs);
+    // The repository on a small tmpfs (20 MB for the fault image), filled with a file until
+    // some of what the import needs is left: a part of its objects, or all but the end of
+    // its EROFS image.
+    let fs = Tmpfs::mount(&s.fs.dir().join("full-fs"), (needed * 2).max(20 << 20));
+    let mut room: Vec<u64> = if cstor_tests::faults::full() {
+        (0..10).map(|i| needed * (2 * i + 1) / 20).collect()
+    } else {
+        vec![needed / 2]
+    };
+    room.push(needed - erofs / 2 - (16 << 10));
+    room.extend(
+        cstor_tests::faults::full()
+            .then_some([needed - erofs - (8 << 10), needed - (16 << 10)])
+            .into_iter()
+            .flatten(),
+    );
+    let n = trials(room.len(), room.len()).min(room.len()).max(1);
+    let mut failures = 0;
+    for (trial, &left) in room.iter().take(n).enumerate() {
+        let repo = fs.path.join(format!("repo-{trial}"));
+        fs.fill_until(left);
+        let done = run(&mut s.import(&repo), IMPORT_BOUND).unwrap();
+        let context = format!("{left} of the {needed} bytes an import needs left free");
+        if done.status.success() {
+            // The estimate was generous: it fitted.
+            done.report()
+                .unwrap()
+                .assert_clean(&s.clean.report, &context);
+            tally.add("fitted");
+        } else {
+            assert_eq!(done.code(), Some(1), "{context}: {done:?}");
+            assert_message_is_clear(&done.stderr, &context);
+            let line = error_line(&done.stderr);
+            assert!(
+                line.contains("No space left on device"),
+                "{context}: {line}"
+            );
+            // The part before the system's error says what was being written.
+            let parts: Vec<&str> = line.split(": ").collect();
+            let at = parts
+                .iter()
+                .position(|p| p.contains("No space left on device"))
+                .unwrap();
+            assert!(
+                at >= 3 && !parts[at - 1].starts_with("importing "),
+                "{context}: the message does not say what was being written: {line}"
+            );
+            tally.add(format!("enospc:{}", message_kind(parts[at - 1])));
+            failures += 1;
+        }
+        let state = s.after_fault(&repo, &context);
+        assert!(
+            done.status.success() || state.tags == 0,
+            "{context}: {state:?}"
+        );
+        // Space again: the import completes.
+        fs.unfill();
+        s.rerun_is_clean(&repo, &context);
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+    assert!(failures > 0, "no import ran out of space: {tally:?}");
+    tally.print();
 }
 
 #[test]
