@@ -346,7 +346,7 @@ fn map_call_error(
             },
         },
         CallError::Closed(reason) | CallError::Send(reason) => match process {
-            Some(p) => p.died(&format!("answering {method}")),
+            Some(p) => p.broke(&format!("answering {method}"), &reason),
             None => Error::HelperDied {
                 during: format!("answering {method}"),
                 status: reason,

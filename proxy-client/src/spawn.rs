@@ -461,6 +461,29 @@ impl HelperProcess {
         }
     }
 
+    /// An error describing a connection that broke while doing `during`, for `reason` (what
+    /// the client's reader saw: end of stream, a reply that is not JSON, one over the size
+    /// limit...). When the helper exited, its exit status ([`HelperProcess::died`]); when it
+    /// still runs, the reason, and it is killed: it can serve nothing more on a broken
+    /// connection.
+    pub fn broke(&self, during: &str, reason: &str) -> Error {
+        let unresponsive = self
+            .unresponsive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if unresponsive || self.exit_status(Duration::from_secs(2)).is_some() {
+            return self.died(during);
+        }
+        self.kill();
+        let _ = self.exit_status(Duration::from_secs(2));
+        Error::HelperDied {
+            during: during.to_owned(),
+            status: format!("{reason} (it was still running, and was killed)"),
+            stderr: self.stderr_tail(),
+        }
+    }
+
     /// Kills the helper (SIGKILL through its pidfd) unless it already exited.
     pub fn kill(&self) {
         // The helper itself first: when it runs under `podman unshare`, killing podman

@@ -2,7 +2,8 @@
 //! cannot come back. `cstor import` is killed with SIGKILL at random moments and in its
 //! commit phase; its helper is killed, or frozen with SIGSTOP, as root and as a rootless
 //! user; podman removes, prunes and re-commits the image while it is imported; the
-//! repository's filesystem fills up; four imports run at once into one repository.
+//! repository's filesystem fills up; four imports run at once into one repository; a
+//! helper answers nonsense.
 //!
 //! After every fault: `cstor` exits with the status and a message that say what happened;
 //! no helper is left running; podman can take its write locks within seconds; every object
@@ -771,6 +772,136 @@ fn four_imports_at_once_into_one_repository() {
                 .assert_complete();
             tally.add(if exists { "existing:ok" } else { "created:ok" });
         }
+    }
+    tally.print();
+}
+
+/// A stand-in for `cstor-helper` that answers `Initialize` as the real one does, and then
+/// misbehaves as its `--storage-opt` says.
+const LYING_HELPER: &str = r#"#!/usr/bin/env python3
+import json, os, socket, sys
+mode = sys.argv[sys.argv.index("--storage-opt") + 1]
+sock = socket.socket(fileno=0)
+init = {"protocol_version": "1.1", "helper_version": "0.1.0",
+        "capabilities": ["layer-stream-v1", "leases"],
+        "storage": {"driver": "overlay", "graphroot": "/nowhere", "runroot": "/nowhere",
+                    "additional_image_stores": [], "rootless": False, "config_files": []},
+        "limits": {"max_fds_per_message": 200, "max_fds_queued": 512,
+                   "lease_timeout_ms": 120000, "max_open_layers": 64,
+                   "max_request_bytes": 65536, "max_requests_in_flight": 64}}
+def send(v):
+    sock.sendall(v if isinstance(v, bytes) else json.dumps(v).encode())
+def reply(req, **kw):
+    send(dict({"jsonrpc": "2.0", "id": req["id"]}, **kw))
+def handle(req):
+    if req.get("method") == "Initialize":
+        if mode == "not-json":
+            send(b"}} this is not JSON {{\n")
+        elif mode == "wrong-shape":
+            reply(req, result={"hello": "world"})
+        else:
+            reply(req, result=init)
+    elif mode == "fds-never-sent":
+        send({"jsonrpc": "2.0", "id": req["id"], "result": {}, "fds": 2})
+    elif mode == "unknown-id":
+        send({"jsonrpc": "2.0", "id": req["id"] + 1000, "result": {}})
+    elif mode == "huge-reply":
+        reply(req, result={"padding": "x" * (65 << 20)})
+    elif mode == "cut-mid-reply":
+        send(b'{"jsonrpc": "2.0", "id": %d, "result": {"ima' % req["id"])
+        os._exit(0)
+buf, dec = "", json.JSONDecoder()
+while True:
+    data = sock.recv(65536)
+    if not data:
+        sys.exit(0)
+    buf += data.decode()
+    while True:
+        s = buf.lstrip()
+        try:
+            req, end = dec.raw_decode(s)
+        except ValueError:
+            break
+        buf = s[end:]
+        handle(req)
+"#;
+
+#[test]
+fn a_helper_that_answers_garbage_is_given_up_on_clearly() {
+    let story = "a_helper_that_answers_garbage_is_given_up_on_clearly";
+    if !skip::require_tools(story, &["python3"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let bins = Binaries::of_this_build().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fake = work.path().join("lying-helper");
+    std::fs::write(&fake, LYING_HELPER).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut tally = Tally::new(story);
+    // What cstor must say: the helper is the problem (status 5), or its reply did not make
+    // sense (status 1); within the reply deadline, and never by hanging.
+    // A reply the client cannot read breaks the connection: the message says why (not
+    // that the helper closed it), and the helper, still running, is killed.
+    let broke = [
+        "reading from the helper",
+        "was still running, and was killed",
+    ];
+    for (mode, status, says) in [
+        ("not-json", 5, &[&broke[..], &["JSON"]].concat()),
+        ("wrong-shape", 1, &vec!["unexpected reply to Initialize"]),
+        (
+            "fds-never-sent",
+            5,
+            &vec!["did not answer GetImage", "was killed"],
+        ),
+        (
+            "unknown-id",
+            5,
+            &vec!["did not answer GetImage", "was killed"],
+        ),
+        ("huge-reply", 5, &[&broke[..], &["larger than"]].concat()),
+        (
+            "cut-mid-reply",
+            5,
+            &vec!["cstor-helper died while answering GetImage: exit status: 0"],
+        ),
+    ] {
+        let repo = work.path().join(format!("repo-{mode}"));
+        let mut cmd = Command::new(&bins.cstor);
+        cmd.args([
+            "--json",
+            "--progress",
+            "never",
+            "import",
+            "--privilege",
+            "direct",
+        ])
+        .arg("--helper")
+        .arg(&fake)
+        .arg("--helper-timeout")
+        .arg(HELPER_TIMEOUT.as_secs().to_string())
+        .args(["--root", "/nowhere", "--init", "--repo"])
+        .arg(&repo)
+        // The fake takes its mode where the real helper takes more storage options.
+        .args(["--storage-opt", mode, FAULT_IMAGE_NAME]);
+        let done = run(&mut cmd, Duration::from_secs(120)).unwrap();
+        let context = format!("a helper answering {mode}");
+        assert_eq!(done.code(), Some(status), "{context}: {done:?}");
+        assert_message_is_clear(&done.stderr, &context);
+        let line = error_line(&done.stderr);
+        for says in says {
+            assert!(line.contains(says), "{context}: {line}");
+        }
+        assert!(
+            done.elapsed < HELPER_TIMEOUT + Duration::from_secs(30),
+            "{context}: took {:?}",
+            done.elapsed
+        );
+        let left = cstor_tests::faults::processes_where(|a| a.iter().any(|x| Path::new(x) == fake));
+        wait_gone(&left, HELPER_GONE).unwrap_or_else(|e| panic!("{context}: {e:#}"));
+        assert_eq!(check_repository(&repo).unwrap().objects, 0);
+        tally.add(format!("{mode}:exit-{status}"));
     }
     tally.print();
 }
