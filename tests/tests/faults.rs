@@ -1,9 +1,9 @@
 //! Story: the fault-injection campaign that hardened the import, kept so that what it found
 //! cannot come back. `cstor import` is killed with SIGKILL at random moments and in its
 //! commit phase; its helper is killed, or frozen with SIGSTOP, as root and as a rootless
-//! user; podman removes, prunes and re-commits the image while it is imported; the
-//! repository's filesystem fills up; four imports run at once into one repository; a
-//! helper answers nonsense.
+//! user (also before it could pass its pidfd); podman removes, prunes and re-commits the
+//! image while it is imported; the repository's filesystem fills up; four imports run at
+//! once into one repository; a helper answers nonsense.
 //!
 //! After every fault: `cstor` exits with the status and a message that say what happened;
 //! no helper is left running; podman can take its write locks within seconds; every object
@@ -435,6 +435,53 @@ fn the_helper_killed_or_frozen_mid_import_as_a_rootless_user() {
             .assert_clean(&clean_report, &format!("{kind} trial {trial}"));
         check_repository(&repo).unwrap().assert_complete();
     }
+    // Frozen before it could pass its pidfd: a stand-in that stops itself at once, and that
+    // a hangup does not end (a frozen helper would not react to one either), never answers
+    // `Initialize`. The handshake deadline (30 s, not --helper-timeout: a first
+    // `podman unshare` is slow) must kill it all the same, although podman is in between.
+    let stopper = work.path().join("stopped-helper");
+    std::fs::write(
+        &stopper,
+        "#!/bin/sh\ntrap '' HUP\nkill -STOP $$\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stopper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = repos.join("stopped-before-initialize");
+    let mut cmd = user.command(&cstor);
+    cmd.args(["--json", "--progress", "never", "import", "--helper"])
+        .arg(&stopper)
+        .args(["--init", "--repo"])
+        .arg(&repo)
+        .arg(FAULT_IMAGE_NAME);
+    let running = Running::start(&mut cmd).unwrap();
+    let start = Instant::now();
+    let stopped = loop {
+        // The shell running the stand-in: `sh stopped-helper`, stopped.
+        let found = descendants(running.pid()).into_iter().find(|p| {
+            p.cmdline.get(1).is_some_and(|a| Path::new(a) == stopper) && p.state() == Some('T')
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        if running.exited() || start.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "the stand-in never stopped: {:?}",
+                running.finish(IMPORT_BOUND).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let done = running.finish(IMPORT_BOUND).unwrap();
+    assert_eq!(done.code(), Some(5), "{done:?}");
+    let line = error_line(&done.stderr);
+    assert!(
+        line.contains("did not answer Initialize") && line.contains("was killed"),
+        "{line}"
+    );
+    wait_gone(&[stopped], HELPER_GONE)
+        .unwrap_or_else(|e| panic!("a helper frozen before Initialize: {e:#}"));
+    tally.add("sigstop-before-initialize:exit-5");
+
     podman_rmi_within(&podman, FAULT_IMAGE_NAME, LOCKS_FREE).unwrap();
     tally.print();
 }
