@@ -58,8 +58,9 @@ impl Client {
     /// Starts a helper as `config` says and performs the `Initialize` handshake.
     ///
     /// Fails with [`Error::HelperNotFound`], [`Error::Spawn`], [`Error::HelperDied`] (with
-    /// its exit status and stderr) when it exits during the handshake, [`Error::Timeout`]
-    /// when it does not answer within `config.handshake_timeout`, or [`Error::Version`].
+    /// its exit status and stderr) when it exits during the handshake,
+    /// [`Error::HelperUnresponsive`] when it does not answer within
+    /// `config.handshake_timeout` (it is killed), or [`Error::Version`].
     pub async fn spawn(config: &HelperConfig) -> Result<Self> {
         let (ours, theirs) = rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
@@ -345,7 +346,7 @@ fn map_call_error(
             },
         },
         CallError::Closed(reason) | CallError::Send(reason) => match process {
-            Some(p) => p.died(&format!("answering {method}")),
+            Some(p) => p.broke(&format!("answering {method}"), &reason),
             None => Error::HelperDied {
                 during: format!("answering {method}"),
                 status: reason,

@@ -287,6 +287,9 @@ pub struct HelperProcess {
     /// The helper's own pidfd, which it passes at `Initialize` (protocol 1.1): the process
     /// started may be `podman unshare`, whose death leaves the helper running.
     helper_pidfd: Mutex<Option<OwnedFd>>,
+    /// Whether the process started is `podman unshare`, leader of a process group of its
+    /// own that the helper belongs to.
+    unshare: bool,
 }
 
 impl HelperProcess {
@@ -303,6 +306,10 @@ impl HelperProcess {
         } else {
             let mut c = Command::new(&config.podman);
             c.arg("unshare").arg(&program);
+            // A process group of its own: the helper podman starts stays in it, and until the
+            // helper has passed its pidfd at Initialize, killing the group is the only way to
+            // reach it (see HelperProcess::kill).
+            std::os::unix::process::CommandExt::process_group(&mut c, 0);
             c
         };
         // dup() without O_CLOEXEC: the child inherits it under the same number. Closed
@@ -391,6 +398,7 @@ impl HelperProcess {
             stderr,
             unresponsive: Mutex::new(None),
             helper_pidfd: Mutex::new(None),
+            unshare: !direct,
         })
     }
 
@@ -461,16 +469,51 @@ impl HelperProcess {
         }
     }
 
+    /// An error describing a connection that broke while doing `during`, for `reason` (what
+    /// the client's reader saw: end of stream, a reply that is not JSON, one over the size
+    /// limit...). When the helper exited, its exit status ([`HelperProcess::died`]); when it
+    /// still runs, the reason, and it is killed: it can serve nothing more on a broken
+    /// connection.
+    pub fn broke(&self, during: &str, reason: &str) -> Error {
+        let unresponsive = self
+            .unresponsive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if unresponsive || self.exit_status(Duration::from_secs(2)).is_some() {
+            return self.died(during);
+        }
+        self.kill();
+        let _ = self.exit_status(Duration::from_secs(2));
+        Error::HelperDied {
+            during: during.to_owned(),
+            status: format!("{reason} (it was still running, and was killed)"),
+            stderr: self.stderr_tail(),
+        }
+    }
+
     /// Kills the helper (SIGKILL through its pidfd) unless it already exited.
     pub fn kill(&self) {
         // The helper itself first: when it runs under `podman unshare`, killing podman
         // would leave it (and its locks) behind. Its pidfd names it even after it exited.
-        if let Some(fd) = &*self.helper_pidfd.lock().unwrap_or_else(|p| p.into_inner()) {
+        let helper_pidfd = self.helper_pidfd.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = &*helper_pidfd {
             let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
         }
         if self.exit_status(Duration::ZERO).is_some() {
             return;
         }
+        if self.unshare && helper_pidfd.is_none() {
+            // No pidfd yet (the helper froze before it answered Initialize): kill podman's
+            // process group, which holds the helper (podman's rootless pause process starts a
+            // session of its own and is not in it). podman was not reaped a moment ago, so
+            // the group's id is its pid and names no other group: the id stays taken while
+            // any member lives.
+            if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+        }
+        drop(helper_pidfd);
         if let Some(fd) = &self.pidfd {
             let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
         }

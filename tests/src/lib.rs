@@ -16,6 +16,7 @@
 //!   corrupt things ([`small_private_store`]).
 //! - [`rootless`]: a rootless podman user ([`RootlessUser`]).
 //! - [`xfs`]: a loop-mounted XFS file system with reflinks ([`LoopXfs`]).
+//! - [`faults`]: the fault suite's image, stores, kills and after-fault checks.
 //! - [`skip`]: honest skipping ([`skip_or_fail`]): a missing capability is
 //!   reported as `SKIPPED`, and becomes a failure when `CSTOR_TEST_NO_SKIP=1`.
 //!
@@ -41,6 +42,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+pub mod faults;
 pub mod images;
 pub mod podman;
 pub mod rootfs;

@@ -100,6 +100,17 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
     })
 }
 
+/// An error of `cstor_erofs::write_image`, named once: its `Io` variant both says "writing
+/// the EROFS image: <error>" and has the I/O error as its source, so wrapping it whole gave
+/// "writing the EROFS image: writing the EROFS image: No space left on device (os error 28):
+/// No space left on device (os error 28)". The I/O error is reported like every other one.
+fn erofs_write_error(e: cstor_erofs::Error) -> Error {
+    match e {
+        cstor_erofs::Error::Io(cause) => Error::io("writing the EROFS image", cause),
+        other => repo_err("writing the EROFS image")(other.into()),
+    }
+}
+
 /// Streams the V1 EROFS image of `fs` into a repository object and names it `images/<id>`,
 /// as `commit_images` does, without holding the image (or composefs' per-file xattr copies)
 /// in memory: this is where an import used to reach its peak memory.
@@ -107,13 +118,13 @@ fn write_v1_image<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     fs: &FileSystem<ObjectID>,
 ) -> Result<ObjectID> {
-    let write_err = |e: cstor_erofs::Error| repo_err("writing the EROFS image")(e.into());
     let tmp = match repo.create_object_tmpfile() {
         Ok(fd) => std::fs::File::from(fd),
         // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
         Err(_) => {
             let mut image = Vec::new();
-            cstor_erofs::write_image(fs, FormatVersion::V1, &mut image).map_err(write_err)?;
+            cstor_erofs::write_image(fs, FormatVersion::V1, &mut image)
+                .map_err(erofs_write_error)?;
             return repo
                 .write_image(None, &image)
                 .map_err(repo_err("storing the EROFS image"));
@@ -132,7 +143,8 @@ fn write_v1_image<ObjectID: FsVerityHashValue>(
         },
     };
     let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut hashing);
-    let len = cstor_erofs::write_image(fs, FormatVersion::V1, &mut out).map_err(write_err)?;
+    let len =
+        cstor_erofs::write_image(fs, FormatVersion::V1, &mut out).map_err(erofs_write_error)?;
     out.flush()
         .map_err(|e| Error::io("writing the EROFS image", e))?;
     drop(out);
@@ -212,5 +224,30 @@ impl<ObjectID: FsVerityHashValue> BackgroundHasher<ObjectID> {
                 std::io::Error::other("the hasher thread panicked"),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_of_the_erofs_image_is_named_once() {
+        let e = erofs_write_error(cstor_erofs::Error::Io(std::io::Error::from_raw_os_error(
+            28,
+        )));
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            shown.matches("writing the EROFS image").count(),
+            1,
+            "{shown}"
+        );
+        assert_eq!(shown.matches("os error 28").count(), 1, "{shown}");
+        let e = erofs_write_error(cstor_erofs::Error::InvalidTree("a dangling leaf".into()));
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            shown,
+            "writing the EROFS image: invalid filesystem tree: a dangling leaf"
+        );
     }
 }
