@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cstor_protocol::ErrorCode;
 use flate2::read::MultiGzDecoder;
@@ -43,6 +43,10 @@ pub struct FileItem {
     pub crc64: u64,
     /// The content, opened beneath the layer's directories; `Some` iff `size > 0`.
     pub content: Option<File>,
+    /// Where the content was found, when there is content: which of
+    /// [`LayerSource::dir_fds`] (0 is the layer's own `diff`) and the cleaned path beneath
+    /// it. A consumer that opens files itself (the varlink producer) names them by this.
+    pub found: Option<(usize, PathBuf)>,
 }
 
 impl FileItem {
@@ -52,6 +56,7 @@ impl FileItem {
             size: 0,
             crc64: 0,
             content: None,
+            found: None,
         }
     }
 }
@@ -106,6 +111,24 @@ impl LayerSource {
     /// The layer id.
     pub fn layer_id(&self) -> &str {
         &self.layer_id
+    }
+
+    /// The directories content is looked up in (the layer's `diff`, then its lower layers'
+    /// `diff`, nearest first), reopened as `O_PATH` descriptors: a process they are passed to
+    /// can open files beneath them with its own permissions, but cannot list or read the
+    /// directories through them.
+    pub fn dir_fds(&self) -> Result<Vec<OwnedFd>> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                confine::openat_beneath(
+                    d.as_fd(),
+                    Path::new("."),
+                    rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+                )
+                .map_err(|e| Error::io("reopening a layer directory", e).layer(&self.layer_id))
+            })
+            .collect()
     }
 }
 
@@ -179,7 +202,7 @@ impl Walker {
                 let shown = show(&name);
                 self.corrupt(format!("entry {shown:?} with content names the layer root"))
             })?;
-        let (file, len) = self.open_content(&rel, &name)?;
+        let (file, len, dir) = self.open_content(&rel, &name)?;
         if len != size {
             let shown = show(&name);
             return Err(Error::new(
@@ -196,15 +219,16 @@ impl Walker {
             size,
             crc64,
             content: Some(file),
+            found: Some((dir, rel)),
         })
     }
 
     /// c/storage's getter tries the layer's diff, then each lower diff, first hit wins.
-    fn open_content(&self, rel: &Path, name: &[u8]) -> Result<(File, u64)> {
+    fn open_content(&self, rel: &Path, name: &[u8]) -> Result<(File, u64, usize)> {
         let shown = String::from_utf8_lossy(name);
-        for dir in &self.source.dirs {
+        for (i, dir) in self.source.dirs.iter().enumerate() {
             match confine::open_regular_sized(dir.as_fd(), rel) {
-                Ok(f) => return Ok(f),
+                Ok((f, len)) => return Ok((f, len, i)),
                 // Not in this directory: try the next lower one.
                 Err(e)
                     if e.kind() == std::io::ErrorKind::NotFound
