@@ -11,7 +11,9 @@
 //! - [`storage`]: storage.conf discovery, images, layers, references, opening layers;
 //! - [`tarsplit`]: the tar-split reader; [`lock`]: read locks that interoperate with
 //!   c/storage; [`confine`]: fd-relative opens that cannot escape a root;
-//! - [`server`]: the JSON-RPC dispatcher, the socket transport and the `--stdio` transport.
+//! - [`server`]: the JSON-RPC dispatcher, the socket transport and the `--stdio` transport;
+//! - [`varlink`]: the `org.composefs.Oci` varlink producer (`--varlink`) that composefs'
+//!   own consumers read layers from.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -37,5 +39,6 @@ pub mod lock;
 pub mod server;
 pub mod storage;
 pub mod tarsplit;
+pub mod varlink;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! `cstor-helper`: serves containers-storage over JSON-RPC with fd passing (fd 0 is a
-//! socket), or over stdin/stdout with `--stdio` for debugging.
+//! socket), over stdin/stdout with `--stdio` for debugging, or as a varlink
+//! `org.composefs.Oci` layer source with `--varlink`.
 //!
 //! Exit codes: 0 after end of input or `Shutdown`; 1 when the storage cannot be opened or
 //! served (the reason is on stderr); 2 for command-line errors.
@@ -22,12 +23,22 @@ use cstor_helper::storage::config::{ConfigEnv, Overrides, StorageOptions};
 /// Normally started by a client with a socket on fd 0. For debugging, `--stdio` reads one
 /// JSON-RPC request per line on stdin and prints the replies, e.g.
 /// `echo '{"jsonrpc":"2.0","id":1,"method":"ListImages"}' | cstor-helper --stdio`.
+///
+/// `--varlink SOCKET` serves composefs' `org.composefs.Oci` interface (GetInfo, HasLayer,
+/// GetLayer as splitdirfdstream-v0) on a Unix socket instead, for composefs-rs consumers;
+/// started by systemd socket activation (`LISTEN_FDS`), `--varlink` serves the passed socket.
+/// See docs/varlink.md.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
     /// Serve JSON lines on stdin/stdout instead of the socket on fd 0.
     #[arg(long)]
     stdio: bool,
+    /// Serve org.composefs.Oci over varlink on this Unix socket path (created 0600; must not
+    /// exist), or on the socket systemd passes (LISTEN_FDS) when given without a path. Only
+    /// peers with the helper's own uid are served.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, conflicts_with = "stdio")]
+    varlink: Option<Option<PathBuf>>,
     /// Storage root (graphroot), overriding storage.conf.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
@@ -85,6 +96,32 @@ fn parse_dir(v: &str) -> std::result::Result<PathBuf, String> {
     }
 }
 
+/// Binds a Unix socket at `path`. A socket already there that nobody listens on is what a
+/// killed helper leaves behind: it is replaced. Anything else there is an error.
+fn bind_replacing_stale(
+    path: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            let refused = matches!(
+                UnixStream::connect(path),
+                Err(c) if c.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+            if !(is_socket && refused) {
+                return Err(e);
+            }
+            tracing::info!(path = %path.display(), "replacing a stale socket");
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        other => other,
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     // Content fds are opened ahead of the client; the soft limit is often only 1024. The fd
     // table is grown while this process has one thread (see reserve_table).
@@ -122,7 +159,33 @@ fn run(cli: Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    if cli.stdio {
+    if let Some(path) = &cli.varlink {
+        let listener = match cstor_helper::varlink::activation_listener()
+            .context("taking the socket systemd passed")?
+        {
+            Some(l) => l,
+            None => {
+                let Some(path) = path else {
+                    bail!("--varlink without a path needs a socket from systemd (LISTEN_FDS)");
+                };
+                let l = bind_replacing_stale(path)
+                    .with_context(|| format!("binding {}", path.display()))?;
+                // Connections from other users are refused anyway (peer credentials); the
+                // mode keeps them from connecting at all.
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .with_context(|| format!("restricting {} to its owner", path.display()))?;
+                l
+            }
+        };
+        listener
+            .set_nonblocking(true)
+            .context("configuring the varlink socket")?;
+        rt.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            cstor_helper::varlink::serve(helper, listener).await
+        })
+        .context("serving varlink")?;
+    } else if cli.stdio {
         rt.block_on(stdio::serve(helper))
             .context("serving stdin/stdout")?;
     } else {
