@@ -27,6 +27,8 @@ packages=(
     # Testing: XFS and btrfs file systems on loop devices, extended attributes, the tools
     # the tests and contrib/ scripts call.
     xfsprogs btrfs-progs attr jq python3 util-linux tar gzip
+    # systemd-socket-activate, for the varlink helper's socket activation test.
+    systemd
     # contrib/check-fresh-debian.sh (a minimal Debian chroot of a clone), and ostree.
     debootstrap git ostree
 )

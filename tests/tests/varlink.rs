@@ -376,6 +376,23 @@ fn a_rootless_consumer_gets_files_it_cannot_open_inline() {
         (verity, refused)
     });
     assert_eq!(verity.unwrap(), want, "{}", served.log_text());
+    // The helper says what it sent: the private file and the one below the private
+    // directory inline (in the first, honest stream), the rest by name.
+    let log = served.log_text();
+    let first = log
+        .lines()
+        .find(|l| l.contains("layer stream complete"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let count = |key: &str| -> u64 {
+        first
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {first}"))
+    };
+    cstor_tests::note(&format!("rootless varlink stream: {first}"));
+    assert!(count("inline=") >= 2, "{first}");
+    assert!(count("by_name=") >= 1, "{first}");
     let err = refused.unwrap_err();
     assert!(
         err.contains("ermission denied") || err.contains("EACCES"),

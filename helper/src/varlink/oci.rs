@@ -331,7 +331,13 @@ pub async fn get_layer(
             let _slot = slot;
             let mut reach = Reachability::new(trusted);
             match produce(walker, &producer_dirs, &mut reach, writer, &cancel) {
-                Ok(done) => tracing::debug!(layer = %layer_id, ?done, "layer stream complete"),
+                Ok(done) => tracing::info!(
+                    layer = %layer_id,
+                    by_name = done.file_backed,
+                    inline = done.inline,
+                    inline_bytes = done.inline_bytes,
+                    "layer stream complete"
+                ),
                 Err(e) => tracing::info!(layer = %layer_id, "layer stream failed: {e}"),
             }
             drop(producer_dirs);
