@@ -411,6 +411,17 @@ struct Small {
     helper: VarlinkHelper,
 }
 
+impl Drop for Small {
+    fn drop(&mut self) {
+        // The helper goes first: it may hold the store's locks and files.
+        let _ = self.helper.child.kill();
+        let _ = self.helper.child.wait();
+        if let Err(e) = self.store.destroy() {
+            cstor_tests::note(&format!("leaving {}: {e:#}", self.store.dir.display()));
+        }
+    }
+}
+
 fn small(test: &str) -> Option<Small> {
     if !skip::require_root(test) || !skip::require_tools(test, &["podman"]) {
         return None;
@@ -692,6 +703,8 @@ fn systemd_socket_activation_serves_the_passed_socket() {
         again[0]["parameters"]["features"][0],
         json!("splitdirfdstream-v0")
     );
+    drop(helper);
+    store.destroy().unwrap();
 }
 
 /// Thousands of files, each an object of its own: the stream stays in step with the
@@ -747,4 +760,77 @@ fn a_layer_of_many_files_drains_like_cstor_imports_it() {
     });
     drop(helper);
     store.destroy().unwrap();
+}
+
+/// Upstream's unverified drain (what composefs-oci's own containers-storage import uses).
+fn drain_unverified(repo: &Repo, fetched: Fetched, diff_id: &str) -> Result<(), String> {
+    let diff: OciDigest = diff_id.parse().unwrap();
+    let _lifetime = fetched.lifetime;
+    composefs_oci::layer_sync::drain_splitdirfdstream(
+        repo.clone(),
+        fetched.pipe,
+        fetched.dirs,
+        &diff,
+        false,
+        ImportContext::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// The format has no end record, so a stream that merely stopped would be stored as a
+/// shorter layer, even by upstream's drain that checks no diff id. A file changed on disk
+/// (caught by the CRC-64 the helper checks on what it reads itself) or gone makes the
+/// helper end the stream with a record no reader accepts, and nothing is stored.
+#[test]
+fn a_damaged_layer_fails_the_drain_instead_of_storing_a_shorter_one() {
+    let Some(s) = small("a_damaged_layer_fails_the_drain_instead_of_storing_a_shorter_one") else {
+        return;
+    };
+    let diff = s.store.layer_diff_dir(&s.layer);
+    // Private, so that the helper reads it for a consumer without CAP_DAC_OVERRIDE; one
+    // byte changed, the size kept.
+    let data = diff.join("usr/share/data.txt");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[10] ^= 0x20;
+    std::fs::write(&data, &bytes).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let attempt = |what: &str| {
+        runtime().block_on(async {
+            let mut conn = s.helper.connect().await;
+            let fetched = get_layer(&mut conn, locator(&s.store.root, &s.layer, false))
+                .await
+                .unwrap();
+            let repo = new_repo(&s._dir.path().join(what));
+            let diff_id = s.diff_id.clone();
+            let r = {
+                let repo = repo.clone();
+                tokio::task::spawn_blocking(move || drain_unverified(&repo, fetched, &diff_id))
+                    .await
+                    .unwrap()
+            };
+            (r, stored(&repo, &s.diff_id))
+        })
+    };
+    let (r, kept) = attempt("changed");
+    let err = r.unwrap_err();
+    assert!(err.contains("0xff"), "{err}");
+    assert!(kept.is_none());
+    assert!(
+        s.helper.log_text().contains("CRC-64"),
+        "{}",
+        s.helper.log_text()
+    );
+
+    // A file gone from the layer: named files are looked up before they are named.
+    std::fs::remove_file(&data).unwrap();
+    let (r, kept) = attempt("missing");
+    let err = r.unwrap_err();
+    assert!(err.contains("0xff"), "{err}");
+    assert!(kept.is_none());
+    assert!(
+        s.helper.log_text().contains("missing from the layer"),
+        "{}",
+        s.helper.log_text()
+    );
 }
