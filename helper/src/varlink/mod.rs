@@ -414,3 +414,53 @@ pub fn activation_listener() -> std::io::Result<Option<std::os::unix::net::UnixL
     }
     Ok(Some(std::os::unix::net::UnixListener::from(fd)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(r: Result<Call, Unreadable>) -> Value {
+        match r {
+            Err(Unreadable::Answer(reply)) => reply.body,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn calls_are_parsed_as_varlink_frames_them() {
+        let c = parse_call(br#"{"method":"a.b.C","parameters":{"x":1},"more":true}"#).unwrap();
+        assert_eq!(
+            (c.method.as_str(), c.more, c.oneway),
+            ("a.b.C", true, false)
+        );
+        assert_eq!(c.parameters, json!({"x": 1}));
+        // Absent or null parameters are an empty object; flags of the wrong type are off.
+        let c = parse_call(br#"{"method":"a.b.C","parameters":null,"more":"yes"}"#).unwrap();
+        assert_eq!((c.parameters, c.more), (json!({}), false));
+        assert_eq!(
+            answer(parse_call(br#"{"parameters":{}}"#))["parameters"]["parameter"],
+            "method"
+        );
+        assert_eq!(
+            answer(parse_call(br#"{"method":"a.b.C","parameters":[1]}"#))["error"],
+            "org.varlink.service.InvalidParameter"
+        );
+        for closing in [&b"[1]"[..], b"\xff", b"", b"{\"method\":"] {
+            assert!(matches!(parse_call(closing), Err(Unreadable::Close(_))));
+        }
+    }
+
+    #[test]
+    fn replies_continue_only_when_asked() {
+        assert_eq!(Reply::ok(json!({}), false).body, json!({"parameters": {}}));
+        assert_eq!(
+            Reply::ok(json!({}), true).body,
+            json!({"parameters": {}, "continues": true})
+        );
+        let e = Reply::oci_error(OciError::no_such_layer("x"));
+        assert_eq!(
+            e.body,
+            json!({"error": "org.composefs.Oci.NoSuchLayer", "parameters": {"diff_id": "x"}})
+        );
+    }
+}
