@@ -166,7 +166,8 @@ impl Drop for ServedSlot {
     }
 }
 
-/// A layer handed over: the reply frames, each `(dir_count, fds)`, to be sent in order.
+/// A layer handed over: the fd batch of each reply, to be sent in order, and the
+/// `dir_count` every reply reports.
 #[derive(Debug)]
 pub struct LayerFrames {
     /// The `dir_count` every frame reports.
