@@ -4,8 +4,9 @@
 //! What it stores is what `cstor import` stores for the same layers, as root and as a
 //! rootless user whose layer holds files only the helper can open; bad requests get
 //! upstream's error names and the helper goes on serving; podman's writers wait until the
-//! consumer closes its lifetime fd; systemd socket activation works; and a layer of 5000
-//! files comes out the same too.
+//! consumer closes its lifetime fd; systemd socket activation works; a layer of 5000
+//! files comes out the same too; layers of an additional image store are served under its
+//! path; and a damaged layer fails the drain rather than being stored shorter.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -833,4 +834,98 @@ fn a_damaged_layer_fails_the_drain_instead_of_storing_a_shorter_one() {
         "{}",
         s.helper.log_text()
     );
+}
+
+/// Store B holds a base image; store A, with B as its additional image store, a layer
+/// committed on top of it, whose parent and overlay lower link are in B.
+fn stores_with_a_chain_across(dir: &Path) -> (PodmanStore, PodmanStore) {
+    let (b, base) = small_private_store(&dir.join("b")).unwrap();
+    let a = PodmanStore::new(&dir.join("a")).unwrap();
+    let opt = format!("overlay.imagestore={}", b.root.display());
+    let podman_a = |args: &[&str]| {
+        let mut c = a.podman();
+        c.args(["--storage-opt", &opt]).args(args);
+        run_command(&mut c, "podman on store A with B as additional image store").unwrap()
+    };
+    let c = podman_a(&["create", &base.name, "/bin/true"]);
+    let c = c.lines().last().unwrap().trim().to_owned();
+    let m = podman_a(&["mount", &c]);
+    std::fs::write(Path::new(m.trim()).join("etc/top"), "top layer\n").unwrap();
+    podman_a(&["umount", &c]);
+    podman_a(&["commit", "--quiet", &c, "localhost/top:latest"]);
+    podman_a(&["rm", &c]);
+    (a, b)
+}
+
+/// The helper's storage selection is the one every mode uses: a layer of an additional
+/// image store is served under that store's path (and not under the graph root's), and a
+/// layer of the graph root gets its lower directory from the additional store.
+#[test]
+fn layers_of_an_additional_image_store_are_served_under_its_path() {
+    let test = "layers_of_an_additional_image_store_are_served_under_its_path";
+    if !skip::require_root(test) || !skip::require_tools(test, &["podman"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = stores_with_a_chain_across(dir.path());
+    let sock = dir.path().join("oci.sock");
+    let mut cmd = Command::new(helper_binary().unwrap());
+    cmd.arg("--root")
+        .arg(&a.root)
+        .arg("--runroot")
+        .arg(&a.runroot)
+        .arg("--additional-image-store")
+        .arg(&b.root)
+        .arg("--varlink")
+        .arg(&sock);
+    let helper = VarlinkHelper::start(cmd, &sock, &dir.path().join("helper.log"), false);
+    // A's records, read directly: podman alone would not find the parent in B.
+    let images = a.images_json().unwrap();
+    let top = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["names"].to_string().contains("localhost/top"))
+        .unwrap();
+    let top_layer = top["layer"].as_str().unwrap().to_owned();
+    let base_layer = a.layer_record(&top_layer).unwrap()["parent"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let layers = [base_layer, top_layer];
+    let diff_id = |store: &PodmanStore, id: &str| {
+        store.layer_record(id).unwrap()["diff-digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let cases = [
+        (&b, &layers[0], diff_id(&b, &layers[0]), 1),
+        (&a, &layers[1], diff_id(&a, &layers[1]), 2),
+    ];
+    let repo = new_repo(&dir.path().join("repo"));
+    runtime().block_on(async {
+        let mut conn = helper.connect().await;
+        for (store, layer, diff, dirs) in cases {
+            let fetched = get_layer(&mut conn, locator(&store.root, layer, true))
+                .await
+                .unwrap();
+            assert_eq!(fetched.dirs.len(), dirs);
+            let repo = repo.clone();
+            let diff = diff.clone();
+            tokio::task::spawn_blocking(move || drain(&repo, fetched, &diff))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // The base layer is not the graph root's to serve.
+        let e = get_layer(&mut conn, locator(&a.root, &layers[0], true))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error_name(&e), "NoSuchLayer");
+    });
+    drop(helper);
+    a.destroy().unwrap();
+    b.destroy().unwrap();
 }
