@@ -189,7 +189,21 @@ impl ArchiveHeader {
 /// 4 zero bytes) and `(uuuusa(ayay))` of uid, gid, mode, rdev 0, symlink target, xattrs
 /// (names with their trailing NUL, sorted as ostree sorts them).
 pub fn file_checksum_header(meta: &Meta, symlink_target: &str) -> Vec<u8> {
+    sized_file_variant(None, meta, symlink_target)
+}
+
+/// An archive-mode file header: the 8-byte prefix and `(tuuuusa(ayay))`, the checksum
+/// header's fields preceded by the content size. composefs-ostree stores file objects in
+/// its commit splitstreams with this header.
+pub fn archive_file_header(size: u64, meta: &Meta, symlink_target: &str) -> Vec<u8> {
+    sized_file_variant(Some(size), meta, symlink_target)
+}
+
+fn sized_file_variant(size: Option<u64>, meta: &Meta, symlink_target: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(64);
+    if let Some(size) = size {
+        v.extend_from_slice(&size.to_be_bytes());
+    }
     for x in [meta.uid, meta.gid, meta.mode, 0] {
         v.extend_from_slice(&x.to_be_bytes());
     }
@@ -295,6 +309,22 @@ mod tests {
         assert_eq!(
             hash(0o120777, vec![], "a", b""),
             "438802d990f25270d36f902bc9ce9d0737b88f9ae0b41ed59ec9e47c28523e0a"
+        );
+    }
+
+    #[test]
+    fn archive_headers_round_trip() {
+        let meta = Meta {
+            uid: 1,
+            gid: 2,
+            mode: 0o100600,
+            xattrs: vec![(b"user.x\0".to_vec(), b"y".to_vec())],
+        };
+        let h = archive_file_header(1234, &meta, "");
+        let d = ArchiveHeader::decode(&h).unwrap();
+        assert_eq!(
+            (d.size, &d.meta, d.content_offset),
+            (1234, &meta, h.len() as u64)
         );
     }
 
