@@ -240,12 +240,21 @@ async fn import_open<ObjectID: FsVerityHashValue>(
                     .map_err(|e| Error::io(format!("reading {object}"), e))?;
                 let limit = f.size.saturating_add(1);
                 match f.content {
+                    // A stream that does not inflate is a corrupt object, not an I/O
+                    // failure; flate2 reports both as io::Error, real I/O errors carry an
+                    // errno.
                     Some(ContentEncoding::Deflate) => flate2::read::DeflateDecoder::new(file)
                         .take(limit)
-                        .read_to_end(&mut content),
-                    _ => file.take(limit).read_to_end(&mut content),
-                }
-                .map_err(|e| Error::io(format!("reading {object}"), e))?;
+                        .read_to_end(&mut content)
+                        .map_err(|e| match e.raw_os_error() {
+                            Some(_) => Error::io(format!("reading {object}"), e),
+                            None => corrupt(&object, format!("its content does not inflate: {e}")),
+                        }),
+                    _ => file
+                        .take(limit)
+                        .read_to_end(&mut content)
+                        .map_err(|e| Error::io(format!("reading {object}"), e)),
+                }?;
             }
             if content.len() as u64 != f.size {
                 return Err(corrupt(
