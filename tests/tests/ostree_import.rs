@@ -261,3 +261,92 @@ fn xattrs_lose_only_the_trailing_nul() {
         "upstream finds our image through the splitstream's named ref"
     );
 }
+
+/// `cstor ostree import` as a user runs it: no upstream tool needed.
+#[test]
+fn cstor_ostree_import_command() {
+    let test = "cstor_ostree_import_command";
+    if !skip::require_root(test) || !skip::require_tools(test, &["ostree"]) {
+        return;
+    }
+    let cstor = cstor_tests::helper_binary()
+        .unwrap()
+        .with_file_name("cstor");
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write_tree(&tree);
+    let store = empty_store(&dir.path().join("cs"));
+    let osrepo = dir.path().join("ostree");
+    ostree(&osrepo, &["init", "--mode=archive"]);
+    ostree(
+        &osrepo,
+        &[
+            "commit",
+            "-b",
+            "fedora/x86_64",
+            &format!("--tree=dir={}", tree.display()),
+        ],
+    );
+    let commit = ostree(&osrepo, &["rev-parse", "fedora/x86_64"])
+        .trim()
+        .to_owned();
+    let ours = dir.path().join("cfs");
+    let run = |args: &[&str]| {
+        Command::new(&cstor)
+            .arg("--json")
+            .args(["ostree", "import", "--repo"])
+            .arg(&ours)
+            .arg("--root")
+            .arg(&store.root)
+            .arg("--runroot")
+            .arg(&store.runroot)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--init", osrepo.to_str().unwrap(), "fedora/x86_64"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["commit"], commit.as_str());
+    assert_eq!(v["reference"], "ostree/fedora%2Fx86_64");
+    assert!(ours.join("streams/refs/ostree/fedora%2Fx86_64").exists());
+    assert!(
+        ours.join("images")
+            .join(v["image_id"].as_str().unwrap())
+            .exists()
+    );
+
+    // A corrupt object: exit status 4 (verification), the object named, nothing named.
+    let c = Command::new("ostree")
+        .arg(format!("--repo={}", osrepo.display()))
+        .args(["ls", "-C", "fedora/x86_64", "/usr/share/a"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8(c.stdout).unwrap();
+    let file = line.split_whitespace().nth(4).unwrap().to_owned();
+    let p = osrepo.join(format!("objects/{}/{}.filez", &file[..2], &file[2..]));
+    let mut bytes = std::fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&p, bytes).unwrap();
+    ostree(
+        &osrepo,
+        &[
+            "commit",
+            "-b",
+            "other",
+            &format!("--tree=dir={}", tree.display()),
+        ],
+    );
+    let other = ostree(&osrepo, &["rev-parse", "other"]).trim().to_owned();
+    let out = run(&[osrepo.to_str().unwrap(), "other"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(&file), "{err}");
+    assert!(!ours.join(format!("streams/ostree-commit-{other}")).exists());
+    assert!(!ours.join("streams/refs/ostree/other").exists());
+}

@@ -1,0 +1,117 @@
+//! `cstor ostree import`: an ostree commit into a composefs repository, read through the
+//! helper, written as `cfsctl ostree pull-local` writes it; a summary (or `--json`) on stdout.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
+use cstor_import::{OstreeImportReport, RepoAlgorithm};
+use cstor_proxy_client::Client;
+
+use super::{connect, finish, repo_path};
+use crate::args::{Global, OstreeImportArgs};
+use crate::output::{human, print_json, short};
+
+pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
+    let path = repo_path(args.repo.as_deref())?;
+    if args.init {
+        let outcome = cstor_import::init_repository(&path)?;
+        if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
+            eprintln!(
+                "cstor: created {} in insecure mode: the filesystem has no fs-verity",
+                path.display()
+            );
+        }
+    }
+    // The helper opens the repository by absolute path, whatever its working directory.
+    let source = std::path::absolute(&args.ostree_repo)
+        .with_context(|| format!("resolving {}", args.ostree_repo.display()))?;
+    let client = connect(g, &args.storage, None).await?;
+    let r = match cstor_import::repository_algorithm(&path)? {
+        RepoAlgorithm::Sha512 => run::<Sha512HashValue>(&client, &path, &source, args).await,
+        RepoAlgorithm::Sha256 => run::<Sha256HashValue>(&client, &path, &source, args).await,
+    };
+    let report = match r {
+        Ok(r) => r,
+        Err(e) => return finish(client, Err(e)).await,
+    };
+    let printed = if g.json {
+        print_json(&Summary::of(&report, &path))
+    } else {
+        print_summary(&report, &path, &args.reference).map_err(Into::into)
+    };
+    finish(client, printed).await
+}
+
+async fn run<ObjectID: FsVerityHashValue>(
+    client: &Client,
+    path: &Path,
+    source: &Path,
+    args: &OstreeImportArgs,
+) -> Result<OstreeImportReport> {
+    let repo = cstor_import::open_repository::<ObjectID>(path)?;
+    cstor_import::import_ostree_commit(client, &repo, source, &args.reference, args.tag.as_deref())
+        .await
+        .with_context(|| {
+            format!(
+                "importing {} of {} into {}",
+                args.reference,
+                source.display(),
+                path.display()
+            )
+        })
+}
+
+/// `--json` output.
+#[derive(Debug, serde::Serialize)]
+struct Summary<'a> {
+    commit: &'a str,
+    repository: String,
+    image_id: &'a str,
+    stream_id: &'a str,
+    reference: Option<&'a str>,
+    metadata_objects: u64,
+    file_objects: u64,
+    external_objects: u64,
+    content_bytes: u64,
+}
+
+impl<'a> Summary<'a> {
+    fn of(r: &'a OstreeImportReport, path: &Path) -> Self {
+        Self {
+            commit: &r.commit,
+            repository: path.display().to_string(),
+            image_id: &r.image_id,
+            stream_id: &r.stream_id,
+            reference: r.reference.as_deref(),
+            metadata_objects: r.metadata_objects,
+            file_objects: r.file_objects,
+            external_objects: r.external_objects,
+            content_bytes: r.content_bytes,
+        }
+    }
+}
+
+fn print_summary(r: &OstreeImportReport, path: &Path, rev: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Imported {rev} (commit {}, image {}) into {}{}",
+        short(&r.commit),
+        short(&r.image_id),
+        path.display(),
+        r.reference
+            .as_deref()
+            .map(|n| format!(" as {n}"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "  objects:  {} metadata, {} files ({} stored as objects, {} read)",
+        r.metadata_objects,
+        r.file_objects,
+        r.external_objects,
+        human(r.content_bytes)
+    )
+}
