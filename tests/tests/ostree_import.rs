@@ -350,3 +350,99 @@ fn cstor_ostree_import_command() {
     assert!(!ours.join(format!("streams/ostree-commit-{other}")).exists());
     assert!(!ours.join("streams/refs/ostree/other").exists());
 }
+
+/// A rootless user imports commits of their own bare-user and bare-user-only repositories,
+/// through `podman unshare` (the default for a non-root user) and with the helper run
+/// directly; both give the image root gets from the same repository.
+#[test]
+fn a_user_imports_their_own_repository() {
+    let test = "a_user_imports_their_own_repository";
+    let Some(user) = cstor_tests::rootless_user_or_skip(test) else {
+        return;
+    };
+    if !skip::require_tools(test, &["ostree"]) {
+        return;
+    }
+    let (_bins, _helper, cstor) = cstor_tests::session::public_binaries().unwrap();
+    let work = user.home.join(format!("ostree-{}", std::process::id()));
+    let as_user = |program: &str, args: &[&str]| {
+        let mut cmd = user.command(program);
+        cmd.args(args);
+        run_command(&mut cmd, program).unwrap()
+    };
+    as_user(
+        "mkdir",
+        &["-p", work.join("tree/private").to_str().unwrap()],
+    );
+    std::fs::write(work.join("tree/private/secret"), [9u8; 300]).unwrap();
+    std::fs::write(work.join("tree/hello"), b"hello\n").unwrap();
+    for p in ["tree/private/secret", "tree/hello"] {
+        user.chown(&work.join(p)).unwrap();
+    }
+    std::fs::set_permissions(
+        work.join("tree/private/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        work.join("tree/private"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let store = empty_store(&work.join("root-cs"));
+    for mode in ["bare-user", "bare-user-only"] {
+        let os = work.join(format!("os-{mode}"));
+        let os_s = os.to_str().unwrap();
+        as_user(
+            "ostree",
+            &[&format!("--repo={os_s}"), "init", &format!("--mode={mode}")],
+        );
+        as_user(
+            "ostree",
+            &[
+                &format!("--repo={os_s}"),
+                "commit",
+                "-b",
+                "main",
+                &format!("--tree=dir={}", work.join("tree").display()),
+            ],
+        );
+        let commit = as_user("ostree", &[&format!("--repo={os_s}"), "rev-parse", "main"])
+            .trim()
+            .to_owned();
+        let mut images = Vec::new();
+        for privilege in ["auto", "direct"] {
+            let cfs = work.join(format!("cfs-{mode}-{privilege}"));
+            let out = as_user(
+                cstor.to_str().unwrap(),
+                &[
+                    "--json",
+                    "ostree",
+                    "import",
+                    "--privilege",
+                    privilege,
+                    "--init",
+                    "--repo",
+                    cfs.to_str().unwrap(),
+                    os_s,
+                    "main",
+                ],
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["commit"], commit.as_str(), "{mode} {privilege}");
+            images.push(v["image_id"].as_str().unwrap().to_owned());
+        }
+        // Root, from the same repository.
+        let ours = work.join(format!("cfs-{mode}-root"));
+        init_repository(&ours).unwrap();
+        let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
+        let report = runtime().block_on(async {
+            let client = client_for(&store).await.unwrap();
+            import_ostree_commit(&client, &repo, &os, "main", None)
+                .await
+                .unwrap()
+        });
+        assert_eq!(images, [report.image_id.clone(), report.image_id], "{mode}");
+    }
+    cstor_tests::remove_tree(&work).unwrap();
+}
