@@ -13,7 +13,9 @@
 //! stores them with, so that the image carries `user.foo`, not `user.foo\0`. Image ids of
 //! commits with xattrs therefore differ from upstream's; the others are equal.
 //!
-//! This first version copies contents through memory (no reflink, no copy policy yet).
+//! Raw contents (bare modes) are reflinked, copied or hardlinked from the helper's fd as
+//! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, and
+//! small files go through memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -21,6 +23,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use base64::Engine;
 use composefs::fsverity::FsVerityHashValue;
@@ -38,6 +41,8 @@ use cstor_protocol::ostree::{
 use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
+use crate::objects::{Source, Stored, WorkerState, store_as};
+use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
 /// The content type of composefs-ostree's commit splitstreams.
 pub const OSTREE_COMMIT_CONTENT_TYPE: u64 = 0xAFE1_38C1_8C46_3EF1;
@@ -57,7 +62,7 @@ pub fn ref_path(name: &str) -> String {
 }
 
 /// What an ostree import did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct OstreeImportReport {
     /// The commit checksum.
     pub commit: String,
@@ -75,6 +80,11 @@ pub struct OstreeImportReport {
     pub external_objects: u64,
     /// Content bytes read.
     pub content_bytes: u64,
+    /// How file contents got into the repository (inline counts files of the tree's
+    /// threshold or less; symlinks are in no count).
+    pub objects: ObjectStats,
+    /// Why the first object that could not be reflinked was copied, if one was.
+    pub first_reflink_fallback: Option<String>,
 }
 
 fn corrupt(object: &str, detail: impl std::fmt::Display) -> Error {
@@ -101,7 +111,7 @@ pub async fn import_ostree_commit<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     ostree_repo: &Path,
     rev: &str,
-    tag: Option<&str>,
+    options: &ImportOptions,
 ) -> Result<OstreeImportReport> {
     let (opened, _): (OpenOstreeRepoResult, _) = client
         .call(
@@ -112,7 +122,7 @@ pub async fn import_ostree_commit<ObjectID: FsVerityHashValue>(
         )
         .await?;
     let handle = opened.repo;
-    let r = import_open(client, repo, handle, rev, tag).await;
+    let r = import_open(client, repo, handle, rev, options).await;
     // The handle (and the ostree lock) goes whatever happened; a failure to close it is
     // only worth a log line, the connection's end closes it anyway.
     if let Err(e) = client
@@ -132,8 +142,9 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     handle: u64,
     rev: &str,
-    tag: Option<&str>,
+    options: &ImportOptions,
 ) -> Result<OstreeImportReport> {
+    let tag = options.tag.as_deref();
     let (resolved, _): (ResolveOstreeRefResult, _) = client
         .call(
             method::RESOLVE_OSTREE_REF,
@@ -199,6 +210,8 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     let batch = (client.info().limits.max_fds_per_message as usize).max(1);
     let mut entries: BTreeMap<Checksum, FileEntry<ObjectID>> = BTreeMap::new();
     let mut content_bytes = 0u64;
+    let mut stats = ObjectStats::default();
+    let state = WorkerState::new(Arc::new(AtomicBool::new(false)));
     for chunk in files.chunks(batch) {
         let (opened, fds): (OpenOstreeFilesResult, _) = client
             .call(
@@ -229,59 +242,68 @@ async fn import_open<ObjectID: FsVerityHashValue>(
             };
             let target = f.symlink_target.clone();
             let mut hasher = FileHasher::new(&meta, target.as_deref().unwrap_or(""));
-            let mut content = Vec::new();
-            if let Some(i) = f.fd {
-                let fd = fds
-                    .get_mut(i as usize)
-                    .and_then(Option::take)
-                    .ok_or_else(|| corrupt(&object, "the helper sent no fd for it"))?;
-                let mut file = std::fs::File::from(fd);
-                file.seek(SeekFrom::Start(f.content_offset))
-                    .map_err(|e| Error::io(format!("reading {object}"), e))?;
-                let limit = f.size.saturating_add(1);
-                match f.content {
-                    // A stream that does not inflate is a corrupt object, not an I/O
-                    // failure; flate2 reports both as io::Error, real I/O errors carry an
-                    // errno.
-                    Some(ContentEncoding::Deflate) => flate2::read::DeflateDecoder::new(file)
-                        .take(limit)
-                        .read_to_end(&mut content)
-                        .map_err(|e| match e.raw_os_error() {
-                            Some(_) => Error::io(format!("reading {object}"), e),
-                            None => corrupt(&object, format!("its content does not inflate: {e}")),
-                        }),
-                    _ => file
-                        .take(limit)
-                        .read_to_end(&mut content)
-                        .map_err(|e| Error::io(format!("reading {object}"), e)),
-                }?;
-            }
-            if content.len() as u64 != f.size {
-                return Err(corrupt(
-                    &object,
-                    format!("{} bytes announced, {} read", f.size, content.len()),
-                ));
-            }
-            hasher.update(&content);
-            let actual = hex::encode(hasher.finish());
-            if actual != f.checksum {
-                return Err(corrupt(
-                    &object,
-                    format!("its metadata and content have checksum {actual}"),
-                ));
-            }
-            content_bytes += content.len() as u64;
             let is_regular = target.is_none();
-            let (inline, external) = if is_regular && f.size > threshold {
-                let id = repo
-                    .ensure_object(&content)
-                    .map_err(repo_err(format!("storing {object}")))?;
-                (None, Some(id))
-            } else if is_regular {
-                (Some(content), None)
-            } else {
-                (None, None)
+            let fd = match f.fd {
+                Some(i) => Some(
+                    fds.get_mut(i as usize)
+                        .and_then(Option::take)
+                        .ok_or_else(|| corrupt(&object, "the helper sent no fd for it"))?,
+                ),
+                None if f.size > 0 => {
+                    return Err(corrupt(&object, "the helper sent no content for it"));
+                }
+                None => None,
             };
+            let deflated = f.content == Some(ContentEncoding::Deflate);
+            let (inline, external) = match fd {
+                // Stored from the helper's fd itself: hashed in one pass of reads, then
+                // reflinked (or copied, as the policy allows) from the same fd.
+                Some(fd) if is_regular && !deflated && f.size > threshold => {
+                    let file = std::fs::File::from(fd);
+                    let id = hash_raw::<ObjectID>(&file, f.size, &mut hasher, &object)?;
+                    check_file(hasher, &f.checksum, &object)?;
+                    let source = Source {
+                        file: &file,
+                        data: None,
+                        size: f.size,
+                        crc64: 0,
+                        name: &object,
+                        layer: "ostree",
+                    };
+                    let (id, how) = store_as(repo, id, &source, options.copy_policy, &state, None)?;
+                    stats.count(how, f.size);
+                    (None, Some(id))
+                }
+                Some(fd) => {
+                    let content = read_content(fd, &f, &object)?;
+                    hasher.update(&content);
+                    check_file(hasher, &f.checksum, &object)?;
+                    if is_regular && f.size > threshold {
+                        if options.copy_policy == CopyPolicy::ReflinkOnly {
+                            return Err(Error::ReflinkRequired {
+                                file: object,
+                                reason: "archive-mode contents are compressed: they can only \
+                                         be inflated into a copy"
+                                    .into(),
+                            });
+                        }
+                        let id = repo
+                            .ensure_object(&content)
+                            .map_err(repo_err(format!("storing {object}")))?;
+                        stats.count(Stored::Copied, f.size);
+                        (None, Some(id))
+                    } else {
+                        stats.inlined += 1;
+                        stats.bytes_inlined += f.size;
+                        (Some(content), None)
+                    }
+                }
+                None => {
+                    check_file(hasher, &f.checksum, &object)?;
+                    (is_regular.then(Vec::new), None)
+                }
+            };
+            content_bytes += f.size;
             let mut c = [0u8; 32];
             hex::decode_to_slice(&f.checksum, &mut c)
                 .map_err(|_| corrupt(&object, "the helper named it wrongly"))?;
@@ -398,7 +420,92 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         file_objects: files.len() as u64,
         external_objects,
         content_bytes,
+        objects: stats,
+        first_reflink_fallback: state.first_fallback(),
     })
+}
+
+/// Compares a file's computed ostree checksum with its name.
+fn check_file(hasher: FileHasher, checksum: &str, object: &str) -> Result<()> {
+    let actual = hex::encode(hasher.finish());
+    if actual != checksum {
+        return Err(corrupt(
+            object,
+            format!("its metadata and content have checksum {actual}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a raw content fd from offset 0 (positioned reads, so that the fd can then be
+/// cloned whole) into the ostree hasher and an fs-verity hasher: the object id.
+fn hash_raw<ObjectID: FsVerityHashValue>(
+    file: &std::fs::File,
+    size: u64,
+    hasher: &mut FileHasher,
+    object: &str,
+) -> Result<ObjectID> {
+    use std::os::unix::fs::FileExt;
+    let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
+    let mut buf = vec![0u8; (1 << 20).min(size as usize + 1)];
+    let mut at = 0u64;
+    loop {
+        let n = file
+            .read_at(&mut buf, at)
+            .map_err(|e| Error::io(format!("reading {object}"), e))?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+        if at > size {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        verity.update(&buf[..n]);
+    }
+    if at != size {
+        return Err(corrupt(
+            object,
+            format!("{size} bytes announced, {at} read"),
+        ));
+    }
+    Ok(verity.finish())
+}
+
+/// Reads a small or compressed content into memory: at most `size` bytes, inflated for
+/// `deflate`.
+fn read_content(
+    fd: std::os::fd::OwnedFd,
+    f: &cstor_protocol::ostree::OstreeFile,
+    object: &str,
+) -> Result<Vec<u8>> {
+    let mut file = std::fs::File::from(fd);
+    file.seek(SeekFrom::Start(f.content_offset))
+        .map_err(|e| Error::io(format!("reading {object}"), e))?;
+    let limit = f.size.saturating_add(1);
+    let mut content = Vec::new();
+    match f.content {
+        // A stream that does not inflate is a corrupt object, not an I/O failure; flate2
+        // reports both as io::Error, real I/O errors carry an errno.
+        Some(ContentEncoding::Deflate) => flate2::read::DeflateDecoder::new(file)
+            .take(limit)
+            .read_to_end(&mut content)
+            .map_err(|e| match e.raw_os_error() {
+                Some(_) => Error::io(format!("reading {object}"), e),
+                None => corrupt(object, format!("its content does not inflate: {e}")),
+            }),
+        _ => file
+            .take(limit)
+            .read_to_end(&mut content)
+            .map_err(|e| Error::io(format!("reading {object}"), e)),
+    }?;
+    if content.len() as u64 != f.size {
+        return Err(corrupt(
+            object,
+            format!("{} bytes announced, {} read", f.size, content.len()),
+        ));
+    }
+    Ok(content)
 }
 
 /// Fetches metadata objects, following partial replies, and checks each checksum.
