@@ -235,6 +235,10 @@ pub struct OstreeImportArgs {
     /// Name to give the commit (default: REF when it is a ref; a checksum gets no name).
     #[arg(long, value_name = "NAME", value_parser = non_empty_tag)]
     pub tag: Option<String>,
+    /// How file contents get into the repository (archive repositories are always copied:
+    /// their contents are compressed).
+    #[arg(long, value_enum, default_value_t = CopyPolicyArg::ReflinkOrCopy)]
+    pub copy_policy: CopyPolicyArg,
     #[command(flatten)]
     pub storage: StorageArgs,
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use composefs::fsverity::Sha512HashValue;
-use cstor_import::{import_ostree_commit, init_repository, open_repository};
+use cstor_import::{ImportOptions, import_ostree_commit, init_repository, open_repository};
 use cstor_tests::session::{client_for, runtime};
 use cstor_tests::{PodmanStore, run_command, skip};
 
@@ -153,7 +153,7 @@ fn imports_equal_cfsctl_pull_local_without_xattrs() {
         let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
         let report = runtime().block_on(async {
             let client = client_for(&store).await.unwrap();
-            import_ostree_commit(&client, &repo, &osrepo, "os/main", None)
+            import_ostree_commit(&client, &repo, &osrepo, "os/main", &ImportOptions::new())
                 .await
                 .unwrap()
         });
@@ -227,9 +227,15 @@ fn xattrs_lose_only_the_trailing_nul() {
     let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
     let report = runtime().block_on(async {
         let client = client_for(&store).await.unwrap();
-        import_ostree_commit(&client, &repo, &osrepo, "main", Some("tagged"))
-            .await
-            .unwrap()
+        import_ostree_commit(
+            &client,
+            &repo,
+            &osrepo,
+            "main",
+            &ImportOptions::new().tag("tagged"),
+        )
+        .await
+        .unwrap()
     });
     assert_ne!(
         report.image_id, up_image,
@@ -438,11 +444,88 @@ fn a_user_imports_their_own_repository() {
         let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
         let report = runtime().block_on(async {
             let client = client_for(&store).await.unwrap();
-            import_ostree_commit(&client, &repo, &os, "main", None)
+            import_ostree_commit(&client, &repo, &os, "main", &ImportOptions::new())
                 .await
                 .unwrap()
         });
         assert_eq!(images, [report.image_id.clone(), report.image_id], "{mode}");
     }
     cstor_tests::remove_tree(&work).unwrap();
+}
+
+/// On XFS, files of a bare-user repository become objects by reflink (nothing copied), and
+/// `--copy-policy reflink-only` of an archive repository fails: its contents are compressed.
+#[test]
+fn contents_are_reflinked_from_bare_repositories() {
+    let test = "contents_are_reflinked_from_bare_repositories";
+    if !skip::require_root(test) || !skip::require_tools(test, &["ostree", "mkfs.xfs"]) {
+        return;
+    }
+    let Some(xfs) = cstor_tests::loop_xfs_or_skip(test, 1 << 30) else {
+        return;
+    };
+    let cstor = cstor_tests::helper_binary()
+        .unwrap()
+        .with_file_name("cstor");
+    let tree = xfs.path("tree");
+    write_tree(&tree);
+    let store = empty_store(&xfs.path("cs"));
+    let import = |os: &Path, cfs: &Path, policy: &str| {
+        Command::new(&cstor)
+            .args([
+                "--json",
+                "ostree",
+                "import",
+                "--init",
+                "--copy-policy",
+                policy,
+                "--repo",
+            ])
+            .arg(cfs)
+            .arg("--root")
+            .arg(&store.root)
+            .arg("--runroot")
+            .arg(&store.runroot)
+            .arg(os)
+            .arg("main")
+            .output()
+            .unwrap()
+    };
+    for mode in ["bare-user", "archive"] {
+        let os = xfs.path(format!("os-{mode}"));
+        ostree(&os, &["init", &format!("--mode={mode}")]);
+        ostree(
+            &os,
+            &[
+                "commit",
+                "-b",
+                "main",
+                &format!("--tree=dir={}", tree.display()),
+            ],
+        );
+        let out = import(&os, &xfs.path(format!("cfs-{mode}")), "reflink-or-copy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let o = &v["objects"];
+        // su (5000 bytes) and c129; a and b (100 bytes) are inline in a SHA-512 repository.
+        if mode == "archive" {
+            assert_eq!(
+                (o["reflinked"].as_u64(), o["copied"].as_u64()),
+                (Some(0), Some(2)),
+                "{v}"
+            );
+            let out = import(&os, &xfs.path("cfs-archive-only"), "reflink-only");
+            assert!(!out.status.success());
+        } else {
+            assert_eq!(
+                (o["reflinked"].as_u64(), o["copied"].as_u64()),
+                (Some(2), Some(0)),
+                "{v}"
+            );
+        }
+    }
 }

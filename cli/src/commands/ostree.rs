@@ -6,11 +6,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
-use cstor_import::{OstreeImportReport, RepoAlgorithm};
+use cstor_import::{CopyPolicy, ObjectStats, OstreeImportReport, RepoAlgorithm};
 use cstor_proxy_client::Client;
 
 use super::{connect, finish, repo_path};
-use crate::args::{Global, OstreeImportArgs};
+use crate::args::{CopyPolicyArg, Global, OstreeImportArgs};
 use crate::output::{human, print_json, short};
 
 pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
@@ -51,7 +51,14 @@ async fn run<ObjectID: FsVerityHashValue>(
     args: &OstreeImportArgs,
 ) -> Result<OstreeImportReport> {
     let repo = cstor_import::open_repository::<ObjectID>(path)?;
-    cstor_import::import_ostree_commit(client, &repo, source, &args.reference, args.tag.as_deref())
+    let mut options = cstor_import::ImportOptions::new().copy_policy(match args.copy_policy {
+        CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
+        CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
+        CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
+        CopyPolicyArg::ReflinkOrHardlink => CopyPolicy::ReflinkOrHardlink,
+    });
+    options.tag = args.tag.clone();
+    cstor_import::import_ostree_commit(client, &repo, source, &args.reference, &options)
         .await
         .with_context(|| {
             format!(
@@ -75,6 +82,8 @@ struct Summary<'a> {
     file_objects: u64,
     external_objects: u64,
     content_bytes: u64,
+    objects: ObjectStats,
+    first_reflink_fallback: Option<&'a str>,
 }
 
 impl<'a> Summary<'a> {
@@ -89,6 +98,8 @@ impl<'a> Summary<'a> {
             file_objects: r.file_objects,
             external_objects: r.external_objects,
             content_bytes: r.content_bytes,
+            objects: r.objects,
+            first_reflink_fallback: r.first_reflink_fallback.as_deref(),
         }
     }
 }
@@ -106,12 +117,22 @@ fn print_summary(r: &OstreeImportReport, path: &Path, rev: &str) -> std::io::Res
             .map(|n| format!(" as {n}"))
             .unwrap_or_default()
     )?;
+    let o = &r.objects;
     writeln!(
         out,
-        "  objects:  {} metadata, {} files ({} stored as objects, {} read)",
+        "  objects:  {} metadata, {} files: {} reflinked ({}), {} copied ({}), {} hardlinked, {} already present, {} inline",
         r.metadata_objects,
         r.file_objects,
-        r.external_objects,
-        human(r.content_bytes)
-    )
+        o.reflinked,
+        human(o.bytes_reflinked),
+        o.copied,
+        human(o.bytes_copied),
+        o.hardlinked,
+        o.present,
+        o.inlined
+    )?;
+    if let Some(why) = &r.first_reflink_fallback {
+        writeln!(out, "  first copy instead of reflink: {why}")?;
+    }
+    Ok(())
 }
