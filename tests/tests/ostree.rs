@@ -506,16 +506,23 @@ fn refs_resolve_as_ostree_resolves_them() {
         assert_eq!(v["result"]["commit"], want.as_str(), "{r}: {v}");
         assert_eq!(v["result"]["ref_file"].as_str(), file, "{r}");
     }
-    // A prefix both commits share is ambiguous only if they share it; find one or skip.
-    let common = commit
-        .chars()
-        .zip(second.chars())
-        .take_while(|(a, b)| a == b)
-        .count();
-    if common >= 4 {
-        let v = resolve(&mut s, &commit[..common]);
-        assert_eq!(error_code(&v), Some(1202), "{v}");
-    }
+    // Two commit objects sharing a prefix: a copy of one under a name that differs after
+    // the sixth digit (the prefix lookup only lists names).
+    let other_digit = if &second[6..7] == "f" { "0" } else { "f" };
+    let twin = format!("{}{}", &second[..6], other_digit.repeat(58));
+    std::fs::copy(
+        repo.join(format!("objects/{}/{}.commit", &second[..2], &second[2..])),
+        repo.join(format!("objects/{}/{}.commit", &twin[..2], &twin[2..])),
+    )
+    .unwrap();
+    let v = resolve(&mut s, &second[..6]);
+    assert_eq!(error_code(&v), Some(1202), "{v}");
+    let candidates = v["error"]["data"]["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 2, "{v}");
+    assert_eq!(
+        resolve(&mut s, &second[..7])["result"]["commit"],
+        second.as_str()
+    );
     for (bad, code) in [
         ("../../etc", 1200),
         ("main^", 1200),
