@@ -240,7 +240,7 @@ pub struct OstreeImportArgs {
     #[arg(long, value_enum, default_value_t = CopyPolicyArg::ReflinkOrCopy)]
     pub copy_policy: CopyPolicyArg,
     #[command(flatten)]
-    pub storage: StorageArgs,
+    pub helper: HelperArgs,
 }
 
 /// Most object threads `--jobs` takes: each holds buffers and fds; more than the machine's

@@ -281,7 +281,6 @@ fn cstor_ostree_import_command() {
     let dir = tempfile::tempdir().unwrap();
     let tree = dir.path().join("tree");
     write_tree(&tree);
-    let store = empty_store(&dir.path().join("cs"));
     let osrepo = dir.path().join("ostree");
     ostree(&osrepo, &["init", "--mode=archive"]);
     ostree(
@@ -302,10 +301,6 @@ fn cstor_ostree_import_command() {
             .arg("--json")
             .args(["ostree", "import", "--repo"])
             .arg(&ours)
-            .arg("--root")
-            .arg(&store.root)
-            .arg("--runroot")
-            .arg(&store.runroot)
             .args(args)
             .output()
             .unwrap()
@@ -469,7 +464,6 @@ fn contents_are_reflinked_from_bare_repositories() {
         .with_file_name("cstor");
     let tree = xfs.path("tree");
     write_tree(&tree);
-    let store = empty_store(&xfs.path("cs"));
     let import = |os: &Path, cfs: &Path, policy: &str| {
         Command::new(&cstor)
             .args([
@@ -482,10 +476,6 @@ fn contents_are_reflinked_from_bare_repositories() {
                 "--repo",
             ])
             .arg(cfs)
-            .arg("--root")
-            .arg(&store.root)
-            .arg("--runroot")
-            .arg(&store.runroot)
             .arg(os)
             .arg("main")
             .output()

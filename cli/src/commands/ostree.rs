@@ -10,7 +10,7 @@ use cstor_import::{CopyPolicy, ObjectStats, OstreeImportReport, RepoAlgorithm};
 use cstor_proxy_client::Client;
 
 use super::{connect, finish, repo_path};
-use crate::args::{CopyPolicyArg, Global, OstreeImportArgs};
+use crate::args::{CopyPolicyArg, Global, HelperArgs, OstreeImportArgs, StorageArgs};
 use crate::output::{human, print_json, short};
 
 pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
@@ -27,7 +27,15 @@ pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
     // The helper opens the repository by absolute path, whatever its working directory.
     let source = std::path::absolute(&args.ostree_repo)
         .with_context(|| format!("resolving {}", args.ostree_repo.display()))?;
-    let client = connect(g, &args.storage, None).await?;
+    // The helper always opens a containers-storage at start, which an ostree import never
+    // reads; an empty private one (its own storage.conf, overlay) lets it start on a machine
+    // without podman storage, or whose storage.conf names another driver.
+    let empty = tempfile::Builder::new()
+        .prefix("cstor-ostree-")
+        .tempdir()
+        .context("creating an empty storage for the helper")?;
+    let storage = empty_storage(empty.path(), &args.helper)?;
+    let client = connect(g, &storage, None).await?;
     let r = match cstor_import::repository_algorithm(&path)? {
         RepoAlgorithm::Sha512 => run::<Sha512HashValue>(&client, &path, &source, args).await,
         RepoAlgorithm::Sha256 => run::<Sha256HashValue>(&client, &path, &source, args).await,
@@ -42,6 +50,34 @@ pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
         print_summary(&report, &path, &args.reference).map_err(Into::into)
     };
     finish(client, printed).await
+}
+
+/// Storage flags selecting an empty storage in `dir`.
+fn empty_storage(dir: &Path, helper: &HelperArgs) -> Result<StorageArgs> {
+    let sub = |name: &str| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(p)
+    };
+    let (root, run) = (sub("root")?, sub("run")?);
+    let conf = dir.join("storage.conf");
+    // Debug formatting quotes and escapes the paths as TOML basic strings need.
+    let text = format!(
+        "[storage]\ndriver = \"overlay\"\ngraphroot = {:?}\nrunroot = {:?}\n",
+        root.display().to_string(),
+        run.display().to_string()
+    );
+    std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
+    Ok(StorageArgs {
+        root: Some(root),
+        runroot: Some(run),
+        imagestore: None,
+        storage_driver: Some("overlay".into()),
+        storage_opts: Vec::new(),
+        additional_image_stores: Vec::new(),
+        storage_conf: Some(conf),
+        helper: helper.clone(),
+    })
 }
 
 async fn run<ObjectID: FsVerityHashValue>(
