@@ -171,12 +171,14 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     let mut level = vec![(commit.root_tree, commit.root_meta)];
     let mut files: Vec<Checksum> = Vec::new();
     while !level.is_empty() {
+        // Identical subtrees (empty directories, say) share objects: each is asked once.
         let mut wanted = Vec::new();
+        let mut asked = std::collections::HashSet::new();
         for (t, m) in &level {
-            if !trees.contains_key(t) && !wanted.iter().any(|(c, _)| c == &hex::encode(t)) {
+            if !trees.contains_key(t) && asked.insert((*t, ObjectType::Dirtree)) {
                 wanted.push((hex::encode(t), ObjectType::Dirtree));
             }
-            if !metas.contains_key(m) && !wanted.iter().any(|(c, _)| c == &hex::encode(m)) {
+            if !metas.contains_key(m) && asked.insert((*m, ObjectType::Dirmeta)) {
                 wanted.push((hex::encode(m), ObjectType::Dirmeta));
             }
         }
