@@ -155,6 +155,11 @@ pub enum Command {
     },
     /// Import an image into a composefs repository, zero-copy where the filesystem allows.
     Import(ImportArgs),
+    /// ostree commits: import one into a composefs repository.
+    Ostree {
+        #[command(subcommand)]
+        command: OstreeCommand,
+    },
     /// Mount an imported image read-only (composefs; needs root). Unmount with umount.
     Mount {
         /// The tag given at import (e.g. containers-storage:localhost/myimage).
@@ -204,6 +209,38 @@ pub struct ImportArgs {
     pub bootable: bool,
     #[command(flatten)]
     pub storage: StorageArgs,
+}
+
+/// `cstor ostree` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OstreeCommand {
+    /// Import an ostree commit in the layout `cfsctl ostree pull-local` writes.
+    Import(OstreeImportArgs),
+}
+
+/// `cstor ostree import`.
+#[derive(Debug, Args)]
+pub struct OstreeImportArgs {
+    /// The ostree repository (the directory holding `config` and `objects/`).
+    pub ostree_repo: PathBuf,
+    /// A ref (`fedora/40/x86_64`, `REMOTE:REF`), a commit checksum or a unique prefix.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The composefs repository (same default as `cstor import`).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Create the repository if it does not exist.
+    #[arg(long)]
+    pub init: bool,
+    /// Name to give the commit (default: REF when it is a ref; a checksum gets no name).
+    #[arg(long, value_name = "NAME", value_parser = non_empty_tag)]
+    pub tag: Option<String>,
+    /// How file contents get into the repository (archive repositories are always copied:
+    /// their contents are compressed).
+    #[arg(long, value_enum, default_value_t = CopyPolicyArg::ReflinkOrCopy)]
+    pub copy_policy: CopyPolicyArg,
+    #[command(flatten)]
+    pub helper: HelperArgs,
 }
 
 /// Most object threads `--jobs` takes: each holds buffers and fds; more than the machine's

@@ -86,7 +86,9 @@ pub fn status(e: &anyhow::Error) -> u8 {
             return match err {
                 ImportError::Helper(c) => client_status(c),
                 ImportError::ReflinkRequired { .. } => REFLINK,
-                ImportError::ContentChanged { .. } => VERIFICATION,
+                ImportError::ContentChanged { .. } | ImportError::OstreeObject { .. } => {
+                    VERIFICATION
+                }
                 _ => OTHER,
             };
         }

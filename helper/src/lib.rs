@@ -36,6 +36,7 @@
 pub mod confine;
 pub mod error;
 pub mod lock;
+pub mod ostree;
 pub mod server;
 pub mod storage;
 pub mod tarsplit;

@@ -38,6 +38,15 @@ pub enum Error {
     /// The image's config and its layer chain disagree, or another inconsistency.
     #[error("{0}")]
     ImageMismatch(String),
+    /// An ostree object (named: `file <checksum>`, `dirtree <checksum>`...) does not hold
+    /// what its checksum says, or could not be decoded.
+    #[error("ostree {object} is corrupt: {detail}")]
+    OstreeObject {
+        /// The object's type and checksum.
+        object: String,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The import was cancelled (see [`crate::ImportOptions::cancel`]).
     #[error("the import was cancelled")]
     Cancelled,

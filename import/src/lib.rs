@@ -44,6 +44,7 @@ mod image;
 mod layer_import;
 mod objects;
 mod options;
+mod ostree;
 mod progress;
 mod repo;
 mod report;
@@ -55,6 +56,10 @@ pub use error::{Error, Result};
 pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 pub use image::import_image;
 pub use options::{CopyPolicy, ImportOptions};
+pub use ostree::{
+    IMAGE_REF_KEY, OSTREE_COMMIT_CONTENT_TYPE, OstreeImportReport, commit_identifier,
+    import_ostree_commit, ref_path,
+};
 pub use progress::ImportEvent;
 pub use repo::{
     InitOutcome, RepoAlgorithm, init_repository, open_repository, repository_algorithm,

@@ -35,6 +35,7 @@ pub mod assemble;
 mod error;
 pub mod fds;
 pub mod methods;
+pub mod ostree;
 pub mod reference;
 pub mod stream;
 mod version;

@@ -100,6 +100,8 @@ pub mod capability {
     /// Since 1.1: `Initialize` passes a pidfd of the helper process when asked
     /// (`helper_pidfd`).
     pub const HELPER_PIDFD: &str = "helper-pidfd";
+    /// The helper serves ostree repositories: the methods of [`crate::ostree`].
+    pub const OSTREE: &str = "ostree";
 
     /// Every token this version of the crate knows.
     pub const ALL: &[&str] = &[
@@ -107,6 +109,7 @@ pub mod capability {
         LEASES,
         ADDITIONAL_IMAGE_STORES,
         HELPER_PIDFD,
+        OSTREE,
     ];
 }
 

@@ -7,6 +7,7 @@ mod images;
 mod import;
 mod inspect;
 mod mount;
+mod ostree;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use cstor_proxy_client::protocol::GetImageResult;
 use cstor_proxy_client::protocol::reference::split_store;
 use cstor_proxy_client::{Client, HelperConfig, Privilege, StorageSelection};
 
-use crate::args::{Cli, Command, Global, PrivilegeArg, StorageArgs};
+use crate::args::{Cli, Command, Global, OstreeCommand, PrivilegeArg, StorageArgs};
 use crate::exit::NotFound;
 
 /// Runs the command line's subcommand.
@@ -33,6 +34,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => export::layer_tar(g, &storage, &image, &layer, output.as_deref()).await,
         Command::Verify { image, storage } => export::verify(g, &storage, &image).await,
         Command::Import(args) => import::run(g, &args).await,
+        Command::Ostree {
+            command: OstreeCommand::Import(args),
+        } => ostree::import(g, &args).await,
         Command::Mount {
             tag,
             mountpoint,

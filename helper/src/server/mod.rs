@@ -1,6 +1,7 @@
 //! The JSON-RPC server: one [`Connection`] per client, a dispatcher shared by the socket
 //! transport and the `--stdio` debug transport.
 
+pub mod ostree;
 pub mod producer;
 pub mod session;
 pub mod socket;
@@ -173,6 +174,8 @@ pub struct Connection {
     expired: Mutex<HashSet<u64>>,
     next_handle: AtomicU64,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Open ostree repositories (capability `ostree`).
+    ostree: ostree::OstreeRepos,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -205,6 +208,7 @@ impl Connection {
             expired: Mutex::new(HashSet::new()),
             next_handle: AtomicU64::new(1),
             shutdown,
+            ostree: Default::default(),
         })
     }
 
@@ -220,6 +224,7 @@ impl Connection {
         for s in all {
             s.end(EndReason::Released);
         }
+        self.ostree.clear();
     }
 
     /// Ends the sessions whose lease ran out; returns how many.
@@ -285,7 +290,9 @@ impl Connection {
             ));
         }
         if method != method::INITIALIZE && !self.initialized.load(Ordering::Acquire) {
-            if !method::ALL.contains(&method) {
+            if !method::ALL.contains(&method)
+                && !cstor_protocol::ostree::method::ALL.contains(&method)
+            {
                 return Err(method_not_found(method));
             }
             return Err(RpcError::new(
@@ -347,6 +354,9 @@ impl Connection {
                 self.release_all();
                 self.shutdown.send_replace(true);
                 Reply::of(&Empty {})
+            }
+            m if cstor_protocol::ostree::method::ALL.contains(&m) => {
+                self.dispatch_ostree(m, p).await
             }
             other => Err(method_not_found(other)),
         }

@@ -124,6 +124,11 @@ impl Storage {
         &self.options
     }
 
+    /// How long a read lock is waited for (`--lock-timeout`).
+    pub fn lock_timeout(&self) -> Duration {
+        self.lock_timeout
+    }
+
     /// The opened stores, graph root first.
     pub fn stores(&self) -> &[Store] {
         &self.stores

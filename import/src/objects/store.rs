@@ -45,7 +45,7 @@ pub fn store<ObjectID: FsVerityHashValue>(
 }
 
 /// [`store`] for a source already checked and digested (as `id`).
-pub(super) fn store_as<ObjectID: FsVerityHashValue>(
+pub(crate) fn store_as<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
     id: ObjectID,
     source: &Source<'_>,

@@ -1,0 +1,623 @@
+//! Importing an ostree commit into a composefs repository through the helper, in the layout
+//! composefs-ostree 0.9.4 writes (see `docs/dev/composefs-ostree-0.9.4-notes.md`): one
+//! `ostree-commit-<checksum>` splitstream holding every object of the commit, linked to the
+//! commit's EROFS image by the named ref `composefs.image`, and named
+//! `refs/ostree/<escaped ref>`, so upstream `cfsctl ostree` reads what we write.
+//!
+//! Every checksum is verified here, on the bytes written: each metadata object's SHA-256,
+//! and each file's ostree checksum, computed from the metadata the helper served and the
+//! content as it is read to be stored (the same bytes composefs digests). A mismatch fails
+//! the import naming the object, before anything is named in the repository.
+//!
+//! The one deliberate difference from upstream: xattr names lose the trailing NUL ostree
+//! stores them with, so that the image carries `user.foo`, not `user.foo\0`. Image ids of
+//! commits with xattrs therefore differ from upstream's; the others are equal.
+//!
+//! Raw contents (bare modes) are reflinked, copied or hardlinked from the helper's fd as
+//! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, and
+//! small files go through memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use base64::Engine;
+use composefs::fsverity::FsVerityHashValue;
+use composefs::generic_tree::{LeafContent, LeafId, Stat};
+use composefs::repository::Repository;
+use composefs::tree::{Directory, FileSystem, Inode, RegularFile};
+use cstor_protocol::ostree::format::{
+    Checksum, Commit, DirTree, FileHasher, Meta, archive_file_header, metadata_checksum,
+};
+use cstor_protocol::ostree::{
+    ContentEncoding, GetOstreeObjectsParams, GetOstreeObjectsResult, ObjectName, ObjectType,
+    OpenOstreeFilesParams, OpenOstreeFilesResult, OpenOstreeRepoParams, OpenOstreeRepoResult,
+    OstreeRepoHandle, ResolveOstreeRefParams, ResolveOstreeRefResult, method,
+};
+use cstor_proxy_client::Client;
+
+use crate::error::{Error, Result, repo_err};
+use crate::objects::{Source, Stored, WorkerState, store_as};
+use crate::{CopyPolicy, ImportOptions, ObjectStats};
+
+/// The content type of composefs-ostree's commit splitstreams.
+pub const OSTREE_COMMIT_CONTENT_TYPE: u64 = 0xAFE1_38C1_8C46_3EF1;
+
+/// The named ref linking a commit splitstream to its EROFS image.
+pub const IMAGE_REF_KEY: &str = "composefs.image";
+
+/// The stream name of a commit (`ostree-commit-<checksum>`), as composefs-ostree names it.
+pub fn commit_identifier(commit: &str) -> String {
+    format!("ostree-commit-{commit}")
+}
+
+/// The stream ref of an ostree ref name (`ostree/<name>` with `%` and `/` escaped), as
+/// composefs-ostree names it.
+pub fn ref_path(name: &str) -> String {
+    format!("ostree/{}", name.replace('%', "%25").replace('/', "%2F"))
+}
+
+/// What an ostree import did.
+#[derive(Debug, Clone)]
+pub struct OstreeImportReport {
+    /// The commit checksum.
+    pub commit: String,
+    /// The EROFS image id (hex).
+    pub image_id: String,
+    /// The commit splitstream's object id (hex).
+    pub stream_id: String,
+    /// The stream ref written (`ostree/<escaped>`), when a name was given.
+    pub reference: Option<String>,
+    /// Metadata objects (commit, dirtrees, dirmetas) verified.
+    pub metadata_objects: u64,
+    /// Distinct file objects verified.
+    pub file_objects: u64,
+    /// File objects stored as repository objects (the rest are inline or symlinks).
+    pub external_objects: u64,
+    /// Content bytes read.
+    pub content_bytes: u64,
+    /// How file contents got into the repository (inline counts files of the tree's
+    /// threshold or less; symlinks are in no count).
+    pub objects: ObjectStats,
+    /// Why the first object that could not be reflinked was copied, if one was.
+    pub first_reflink_fallback: Option<String>,
+}
+
+fn corrupt(object: &str, detail: impl std::fmt::Display) -> Error {
+    Error::OstreeObject {
+        object: object.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// A file object as stored in the commit splitstream and the tree.
+struct FileEntry<ObjectID> {
+    meta: Meta,
+    size: u64,
+    target: Option<String>,
+    inline: Option<Vec<u8>>,
+    external: Option<ObjectID>,
+}
+
+/// Imports commit `rev` of the ostree repository at `ostree_repo` (absolute) into `repo`,
+/// naming it `refs/ostree/<tag>` when `tag` is given, or after `rev` when `rev` is a ref.
+/// Returns what was written.
+pub async fn import_ostree_commit<ObjectID: FsVerityHashValue>(
+    client: &Client,
+    repo: &Arc<Repository<ObjectID>>,
+    ostree_repo: &Path,
+    rev: &str,
+    options: &ImportOptions,
+) -> Result<OstreeImportReport> {
+    let (opened, _): (OpenOstreeRepoResult, _) = client
+        .call(
+            method::OPEN_OSTREE_REPO,
+            &OpenOstreeRepoParams {
+                path: ostree_repo.display().to_string(),
+            },
+        )
+        .await?;
+    let handle = opened.repo;
+    let r = import_open(client, repo, handle, rev, options).await;
+    // The handle (and the ostree lock) goes whatever happened; a failure to close it is
+    // only worth a log line, the connection's end closes it anyway.
+    if let Err(e) = client
+        .call::<_, cstor_protocol::Empty>(
+            method::CLOSE_OSTREE_REPO,
+            &OstreeRepoHandle { repo: handle },
+        )
+        .await
+    {
+        tracing::warn!("closing the ostree repository: {e}");
+    }
+    r
+}
+
+async fn import_open<ObjectID: FsVerityHashValue>(
+    client: &Client,
+    repo: &Arc<Repository<ObjectID>>,
+    handle: u64,
+    rev: &str,
+    options: &ImportOptions,
+) -> Result<OstreeImportReport> {
+    let tag = options.tag.as_deref();
+    let (resolved, _): (ResolveOstreeRefResult, _) = client
+        .call(
+            method::RESOLVE_OSTREE_REF,
+            &ResolveOstreeRefParams {
+                repo: handle,
+                reference: rev.to_owned(),
+            },
+        )
+        .await?;
+    let commit_hex = resolved.commit.clone();
+    let name = tag.or(resolved.ref_file.as_ref().map(|_| rev));
+
+    // Metadata, level by level, each object verified.
+    let mut metadata: BTreeMap<Checksum, Vec<u8>> = BTreeMap::new();
+    let commit_bytes = fetch(client, handle, &[(commit_hex.clone(), ObjectType::Commit)])
+        .await?
+        .remove(0);
+    let commit =
+        Commit::decode(&commit_bytes).map_err(|e| corrupt(&format!("commit {commit_hex}"), e))?;
+    let commit_id = metadata_checksum(&commit_bytes);
+    metadata.insert(commit_id, commit_bytes);
+    let mut trees: HashMap<Checksum, DirTree> = HashMap::new();
+    let mut metas: HashMap<Checksum, Meta> = HashMap::new();
+    let mut level = vec![(commit.root_tree, commit.root_meta)];
+    let mut files: Vec<Checksum> = Vec::new();
+    while !level.is_empty() {
+        // Identical subtrees (empty directories, say) share objects: each is asked once.
+        let mut wanted = Vec::new();
+        let mut asked = std::collections::HashSet::new();
+        for (t, m) in &level {
+            if !trees.contains_key(t) && asked.insert((*t, ObjectType::Dirtree)) {
+                wanted.push((hex::encode(t), ObjectType::Dirtree));
+            }
+            if !metas.contains_key(m) && asked.insert((*m, ObjectType::Dirmeta)) {
+                wanted.push((hex::encode(m), ObjectType::Dirmeta));
+            }
+        }
+        let got = fetch(client, handle, &wanted).await?;
+        let mut next = Vec::new();
+        for ((c, kind), bytes) in wanted.iter().zip(got) {
+            let id = metadata_checksum(&bytes);
+            match kind {
+                ObjectType::Dirtree => {
+                    let t =
+                        DirTree::decode(&bytes).map_err(|e| corrupt(&format!("dirtree {c}"), e))?;
+                    files.extend(t.files.iter().map(|f| f.1));
+                    next.extend(t.dirs.iter().map(|d| (d.1, d.2)));
+                    trees.insert(id, t);
+                }
+                _ => {
+                    let m =
+                        Meta::decode(&bytes).map_err(|e| corrupt(&format!("dirmeta {c}"), e))?;
+                    metas.insert(id, m);
+                }
+            }
+            metadata.insert(id, bytes);
+        }
+        level = next;
+    }
+    files.sort();
+    files.dedup();
+
+    // Files, in batches the helper accepts; each verified as it is stored.
+    let threshold = 2 * size_of::<ObjectID>() as u64;
+    let batch = (client.info().limits.max_fds_per_message as usize).max(1);
+    let mut entries: BTreeMap<Checksum, FileEntry<ObjectID>> = BTreeMap::new();
+    let mut content_bytes = 0u64;
+    let mut stats = ObjectStats::default();
+    let state = WorkerState::new(Arc::new(AtomicBool::new(false)));
+    for chunk in files.chunks(batch) {
+        let (opened, fds): (OpenOstreeFilesResult, _) = client
+            .call(
+                method::OPEN_OSTREE_FILES,
+                &OpenOstreeFilesParams {
+                    repo: handle,
+                    files: chunk.iter().map(hex::encode).collect(),
+                },
+            )
+            .await?;
+        let mut fds: Vec<Option<std::os::fd::OwnedFd>> = fds.into_iter().map(Some).collect();
+        for f in opened.files {
+            let object = format!("file {}", f.checksum);
+            let decode = |s: &str| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|e| corrupt(&object, format!("xattr not base64: {e}")))
+            };
+            let meta = Meta {
+                uid: f.uid,
+                gid: f.gid,
+                mode: f.mode,
+                xattrs: f
+                    .xattrs
+                    .iter()
+                    .map(|x| Ok((decode(&x.name)?, decode(&x.value)?)))
+                    .collect::<Result<_>>()?,
+            };
+            let target = f.symlink_target.clone();
+            let mut hasher = FileHasher::new(&meta, target.as_deref().unwrap_or(""));
+            let is_regular = target.is_none();
+            let fd = match f.fd {
+                Some(i) => Some(
+                    fds.get_mut(i as usize)
+                        .and_then(Option::take)
+                        .ok_or_else(|| corrupt(&object, "the helper sent no fd for it"))?,
+                ),
+                None if f.size > 0 => {
+                    return Err(corrupt(&object, "the helper sent no content for it"));
+                }
+                None => None,
+            };
+            let deflated = f.content == Some(ContentEncoding::Deflate);
+            let (inline, external) = match fd {
+                // Stored from the helper's fd itself: hashed in one pass of reads, then
+                // reflinked (or copied, as the policy allows) from the same fd.
+                Some(fd) if is_regular && !deflated && f.size > threshold => {
+                    let file = std::fs::File::from(fd);
+                    let id = hash_raw::<ObjectID>(&file, f.size, &mut hasher, &object)?;
+                    check_file(hasher, &f.checksum, &object)?;
+                    let source = Source {
+                        file: &file,
+                        data: None,
+                        size: f.size,
+                        crc64: 0,
+                        name: &object,
+                        layer: "ostree",
+                    };
+                    let (id, how) = store_as(repo, id, &source, options.copy_policy, &state, None)?;
+                    stats.count(how, f.size);
+                    (None, Some(id))
+                }
+                Some(fd) => {
+                    let content = read_content(fd, &f, &object)?;
+                    hasher.update(&content);
+                    check_file(hasher, &f.checksum, &object)?;
+                    if is_regular && f.size > threshold {
+                        if options.copy_policy == CopyPolicy::ReflinkOnly {
+                            return Err(Error::ReflinkRequired {
+                                file: object,
+                                reason: "archive-mode contents are compressed: they can only \
+                                         be inflated into a copy"
+                                    .into(),
+                            });
+                        }
+                        let id = repo
+                            .ensure_object(&content)
+                            .map_err(repo_err(format!("storing {object}")))?;
+                        stats.count(Stored::Copied, f.size);
+                        (None, Some(id))
+                    } else {
+                        stats.inlined += 1;
+                        stats.bytes_inlined += f.size;
+                        (Some(content), None)
+                    }
+                }
+                None => {
+                    check_file(hasher, &f.checksum, &object)?;
+                    (is_regular.then(Vec::new), None)
+                }
+            };
+            content_bytes += f.size;
+            let mut c = [0u8; 32];
+            hex::decode_to_slice(&f.checksum, &mut c)
+                .map_err(|_| corrupt(&object, "the helper named it wrongly"))?;
+            entries.insert(
+                c,
+                FileEntry {
+                    meta,
+                    size: f.size,
+                    target,
+                    inline,
+                    external,
+                },
+            );
+        }
+    }
+    if entries.len() != files.len() {
+        return Err(corrupt(
+            &format!("commit {commit_hex}"),
+            "the helper did not serve every file object",
+        ));
+    }
+
+    // The tree, as composefs-ostree builds it from the splitstream.
+    let root_meta = &metas[&commit.root_meta];
+    let mut fs = FileSystem::<ObjectID>::new(stat_of(root_meta));
+    let mut leaves: HashMap<Checksum, LeafId> = HashMap::new();
+    let root_entries = build_dir(
+        &mut fs,
+        &mut leaves,
+        &trees,
+        &metas,
+        &entries,
+        &commit.root_tree,
+    )?;
+    for (name, inode) in root_entries {
+        fs.root.insert(&name, inode);
+    }
+    let image = fs
+        .commit_image(repo, None)
+        .map_err(repo_err("writing the EROFS image"))?;
+
+    // The commit splitstream, byte for byte what composefs-ostree writes.
+    let mut ss = repo
+        .create_stream(OSTREE_COMMIT_CONTENT_TYPE)
+        .map_err(repo_err("creating the commit stream"))?;
+    ss.add_named_stream_ref(IMAGE_REF_KEY, &image);
+    let metadata_objects = metadata.len() as u64;
+    let external_objects = entries.values().filter(|e| e.external.is_some()).count() as u64;
+    let mut objects: BTreeMap<Checksum, (Option<ObjectID>, Vec<u8>)> =
+        metadata.into_iter().map(|(c, b)| (c, (None, b))).collect();
+    for (c, e) in entries {
+        let mut data = archive_file_header(e.size, &e.meta, e.target.as_deref().unwrap_or(""));
+        if let Some(inline) = e.inline {
+            data.extend_from_slice(&inline);
+        }
+        objects.insert(c, (e.external, data));
+    }
+    let commit_index = objects
+        .keys()
+        .position(|c| *c == commit_id)
+        .ok_or_else(|| {
+            corrupt(
+                &format!("commit {commit_hex}"),
+                "missing from its own objects",
+            )
+        })?;
+    let mut header = Vec::with_capacity(8 + 1024);
+    header.extend_from_slice(&(commit_index as u32).to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    let mut buckets = [0u32; 256];
+    for c in objects.keys() {
+        buckets[c[0] as usize] += 1;
+    }
+    for i in 1..256 {
+        buckets[i] += buckets[i - 1];
+    }
+    for b in buckets {
+        header.extend_from_slice(&b.to_le_bytes());
+    }
+    ss.write_inline(&header);
+    for c in objects.keys() {
+        ss.write_inline(c);
+    }
+    let mut offset = 0usize;
+    for (ext, data) in objects.values() {
+        let idx = ext.as_ref().map(|id| ss.add_object_ref(id) as u32);
+        let block = u32::try_from(offset / 8).map_err(|_| {
+            corrupt(
+                &format!("commit {commit_hex}"),
+                "more than 32 GiB of metadata",
+            )
+        })?;
+        ss.write_inline(&block.to_le_bytes());
+        ss.write_inline(&(data.len() as u32).to_le_bytes());
+        ss.write_inline(&idx.unwrap_or(u32::MAX).to_le_bytes());
+        offset += data.len().next_multiple_of(8);
+    }
+    for (_, data) in objects.values() {
+        ss.write_inline(data);
+        let pad = data.len().next_multiple_of(8) - data.len();
+        ss.write_inline(&[0u8; 7][..pad]);
+    }
+    let reference = name.map(ref_path);
+    let stream = repo
+        .write_stream(ss, &commit_identifier(&commit_hex), reference.as_deref())
+        .map_err(repo_err("writing the commit stream"))?;
+
+    Ok(OstreeImportReport {
+        commit: commit_hex,
+        image_id: image.to_hex(),
+        stream_id: stream.to_hex(),
+        reference,
+        metadata_objects,
+        file_objects: files.len() as u64,
+        external_objects,
+        content_bytes,
+        objects: stats,
+        first_reflink_fallback: state.first_fallback(),
+    })
+}
+
+/// Compares a file's computed ostree checksum with its name.
+fn check_file(hasher: FileHasher, checksum: &str, object: &str) -> Result<()> {
+    let actual = hex::encode(hasher.finish());
+    if actual != checksum {
+        return Err(corrupt(
+            object,
+            format!("its metadata and content have checksum {actual}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a raw content fd from offset 0 (positioned reads, so that the fd can then be
+/// cloned whole) into the ostree hasher and an fs-verity hasher: the object id.
+fn hash_raw<ObjectID: FsVerityHashValue>(
+    file: &std::fs::File,
+    size: u64,
+    hasher: &mut FileHasher,
+    object: &str,
+) -> Result<ObjectID> {
+    use std::os::unix::fs::FileExt;
+    let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
+    let mut buf = vec![0u8; (1 << 20).min(size as usize + 1)];
+    let mut at = 0u64;
+    loop {
+        let n = file
+            .read_at(&mut buf, at)
+            .map_err(|e| Error::io(format!("reading {object}"), e))?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+        if at > size {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        verity.update(&buf[..n]);
+    }
+    if at != size {
+        return Err(corrupt(
+            object,
+            format!("{size} bytes announced, {at} read"),
+        ));
+    }
+    Ok(verity.finish())
+}
+
+/// Reads a small or compressed content into memory: at most `size` bytes, inflated for
+/// `deflate`.
+fn read_content(
+    fd: std::os::fd::OwnedFd,
+    f: &cstor_protocol::ostree::OstreeFile,
+    object: &str,
+) -> Result<Vec<u8>> {
+    let mut file = std::fs::File::from(fd);
+    file.seek(SeekFrom::Start(f.content_offset))
+        .map_err(|e| Error::io(format!("reading {object}"), e))?;
+    let limit = f.size.saturating_add(1);
+    let mut content = Vec::new();
+    match f.content {
+        // A stream that does not inflate is a corrupt object, not an I/O failure; flate2
+        // reports both as io::Error, real I/O errors carry an errno.
+        Some(ContentEncoding::Deflate) => flate2::read::DeflateDecoder::new(file)
+            .take(limit)
+            .read_to_end(&mut content)
+            .map_err(|e| match e.raw_os_error() {
+                Some(_) => Error::io(format!("reading {object}"), e),
+                None => corrupt(object, format!("its content does not inflate: {e}")),
+            }),
+        _ => file
+            .take(limit)
+            .read_to_end(&mut content)
+            .map_err(|e| Error::io(format!("reading {object}"), e)),
+    }?;
+    if content.len() as u64 != f.size {
+        return Err(corrupt(
+            object,
+            format!("{} bytes announced, {} read", f.size, content.len()),
+        ));
+    }
+    Ok(content)
+}
+
+/// Fetches metadata objects, following partial replies, and checks each checksum.
+async fn fetch(
+    client: &Client,
+    handle: u64,
+    wanted: &[(String, ObjectType)],
+) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::with_capacity(wanted.len());
+    while out.len() < wanted.len() {
+        let ask: Vec<ObjectName> = wanted[out.len()..]
+            .iter()
+            .take(cstor_protocol::ostree::MAX_OBJECTS_PER_REQUEST)
+            .map(|(c, kind)| ObjectName {
+                checksum: c.clone(),
+                kind: *kind,
+            })
+            .collect();
+        let (r, _): (GetOstreeObjectsResult, _) = client
+            .call(
+                method::GET_OSTREE_OBJECTS,
+                &GetOstreeObjectsParams {
+                    repo: handle,
+                    objects: ask,
+                },
+            )
+            .await?;
+        if r.objects.is_empty() {
+            return Err(corrupt(&wanted[out.len()].0, "the helper served nothing"));
+        }
+        for o in r.objects {
+            let (c, kind) = &wanted[out.len()];
+            let object = format!("{} {c}", kind.extension());
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&o.data)
+                .map_err(|e| corrupt(&object, format!("not base64: {e}")))?;
+            let actual = hex::encode(metadata_checksum(&bytes));
+            if o.checksum != *c || actual != *c {
+                return Err(corrupt(
+                    &object,
+                    format!("its content has checksum {actual}"),
+                ));
+            }
+            out.push(bytes);
+        }
+    }
+    Ok(out)
+}
+
+/// The stat composefs-ostree gives an inode: owner and mode as ostree recorded them, mtime
+/// 0, and xattrs — here without the trailing NUL of their names.
+fn stat_of(m: &Meta) -> Stat {
+    Stat {
+        st_mode: m.mode,
+        st_uid: m.uid,
+        st_gid: m.gid,
+        st_mtim_sec: 0,
+        st_mtim_nsec: 0,
+        xattrs: m
+            .xattrs
+            .iter()
+            .map(|(n, v)| {
+                let n = n.strip_suffix(b"\0").unwrap_or(n);
+                (Box::from(OsStr::from_bytes(n)), Box::from(v.as_slice()))
+            })
+            .collect(),
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn build_dir<ObjectID: FsVerityHashValue>(
+    fs: &mut FileSystem<ObjectID>,
+    leaves: &mut HashMap<Checksum, LeafId>,
+    trees: &HashMap<Checksum, DirTree>,
+    metas: &HashMap<Checksum, Meta>,
+    files: &BTreeMap<Checksum, FileEntry<ObjectID>>,
+    tree: &Checksum,
+) -> Result<Vec<(Box<OsStr>, Inode<ObjectID>)>> {
+    let missing =
+        |what: &str, c: &Checksum| corrupt(&format!("{what} {}", hex::encode(c)), "not fetched");
+    let t = trees.get(tree).ok_or_else(|| missing("dirtree", tree))?;
+    let mut out = Vec::with_capacity(t.files.len() + t.dirs.len());
+    for (name, c) in &t.files {
+        let leaf = match leaves.get(c) {
+            Some(l) => *l,
+            None => {
+                let e = files.get(c).ok_or_else(|| missing("file", c))?;
+                let content = match (&e.target, &e.external, &e.inline) {
+                    (Some(target), _, _) => LeafContent::Symlink(Box::from(OsStr::new(target))),
+                    (None, Some(id), _) => {
+                        LeafContent::Regular(RegularFile::External(id.clone(), e.size))
+                    }
+                    (None, None, inline) => LeafContent::Regular(RegularFile::Inline(
+                        inline.clone().unwrap_or_default().into_boxed_slice(),
+                    )),
+                };
+                let l = fs.push_leaf(stat_of(&e.meta), content);
+                leaves.insert(*c, l);
+                l
+            }
+        };
+        out.push((Box::from(OsStr::new(name)), Inode::leaf(leaf)));
+    }
+    for (name, t, m) in &t.dirs {
+        let meta = metas.get(m).ok_or_else(|| missing("dirmeta", m))?;
+        let mut dir = Directory::new(stat_of(meta));
+        for (n, inode) in build_dir(fs, leaves, trees, metas, files, t)? {
+            dir.insert(&n, inode);
+        }
+        out.push((Box::from(OsStr::new(name)), Inode::Directory(Box::new(dir))));
+    }
+    Ok(out)
+}

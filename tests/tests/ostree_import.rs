@@ -1,0 +1,521 @@
+//! Story: a user imports an ostree commit into a composefs repository with cstor's library
+//! and gets what upstream `cfsctl ostree pull-local` makes of the same commit: the same
+//! EROFS image and commit splitstream when the commit has no xattrs, and a repository
+//! upstream's `cfsctl ostree compute-id|dump|images` read. With xattrs the image differs on
+//! purpose: upstream keeps ostree's trailing NUL in xattr names, we do not.
+//!
+//! Upstream is the `cfsctl` 0.9.4 binary (feature `ostree`), found as `$CSTOR_CFSCTL` or on
+//! `$PATH`.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use composefs::fsverity::Sha512HashValue;
+use cstor_import::{ImportOptions, import_ostree_commit, init_repository, open_repository};
+use cstor_tests::session::{client_for, runtime};
+use cstor_tests::{PodmanStore, run_command, skip};
+
+fn cfsctl() -> Option<PathBuf> {
+    std::env::var_os("CSTOR_CFSCTL")
+        .map(PathBuf::from)
+        .or_else(|| skip::find_tool("cfsctl"))
+}
+
+fn ready(test: &str) -> Option<PathBuf> {
+    if !skip::require_root(test) || !skip::require_tools(test, &["ostree", "setfattr"]) {
+        return None;
+    }
+    let Some(c) = cfsctl() else {
+        skip::skip_or_fail(
+            test,
+            "no upstream cfsctl 0.9.4 (set CSTOR_CFSCTL or put cfsctl on PATH)",
+        );
+        return None;
+    };
+    let help = Command::new(&c).args(["ostree", "--help"]).output().ok()?;
+    if !help.status.success() {
+        skip::skip_or_fail(test, "this cfsctl was built without its ostree feature");
+        return None;
+    }
+    Some(c)
+}
+
+fn ostree(repo: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new("ostree");
+    cmd.arg(format!("--repo={}", repo.display())).args(args);
+    run_command(&mut cmd, "ostree").unwrap()
+}
+
+fn cfs(cfsctl: &Path, repo: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new(cfsctl);
+    cmd.arg("--repo").arg(repo).args(args);
+    cmd.env("RUST_BACKTRACE", "0");
+    run_command(&mut cmd, "cfsctl").unwrap()
+}
+
+fn empty_store(dir: &Path) -> PodmanStore {
+    let p = |n: &str| {
+        let d = dir.join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    PodmanStore {
+        dir: dir.to_owned(),
+        root: p("root"),
+        runroot: p("runroot"),
+        tmpdir: p("tmp"),
+        storage_conf: dir.join("storage.conf"),
+        containers_conf: dir.join("containers.conf"),
+    }
+}
+
+/// Owners, setuid, 0600, symlinks, identical files (hardlinks in the image), an empty
+/// file, and files on both sides of the inline thresholds (64 bytes for OCI, 128 for
+/// composefs-ostree in a SHA-512 repository).
+fn write_tree(root: &Path) {
+    let f = |rel: &str, content: &[u8], mode: u32| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    f("etc/shadow", b"root:*:1::::::\n", 0o600);
+    f("usr/bin/su", &[7u8; 5000], 0o4755);
+    f("usr/share/a", &[1u8; 100], 0o644);
+    f("usr/share/b", &[1u8; 100], 0o644);
+    f("usr/share/c64", &[2u8; 64], 0o644);
+    f("usr/share/c128", &[3u8; 128], 0o644);
+    f("usr/share/c129", &[4u8; 129], 0o644);
+    f("empty", b"", 0o644);
+    let owned = f("home/u/notes", b"mine\n", 0o640);
+    rustix::fs::chown(
+        &owned,
+        Some(rustix::fs::Uid::from_raw(1000)),
+        Some(rustix::fs::Gid::from_raw(1000)),
+    )
+    .unwrap();
+    symlink("../usr/bin/su", root.join("etc/su-link")).unwrap();
+}
+
+fn image_line(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("image"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| panic!("no image line in {out}"))
+}
+
+fn stream_target(repo: &Path, commit: &str) -> PathBuf {
+    std::fs::read_link(repo.join(format!("streams/ostree-commit-{commit}"))).unwrap()
+}
+
+#[test]
+fn imports_equal_cfsctl_pull_local_without_xattrs() {
+    let test = "imports_equal_cfsctl_pull_local_without_xattrs";
+    let Some(cfsctl) = ready(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write_tree(&tree);
+    let store = empty_store(&dir.path().join("cs"));
+    for mode in ["bare", "bare-user", "bare-user-only", "archive"] {
+        let osrepo = dir.path().join(format!("ostree-{mode}"));
+        ostree(&osrepo, &["init", &format!("--mode={mode}")]);
+        ostree(
+            &osrepo,
+            &[
+                "commit",
+                "-b",
+                "os/main",
+                "--timestamp=2024-01-01",
+                &format!("--tree=dir={}", tree.display()),
+            ],
+        );
+        let commit = ostree(&osrepo, &["rev-parse", "os/main"]).trim().to_owned();
+
+        let upstream = dir.path().join(format!("up-{mode}"));
+        cfs(
+            &cfsctl,
+            &upstream,
+            &["init", "--insecure", upstream.to_str().unwrap()],
+        );
+        let out = cfs(
+            &cfsctl,
+            &upstream,
+            &["ostree", "pull-local", osrepo.to_str().unwrap(), "os/main"],
+        );
+        let up_image = image_line(&out);
+
+        let ours = dir.path().join(format!("ours-{mode}"));
+        init_repository(&ours).unwrap();
+        let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
+        let report = runtime().block_on(async {
+            let client = client_for(&store).await.unwrap();
+            import_ostree_commit(&client, &repo, &osrepo, "os/main", &ImportOptions::new())
+                .await
+                .unwrap()
+        });
+        assert_eq!(report.commit, commit, "{mode}");
+        assert_eq!(
+            report.image_id, up_image,
+            "{mode}: image id differs from cfsctl's"
+        );
+        assert_eq!(
+            stream_target(&ours, &commit),
+            stream_target(&upstream, &commit),
+            "{mode}: the commit splitstream differs from cfsctl's"
+        );
+        assert_eq!(report.reference.as_deref(), Some("ostree/os%2Fmain"));
+
+        // Upstream reads what we wrote.
+        let id = cfs(&cfsctl, &ours, &["ostree", "compute-id", "os/main"]);
+        assert_eq!(id.trim(), up_image, "{mode}");
+        assert_eq!(
+            cfs(&cfsctl, &ours, &["ostree", "dump", "os/main"]),
+            cfs(&cfsctl, &upstream, &["ostree", "dump", "os/main"]),
+            "{mode}"
+        );
+        let images = cfs(&cfsctl, &ours, &["ostree", "images"]);
+        assert!(images.contains(&commit), "{mode}: {images}");
+    }
+}
+
+#[test]
+fn xattrs_lose_only_the_trailing_nul() {
+    let test = "xattrs_lose_only_the_trailing_nul";
+    let Some(cfsctl) = ready(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("f"), b"x").unwrap();
+    run_command(
+        Command::new("setfattr")
+            .args(["-n", "user.key", "-v", "value"])
+            .arg(tree.join("f")),
+        "setfattr",
+    )
+    .unwrap();
+    let store = empty_store(&dir.path().join("cs"));
+    let osrepo = dir.path().join("ostree");
+    ostree(&osrepo, &["init", "--mode=bare-user"]);
+    ostree(
+        &osrepo,
+        &[
+            "commit",
+            "-b",
+            "main",
+            &format!("--tree=dir={}", tree.display()),
+        ],
+    );
+    let upstream = dir.path().join("up");
+    cfs(
+        &cfsctl,
+        &upstream,
+        &["init", "--insecure", upstream.to_str().unwrap()],
+    );
+    let up_image = image_line(&cfs(
+        &cfsctl,
+        &upstream,
+        &["ostree", "pull-local", osrepo.to_str().unwrap(), "main"],
+    ));
+    let ours = dir.path().join("ours");
+    init_repository(&ours).unwrap();
+    let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
+    let report = runtime().block_on(async {
+        let client = client_for(&store).await.unwrap();
+        import_ostree_commit(
+            &client,
+            &repo,
+            &osrepo,
+            "main",
+            &ImportOptions::new().tag("tagged"),
+        )
+        .await
+        .unwrap()
+    });
+    assert_ne!(
+        report.image_id, up_image,
+        "the xattr name differs from upstream's"
+    );
+    // `cfsctl ostree dump` rebuilds the tree from the commit splitstream, which keeps
+    // ostree's bytes: it shows upstream's names for both repositories.
+    let ours_dump = cfs(&cfsctl, &ours, &["ostree", "dump", "tagged"]);
+    let up_dump = cfs(&cfsctl, &upstream, &["ostree", "dump", "main"]);
+    assert!(up_dump.contains("user.key\\x00=value"), "{up_dump}");
+    assert_eq!(ours_dump, up_dump);
+    // The images tell them apart.
+    let xattrs = |repo: &Path, id: &str| {
+        let img = std::fs::read(repo.join("images").join(id)).unwrap();
+        let fs = composefs::erofs::reader::erofs_to_filesystem::<Sha512HashValue>(&img).unwrap();
+        let leaf = fs.root.leaf_id(std::ffi::OsStr::new("f")).unwrap();
+        fs.leaf(leaf)
+            .stat
+            .xattrs
+            .keys()
+            .map(|k| k.as_encoded_bytes().to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(xattrs(&ours, &report.image_id), [b"user.key".to_vec()]);
+    assert_eq!(xattrs(&upstream, &up_image), [b"user.key\0".to_vec()]);
+    assert_eq!(
+        cfs(&cfsctl, &ours, &["ostree", "compute-id", "tagged"]).trim(),
+        report.image_id,
+        "upstream finds our image through the splitstream's named ref"
+    );
+}
+
+/// `cstor ostree import` as a user runs it: no upstream tool needed.
+#[test]
+fn cstor_ostree_import_command() {
+    let test = "cstor_ostree_import_command";
+    if !skip::require_root(test) || !skip::require_tools(test, &["ostree"]) {
+        return;
+    }
+    let cstor = cstor_tests::helper_binary()
+        .unwrap()
+        .with_file_name("cstor");
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write_tree(&tree);
+    let osrepo = dir.path().join("ostree");
+    ostree(&osrepo, &["init", "--mode=archive"]);
+    ostree(
+        &osrepo,
+        &[
+            "commit",
+            "-b",
+            "fedora/x86_64",
+            &format!("--tree=dir={}", tree.display()),
+        ],
+    );
+    let commit = ostree(&osrepo, &["rev-parse", "fedora/x86_64"])
+        .trim()
+        .to_owned();
+    let ours = dir.path().join("cfs");
+    let run = |args: &[&str]| {
+        Command::new(&cstor)
+            .arg("--json")
+            .args(["ostree", "import", "--repo"])
+            .arg(&ours)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--init", osrepo.to_str().unwrap(), "fedora/x86_64"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["commit"], commit.as_str());
+    assert_eq!(v["reference"], "ostree/fedora%2Fx86_64");
+    assert!(ours.join("streams/refs/ostree/fedora%2Fx86_64").exists());
+    assert!(
+        ours.join("images")
+            .join(v["image_id"].as_str().unwrap())
+            .exists()
+    );
+
+    // A corrupt object: exit status 4 (verification), the object named, nothing named.
+    let c = Command::new("ostree")
+        .arg(format!("--repo={}", osrepo.display()))
+        .args(["ls", "-C", "fedora/x86_64", "/usr/share/a"])
+        .output()
+        .unwrap();
+    let line = String::from_utf8(c.stdout).unwrap();
+    let file = line.split_whitespace().nth(4).unwrap().to_owned();
+    let p = osrepo.join(format!("objects/{}/{}.filez", &file[..2], &file[2..]));
+    let mut bytes = std::fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&p, bytes).unwrap();
+    ostree(
+        &osrepo,
+        &[
+            "commit",
+            "-b",
+            "other",
+            &format!("--tree=dir={}", tree.display()),
+        ],
+    );
+    let other = ostree(&osrepo, &["rev-parse", "other"]).trim().to_owned();
+    let out = run(&[osrepo.to_str().unwrap(), "other"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains(&file), "{err}");
+    assert!(!ours.join(format!("streams/ostree-commit-{other}")).exists());
+    assert!(!ours.join("streams/refs/ostree/other").exists());
+}
+
+/// A rootless user imports commits of their own bare-user and bare-user-only repositories,
+/// through `podman unshare` (the default for a non-root user) and with the helper run
+/// directly; both give the image root gets from the same repository.
+#[test]
+fn a_user_imports_their_own_repository() {
+    let test = "a_user_imports_their_own_repository";
+    let Some(user) = cstor_tests::rootless_user_or_skip(test) else {
+        return;
+    };
+    if !skip::require_tools(test, &["ostree"]) {
+        return;
+    }
+    let (_bins, _helper, cstor) = cstor_tests::session::public_binaries().unwrap();
+    let work = user.home.join(format!("ostree-{}", std::process::id()));
+    let as_user = |program: &str, args: &[&str]| {
+        let mut cmd = user.command(program);
+        cmd.args(args);
+        run_command(&mut cmd, program).unwrap()
+    };
+    as_user(
+        "mkdir",
+        &["-p", work.join("tree/private").to_str().unwrap()],
+    );
+    std::fs::write(work.join("tree/private/secret"), [9u8; 300]).unwrap();
+    std::fs::write(work.join("tree/hello"), b"hello\n").unwrap();
+    for p in ["tree/private/secret", "tree/hello"] {
+        user.chown(&work.join(p)).unwrap();
+    }
+    std::fs::set_permissions(
+        work.join("tree/private/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        work.join("tree/private"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let store = empty_store(&work.join("root-cs"));
+    for mode in ["bare-user", "bare-user-only"] {
+        let os = work.join(format!("os-{mode}"));
+        let os_s = os.to_str().unwrap();
+        as_user(
+            "ostree",
+            &[&format!("--repo={os_s}"), "init", &format!("--mode={mode}")],
+        );
+        as_user(
+            "ostree",
+            &[
+                &format!("--repo={os_s}"),
+                "commit",
+                "-b",
+                "main",
+                &format!("--tree=dir={}", work.join("tree").display()),
+            ],
+        );
+        let commit = as_user("ostree", &[&format!("--repo={os_s}"), "rev-parse", "main"])
+            .trim()
+            .to_owned();
+        let mut images = Vec::new();
+        for privilege in ["auto", "direct"] {
+            let cfs = work.join(format!("cfs-{mode}-{privilege}"));
+            let out = as_user(
+                cstor.to_str().unwrap(),
+                &[
+                    "--json",
+                    "ostree",
+                    "import",
+                    "--privilege",
+                    privilege,
+                    "--init",
+                    "--repo",
+                    cfs.to_str().unwrap(),
+                    os_s,
+                    "main",
+                ],
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["commit"], commit.as_str(), "{mode} {privilege}");
+            images.push(v["image_id"].as_str().unwrap().to_owned());
+        }
+        // Root, from the same repository.
+        let ours = work.join(format!("cfs-{mode}-root"));
+        init_repository(&ours).unwrap();
+        let repo = open_repository::<Sha512HashValue>(&ours).unwrap();
+        let report = runtime().block_on(async {
+            let client = client_for(&store).await.unwrap();
+            import_ostree_commit(&client, &repo, &os, "main", &ImportOptions::new())
+                .await
+                .unwrap()
+        });
+        assert_eq!(images, [report.image_id.clone(), report.image_id], "{mode}");
+    }
+    cstor_tests::remove_tree(&work).unwrap();
+}
+
+/// On XFS, files of a bare-user repository become objects by reflink (nothing copied), and
+/// `--copy-policy reflink-only` of an archive repository fails: its contents are compressed.
+#[test]
+fn contents_are_reflinked_from_bare_repositories() {
+    let test = "contents_are_reflinked_from_bare_repositories";
+    if !skip::require_root(test) || !skip::require_tools(test, &["ostree", "mkfs.xfs"]) {
+        return;
+    }
+    let Some(xfs) = cstor_tests::loop_xfs_or_skip(test, 1 << 30) else {
+        return;
+    };
+    let cstor = cstor_tests::helper_binary()
+        .unwrap()
+        .with_file_name("cstor");
+    let tree = xfs.path("tree");
+    write_tree(&tree);
+    let import = |os: &Path, cfs: &Path, policy: &str| {
+        Command::new(&cstor)
+            .args([
+                "--json",
+                "ostree",
+                "import",
+                "--init",
+                "--copy-policy",
+                policy,
+                "--repo",
+            ])
+            .arg(cfs)
+            .arg(os)
+            .arg("main")
+            .output()
+            .unwrap()
+    };
+    for mode in ["bare-user", "archive"] {
+        let os = xfs.path(format!("os-{mode}"));
+        ostree(&os, &["init", &format!("--mode={mode}")]);
+        ostree(
+            &os,
+            &[
+                "commit",
+                "-b",
+                "main",
+                &format!("--tree=dir={}", tree.display()),
+            ],
+        );
+        let out = import(&os, &xfs.path(format!("cfs-{mode}")), "reflink-or-copy");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let o = &v["objects"];
+        // su (5000 bytes) and c129; a and b (100 bytes) are inline in a SHA-512 repository.
+        if mode == "archive" {
+            assert_eq!(
+                (o["reflinked"].as_u64(), o["copied"].as_u64()),
+                (Some(0), Some(2)),
+                "{v}"
+            );
+            let out = import(&os, &xfs.path("cfs-archive-only"), "reflink-only");
+            assert!(!out.status.success());
+        } else {
+            assert_eq!(
+                (o["reflinked"].as_u64(), o["copied"].as_u64()),
+                (Some(2), Some(0)),
+                "{v}"
+            );
+        }
+    }
+}
