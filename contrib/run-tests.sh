@@ -19,6 +19,17 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== contrib/check-msrv.sh"
 ./contrib/check-msrv.sh
+echo "== upstream cfsctl 0.9.4 (what the ostree tests compare with)"
+# The tests compare our ostree imports with upstream's own importer. Installed once under
+# target/ (several minutes on two cores), reused by later runs; an existing one is used as is.
+if [ -z "${CSTOR_CFSCTL:-}" ]; then
+    cfsctl_root="$PWD/target/upstream-cfsctl-0.9.4"
+    if [ ! -x "$cfsctl_root/bin/cfsctl" ]; then
+        cargo install --locked --quiet composefs-ctl --version 0.9.4 --root "$cfsctl_root"
+    fi
+    export CSTOR_CFSCTL="$cfsctl_root/bin/cfsctl"
+fi
+"$CSTOR_CFSCTL" --version
 echo "== cargo build"
 cargo build --workspace --bins --locked
 echo "== cargo test"
