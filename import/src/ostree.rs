@@ -13,17 +13,20 @@
 //! stores them with, so that the image carries `user.foo`, not `user.foo\0`. Image ids of
 //! commits with xattrs therefore differ from upstream's; the others are equal.
 //!
+//! File objects are stored by a pool of worker threads ([`ImportOptions::object_threads`]).
 //! Raw contents (bare modes) are reflinked, copied or hardlinked from the helper's fd as
-//! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, and
-//! small files go through memory.
+//! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, are
+//! inflated a buffer at a time into a new object (a copy); inline files go through memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 
 use base64::Engine;
 use composefs::fsverity::FsVerityHashValue;
@@ -36,12 +39,12 @@ use cstor_protocol::ostree::format::{
 use cstor_protocol::ostree::{
     ContentEncoding, GetOstreeObjectsParams, GetOstreeObjectsResult, ObjectName, ObjectType,
     OpenOstreeFilesParams, OpenOstreeFilesResult, OpenOstreeRepoParams, OpenOstreeRepoResult,
-    OstreeRepoHandle, ResolveOstreeRefParams, ResolveOstreeRefResult, method,
+    OstreeFile, OstreeRepoHandle, ResolveOstreeRefParams, ResolveOstreeRefResult, method,
 };
 use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
-use crate::objects::{Source, Stored, WorkerState, store_as};
+use crate::objects::{Source, WorkerState, object_tmpfile_in, store_as, store_filled};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
 /// The content type of composefs-ostree's commit splitstreams.
@@ -207,13 +210,21 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     files.sort();
     files.dedup();
 
-    // Files, in batches the helper accepts; each verified as it is stored.
+    // Files, in batches the helper accepts, stored by a pool of workers; each verified as
+    // it is stored. Two batches at most are in flight, which bounds the fds held while the
+    // helper opens the next batch as the workers store the last.
     let threshold = 2 * size_of::<ObjectID>() as u64;
     let batch = (client.info().limits.max_fds_per_message as usize).max(1);
     let mut entries: BTreeMap<Checksum, FileEntry<ObjectID>> = BTreeMap::new();
     let mut content_bytes = 0u64;
     let mut stats = ObjectStats::default();
-    let state = WorkerState::new(Arc::new(AtomicBool::new(false)));
+    let state = Arc::new(WorkerState::new(Arc::new(AtomicBool::new(false))));
+    let threads = options
+        .object_threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    let mut workers = Workers::start(repo, threads, options.copy_policy, threshold, &state)?;
+    let mut in_flight = 0usize;
     for chunk in files.chunks(batch) {
         let (opened, fds): (OpenOstreeFilesResult, _) = client
             .call(
@@ -226,101 +237,26 @@ async fn import_open<ObjectID: FsVerityHashValue>(
             .await?;
         let mut fds: Vec<Option<std::os::fd::OwnedFd>> = fds.into_iter().map(Some).collect();
         for f in opened.files {
-            let object = format!("file {}", f.checksum);
-            let decode = |s: &str| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(s)
-                    .map_err(|e| corrupt(&object, format!("xattr not base64: {e}")))
-            };
-            let meta = Meta {
-                uid: f.uid,
-                gid: f.gid,
-                mode: f.mode,
-                xattrs: f
-                    .xattrs
-                    .iter()
-                    .map(|x| Ok((decode(&x.name)?, decode(&x.value)?)))
-                    .collect::<Result<_>>()?,
-            };
-            let target = f.symlink_target.clone();
-            let mut hasher = FileHasher::new(&meta, target.as_deref().unwrap_or(""));
-            let is_regular = target.is_none();
-            let fd = match f.fd {
-                Some(i) => Some(
-                    fds.get_mut(i as usize)
-                        .and_then(Option::take)
-                        .ok_or_else(|| corrupt(&object, "the helper sent no fd for it"))?,
-                ),
-                None if f.size > 0 => {
-                    return Err(corrupt(&object, "the helper sent no content for it"));
-                }
-                None => None,
-            };
-            let deflated = f.content == Some(ContentEncoding::Deflate);
-            let (inline, external) = match fd {
-                // Stored from the helper's fd itself: hashed in one pass of reads, then
-                // reflinked (or copied, as the policy allows) from the same fd.
-                Some(fd) if is_regular && !deflated && f.size > threshold => {
-                    let file = std::fs::File::from(fd);
-                    let id = hash_raw::<ObjectID>(&file, f.size, &mut hasher, &object)?;
-                    check_file(hasher, &f.checksum, &object)?;
-                    let source = Source {
-                        file: &file,
-                        data: None,
-                        size: f.size,
-                        crc64: 0,
-                        name: &object,
-                        layer: "ostree",
-                    };
-                    let (id, how) = store_as(repo, id, &source, options.copy_policy, &state, None)?;
-                    stats.count(how, f.size);
-                    (None, Some(id))
-                }
-                Some(fd) => {
-                    let content = read_content(fd, &f, &object)?;
-                    hasher.update(&content);
-                    check_file(hasher, &f.checksum, &object)?;
-                    if is_regular && f.size > threshold {
-                        if options.copy_policy == CopyPolicy::ReflinkOnly {
-                            return Err(Error::ReflinkRequired {
-                                file: object,
-                                reason: "archive-mode contents are compressed: they can only \
-                                         be inflated into a copy"
-                                    .into(),
-                            });
-                        }
-                        let id = repo
-                            .ensure_object(&content)
-                            .map_err(repo_err(format!("storing {object}")))?;
-                        stats.count(Stored::Copied, f.size);
-                        (None, Some(id))
-                    } else {
-                        stats.inlined += 1;
-                        stats.bytes_inlined += f.size;
-                        (Some(content), None)
-                    }
-                }
-                None => {
-                    check_file(hasher, &f.checksum, &object)?;
-                    (is_regular.then(Vec::new), None)
-                }
-            };
-            content_bytes += f.size;
-            let mut c = [0u8; 32];
-            hex::decode_to_slice(&f.checksum, &mut c)
-                .map_err(|_| corrupt(&object, "the helper named it wrongly"))?;
-            entries.insert(
-                c,
-                FileEntry {
-                    meta,
-                    size: f.size,
-                    target,
-                    inline,
-                    external,
-                },
-            );
+            let job = file_job(f, &mut fds)?;
+            workers.submit(job)?;
+            in_flight += 1;
+        }
+        while in_flight > batch {
+            let done = workers.next().await?;
+            in_flight -= 1;
+            content_bytes += done.entry.size;
+            stats.add(&done.stats);
+            entries.insert(done.checksum, done.entry);
         }
     }
+    while in_flight > 0 {
+        let done = workers.next().await?;
+        in_flight -= 1;
+        content_bytes += done.entry.size;
+        stats.add(&done.stats);
+        entries.insert(done.checksum, done.entry);
+    }
+    drop(workers);
     if entries.len() != files.len() {
         return Err(corrupt(
             &format!("commit {commit_hex}"),
@@ -427,6 +363,319 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     })
 }
 
+/// One file object for a worker: its metadata as the helper served it, and its content.
+struct FileJob {
+    /// `file <checksum>`, for errors.
+    object: String,
+    checksum: Checksum,
+    meta: Meta,
+    target: Option<String>,
+    size: u64,
+    encoding: Option<ContentEncoding>,
+    content_offset: u64,
+    fd: Option<OwnedFd>,
+}
+
+/// A file object verified and stored.
+struct FileDone<ObjectID> {
+    checksum: Checksum,
+    entry: FileEntry<ObjectID>,
+    /// How its content got into the repository (one count at most).
+    stats: ObjectStats,
+}
+
+/// Takes what the helper served for one file object, with its fd out of `fds`.
+fn file_job(f: OstreeFile, fds: &mut [Option<OwnedFd>]) -> Result<FileJob> {
+    let object = format!("file {}", f.checksum);
+    let decode = |s: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| corrupt(&object, format!("xattr not base64: {e}")))
+    };
+    let meta = Meta {
+        uid: f.uid,
+        gid: f.gid,
+        mode: f.mode,
+        xattrs: f
+            .xattrs
+            .iter()
+            .map(|x| Ok((decode(&x.name)?, decode(&x.value)?)))
+            .collect::<Result<_>>()?,
+    };
+    let fd = match f.fd {
+        Some(i) => Some(
+            fds.get_mut(i as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| corrupt(&object, "the helper sent no fd for it"))?,
+        ),
+        None if f.size > 0 => return Err(corrupt(&object, "the helper sent no content for it")),
+        None => None,
+    };
+    let mut checksum = [0u8; 32];
+    hex::decode_to_slice(&f.checksum, &mut checksum)
+        .map_err(|_| corrupt(&object, "the helper named it wrongly"))?;
+    Ok(FileJob {
+        object,
+        checksum,
+        meta,
+        target: f.symlink_target,
+        size: f.size,
+        encoding: f.content,
+        content_offset: f.content_offset,
+        fd,
+    })
+}
+
+/// The threads storing an import's file objects: jobs in through a shared queue, results
+/// out through a channel the async import awaits, in the order they finish.
+struct Workers<ObjectID: FsVerityHashValue> {
+    jobs: Option<std::sync::mpsc::Sender<FileJob>>,
+    done: tokio::sync::mpsc::UnboundedReceiver<Result<FileDone<ObjectID>>>,
+    state: Arc<WorkerState>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
+    fn start(
+        repo: &Arc<Repository<ObjectID>>,
+        n: usize,
+        policy: CopyPolicy,
+        threshold: u64,
+        state: &Arc<WorkerState>,
+    ) -> Result<Self> {
+        let (jobs, queue) = std::sync::mpsc::channel::<FileJob>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let queue = queue.clone();
+            let done_tx = done_tx.clone();
+            let repo = repo.clone();
+            let state = state.clone();
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("cstor-ostree-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only to take one job: the sender never blocks.
+                        let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        };
+                        // After a failure the queued jobs are dropped, not stored: the
+                        // import is failing and only waits for the workers to finish.
+                        if stop.load(Relaxed) {
+                            continue;
+                        }
+                        let r = store_file(&repo, job, policy, threshold, &state);
+                        if done_tx.send(r).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| Error::io("starting an ostree object worker", e))?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            state: state.clone(),
+            stop,
+            threads,
+        })
+    }
+
+    fn submit(&self, job: FileJob) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| {
+                Error::io(
+                    "queueing an ostree object",
+                    std::io::Error::other("the object workers stopped"),
+                )
+            })
+    }
+
+    /// The next file stored, or the first failure (after which queued jobs are dropped).
+    async fn next(&mut self) -> Result<FileDone<ObjectID>> {
+        let r = self.done.recv().await.unwrap_or_else(|| {
+            Err(Error::io(
+                "storing ostree objects",
+                std::io::Error::other("the object workers stopped"),
+            ))
+        });
+        if r.is_err() {
+            self.stop.store(true, Relaxed);
+        }
+        r
+    }
+}
+
+impl<ObjectID: FsVerityHashValue> Drop for Workers<ObjectID> {
+    fn drop(&mut self) {
+        // After a success nothing is queued; dropped early, the import failed, and what is
+        // queued is not worth storing.
+        self.stop.store(true, Relaxed);
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.state.forget_objects();
+    }
+}
+
+/// Verifies and stores one file object: its ostree checksum is computed over its metadata
+/// and the content bytes as they are read (raw) or inflated (archive), the same bytes its
+/// object id is computed from, and compared before the object is named.
+///
+/// Raw contents larger than `threshold` are reflinked, copied or hardlinked from the
+/// helper's fd as `policy` allows; deflated ones are inflated, a buffer at a time, into a
+/// tmpfile of the repository, so that memory does not grow with a file's size; smaller
+/// contents are read into memory and kept inline.
+fn store_file<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    job: FileJob,
+    policy: CopyPolicy,
+    threshold: u64,
+    state: &WorkerState,
+) -> Result<FileDone<ObjectID>> {
+    let FileJob {
+        object,
+        checksum,
+        meta,
+        target,
+        size,
+        encoding,
+        content_offset,
+        fd,
+    } = job;
+    let expected = hex::encode(checksum);
+    let mut hasher = FileHasher::new(&meta, target.as_deref().unwrap_or(""));
+    let is_regular = target.is_none();
+    let deflated = encoding == Some(ContentEncoding::Deflate);
+    let mut stats = ObjectStats::default();
+    let (inline, external) = match fd {
+        // Stored from the helper's fd itself: hashed in one pass of reads, then reflinked
+        // (or copied, as the policy allows) from the same fd.
+        Some(fd) if is_regular && !deflated && size > threshold => {
+            let file = std::fs::File::from(fd);
+            let id = hash_raw::<ObjectID>(&file, size, &mut hasher, &object)?;
+            check_file(hasher, &expected, &object)?;
+            let source = Source {
+                file: &file,
+                data: None,
+                size,
+                crc64: 0,
+                name: &object,
+                layer: "ostree",
+            };
+            let (id, how) = store_as(repo, id, &source, policy, state, None)?;
+            stats.count(how, size);
+            (None, Some(id))
+        }
+        Some(fd) if is_regular && size > threshold => {
+            if policy == CopyPolicy::ReflinkOnly {
+                return Err(Error::ReflinkRequired {
+                    file: object,
+                    reason: "archive-mode contents are compressed: they can only be inflated \
+                             into a copy"
+                        .into(),
+                });
+            }
+            // Any objects/XX directory will do for the tmpfile; the checksum's spreads
+            // the workers' over them as object ids would.
+            let tmp = object_tmpfile_in(repo, &expected[..2])?;
+            let file = std::fs::File::from(fd);
+            let id =
+                inflate_into::<ObjectID>(file, content_offset, size, &tmp, &mut hasher, &object)?;
+            check_file(hasher, &expected, &object)?;
+            let (id, how) = store_filled(repo, id, tmp, size, &object, state)?;
+            stats.count(how, size);
+            (None, Some(id))
+        }
+        Some(fd) => {
+            let content = read_content(fd, encoding, content_offset, size, &object)?;
+            hasher.update(&content);
+            check_file(hasher, &expected, &object)?;
+            stats.inlined += 1;
+            stats.bytes_inlined += size;
+            (Some(content), None)
+        }
+        None => {
+            check_file(hasher, &expected, &object)?;
+            (is_regular.then(Vec::new), None)
+        }
+    };
+    Ok(FileDone {
+        checksum,
+        entry: FileEntry {
+            meta,
+            size,
+            target,
+            inline,
+            external,
+        },
+        stats,
+    })
+}
+
+/// Inflates the deflate stream at `offset` of `file` into `tmp`, feeding the ostree hasher
+/// and an fs-verity hasher on the way: the object id of the `size` bytes it must yield.
+fn inflate_into<ObjectID: FsVerityHashValue>(
+    mut file: std::fs::File,
+    offset: u64,
+    size: u64,
+    tmp: &std::fs::File,
+    hasher: &mut FileHasher,
+    object: &str,
+) -> Result<ObjectID> {
+    use std::io::Write;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(format!("reading {object}"), e))?;
+    let mut inflate = flate2::read::DeflateDecoder::new(file);
+    let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
+    let mut buf = vec![0u8; (256 << 10).min(size as usize + 1)];
+    let mut out = std::io::BufWriter::with_capacity(buf.len(), tmp);
+    let mut at = 0u64;
+    loop {
+        let n = inflate
+            .read(&mut buf)
+            .map_err(|e| inflate_error(e, object))?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+        if at > size {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        verity.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io(format!("writing the object for {object}"), e))?;
+    }
+    if at != size {
+        return Err(corrupt(
+            object,
+            format!("{size} bytes announced, {at} or more inflated"),
+        ));
+    }
+    out.flush()
+        .map_err(|e| Error::io(format!("writing the object for {object}"), e))?;
+    Ok(verity.finish())
+}
+
+/// A stream that does not inflate is a corrupt object, not an I/O failure; flate2 reports
+/// both as io::Error, real I/O errors carry an errno.
+fn inflate_error(e: std::io::Error, object: &str) -> Error {
+    match e.raw_os_error() {
+        Some(_) => Error::io(format!("reading {object}"), e),
+        None => corrupt(object, format!("its content does not inflate: {e}")),
+    }
+}
+
 /// Compares a file's computed ostree checksum with its name.
 fn check_file(hasher: FileHasher, checksum: &str, object: &str) -> Result<()> {
     let actual = hex::encode(hasher.finish());
@@ -474,37 +723,34 @@ fn hash_raw<ObjectID: FsVerityHashValue>(
     Ok(verity.finish())
 }
 
-/// Reads a small or compressed content into memory: at most `size` bytes, inflated for
-/// `deflate`.
+/// Reads a small content into memory: at most `size` bytes, inflated when `encoding` says
+/// it is deflated.
 fn read_content(
-    fd: std::os::fd::OwnedFd,
-    f: &cstor_protocol::ostree::OstreeFile,
+    fd: OwnedFd,
+    encoding: Option<ContentEncoding>,
+    offset: u64,
+    size: u64,
     object: &str,
 ) -> Result<Vec<u8>> {
     let mut file = std::fs::File::from(fd);
-    file.seek(SeekFrom::Start(f.content_offset))
+    file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::io(format!("reading {object}"), e))?;
-    let limit = f.size.saturating_add(1);
+    let limit = size.saturating_add(1);
     let mut content = Vec::new();
-    match f.content {
-        // A stream that does not inflate is a corrupt object, not an I/O failure; flate2
-        // reports both as io::Error, real I/O errors carry an errno.
+    match encoding {
         Some(ContentEncoding::Deflate) => flate2::read::DeflateDecoder::new(file)
             .take(limit)
             .read_to_end(&mut content)
-            .map_err(|e| match e.raw_os_error() {
-                Some(_) => Error::io(format!("reading {object}"), e),
-                None => corrupt(object, format!("its content does not inflate: {e}")),
-            }),
+            .map_err(|e| inflate_error(e, object)),
         _ => file
             .take(limit)
             .read_to_end(&mut content)
             .map_err(|e| Error::io(format!("reading {object}"), e)),
     }?;
-    if content.len() as u64 != f.size {
+    if content.len() as u64 != size {
         return Err(corrupt(
             object,
-            format!("{} bytes announced, {} read", f.size, content.len()),
+            format!("{size} bytes announced, {} read", content.len()),
         ));
     }
     Ok(content)
@@ -620,4 +866,89 @@ fn build_dir<ObjectID: FsVerityHashValue>(
         out.push((Box::from(OsStr::new(name)), Inode::Directory(Box::new(dir))));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use composefs::fsverity::{FsVerityHasher, Sha512HashValue};
+
+    use super::*;
+
+    const META: Meta = Meta {
+        uid: 0,
+        gid: 0,
+        mode: 0o100644,
+        xattrs: Vec::new(),
+    };
+
+    /// A file holding `prefix` then `content` deflated, as an archive-mode `.filez` does.
+    fn deflated(prefix: &[u8], content: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(prefix).unwrap();
+        let mut enc = flate2::write::DeflateEncoder::new(&mut f, flate2::Compression::fast());
+        enc.write_all(content).unwrap();
+        enc.finish().unwrap();
+        f
+    }
+
+    /// Larger than the inflating buffer, so that the object is written in several pieces.
+    fn content() -> Vec<u8> {
+        (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn archive_contents_inflate_into_the_object_with_its_id_and_checksum() {
+        let content = content();
+        let mut tmp = tempfile::tempfile().unwrap();
+        let mut hasher = FileHasher::new(&META, "");
+        let id: Sha512HashValue = inflate_into(
+            deflated(b"header", &content),
+            6,
+            content.len() as u64,
+            &tmp,
+            &mut hasher,
+            "file x",
+        )
+        .unwrap();
+        assert_eq!(id, FsVerityHasher::<Sha512HashValue>::hash(&content));
+        let mut expected = FileHasher::new(&META, "");
+        expected.update(&content);
+        assert_eq!(hasher.finish(), expected.finish());
+        let mut written = Vec::new();
+        tmp.seek(SeekFrom::Start(0)).unwrap();
+        tmp.read_to_end(&mut written).unwrap();
+        assert!(written == content, "the object holds the inflated bytes");
+    }
+
+    #[test]
+    fn an_archive_content_of_another_size_or_not_deflate_is_a_corrupt_object() {
+        let content = content();
+        let inflate = |src, size| {
+            inflate_into::<Sha512HashValue>(
+                src,
+                0,
+                size,
+                &tempfile::tempfile().unwrap(),
+                &mut FileHasher::new(&META, ""),
+                "file y",
+            )
+            .unwrap_err()
+        };
+        for size in [content.len() as u64 - 1, content.len() as u64 + 1] {
+            let e = inflate(deflated(b"", &content), size);
+            assert!(
+                matches!(&e, Error::OstreeObject { object, .. } if object == "file y"),
+                "{e}"
+            );
+        }
+        let mut garbage = tempfile::tempfile().unwrap();
+        garbage.write_all(&[0xff; 4096]).unwrap();
+        let e = inflate(garbage, 4096);
+        assert!(
+            matches!(&e, Error::OstreeObject { detail, .. } if detail.contains("inflate")),
+            "{e}"
+        );
+    }
 }

@@ -30,7 +30,7 @@ pub(crate) use naming::link_tmpfile;
 pub use policy::{CopyPolicy, Stored};
 pub use pool::{JobResult, Pool, Submission};
 pub(crate) use source::{Source, assemble_error, check_crc, read_error, unless_stopped};
-pub(crate) use store::store_as;
+pub(crate) use store::{object_tmpfile_in, store_as, store_filled};
 pub use worker_state::WorkerState;
 
 /// Layer files for the tests of this module.

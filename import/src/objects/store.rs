@@ -147,6 +147,68 @@ pub(crate) fn store_as<ObjectID: FsVerityHashValue>(
     }
 }
 
+/// A new, empty `O_TMPFILE` of `repo` in `objects/<dir>`, for a content the importer
+/// produces itself (an inflated archive-mode file) and names with [`store_filled`].
+pub(crate) fn object_tmpfile_in<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    dir: &str,
+) -> Result<File> {
+    let objects = repo
+        .objects_dir()
+        .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    object_tmpfile(objects, dir)
+}
+
+/// Names `tmp`, a tmpfile from [`object_tmpfile_in`] holding `size` bytes whose object id,
+/// computed as they were written, is `id`, as that object. The bytes are the importer's
+/// own copy, so the object counts as copied (or already present: an existing object wins).
+///
+/// In an insecure repository the tmpfile is linked under `id` directly, as [`store_as`]
+/// does, rather than read back by composefs; with fs-verity the kernel's measurement must
+/// equal `id` ([`Error::ContentChanged`] naming `name` otherwise).
+pub(crate) fn store_filled<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    id: ObjectID,
+    tmp: File,
+    size: u64,
+    name: &str,
+    state: &WorkerState,
+) -> Result<(ObjectID, Stored)> {
+    if state.is_present(id.as_bytes()) {
+        return Ok((id, Stored::AlreadyPresent));
+    }
+    let objects = repo
+        .objects_dir()
+        .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    let new = if repo.is_insecure() {
+        link_object(objects, &tmp, &id, state, false)?
+    } else {
+        let (measured, method) = repo
+            .finalize_object_tmpfile(tmp, size)
+            .map_err(|cause| Error::repository(format!("storing the object for {name}"), cause))?;
+        if measured != id {
+            return Err(Error::ContentChanged {
+                file: name.to_owned(),
+                detail: format!(
+                    "fs-verity measured {} but the content written has {}",
+                    measured.to_hex(),
+                    id.to_hex()
+                ),
+            });
+        }
+        method != ObjectStoreMethod::AlreadyPresent
+    };
+    state.set_present(id.as_bytes());
+    Ok((
+        id,
+        if new {
+            Stored::Copied
+        } else {
+            Stored::AlreadyPresent
+        },
+    ))
+}
+
 /// Hardlinks the layer file `src` into the object store as `id`, if it may be linked: in an
 /// insecure repository, not setuid/setgid, not writable by group or others. Says how the
 /// object got there (hardlinked, or already present), or `None` when the file must be
