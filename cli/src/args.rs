@@ -155,6 +155,9 @@ pub enum Command {
     },
     /// Import an image into a composefs repository, zero-copy where the filesystem allows.
     Import(ImportArgs),
+    /// Copy an image from another composefs repository (as `cfsctl oci copy`), reflinked
+    /// where both share a filesystem, every object checked against its name.
+    Copy(CopyArgs),
     /// ostree commits: import one into a composefs repository.
     Ostree {
         #[command(subcommand)]
@@ -211,6 +214,34 @@ pub struct ImportArgs {
     pub storage: StorageArgs,
 }
 
+/// `cstor copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The image in the source repository: a tag, or `@sha256:<manifest digest>`.
+    pub image: String,
+    /// The source composefs repository.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+    /// The destination repository (same default as `cstor import`).
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Create the destination repository if it does not exist.
+    #[arg(long)]
+    pub init: bool,
+    /// Tag to write (default: the source's tag; required when IMAGE is a digest).
+    #[arg(long, value_name = "NAME", value_parser = non_empty_tag)]
+    pub tag: Option<String>,
+    /// How file contents get into the destination.
+    #[arg(long, value_enum, default_value_t = CopyPolicyArg::ReflinkOrCopy)]
+    pub copy_policy: CopyPolicyArg,
+    /// Threads storing objects (default: the number of CPUs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS))]
+    pub jobs: Option<u16>,
+    /// Also write the boot variant of the EROFS image.
+    #[arg(long)]
+    pub bootable: bool,
+}
+
 /// `cstor ostree` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum OstreeCommand {
@@ -259,6 +290,17 @@ pub enum CopyPolicyArg {
     /// Reflink where possible, else hardlink the layer file itself (privileged callers,
     /// insecure repositories; the object shares podman's inode), else copy.
     ReflinkOrHardlink,
+}
+
+impl From<CopyPolicyArg> for cstor_import::CopyPolicy {
+    fn from(p: CopyPolicyArg) -> Self {
+        match p {
+            CopyPolicyArg::ReflinkOrCopy => Self::ReflinkOrCopy,
+            CopyPolicyArg::ReflinkOnly => Self::ReflinkOnly,
+            CopyPolicyArg::Copy => Self::CopyOnly,
+            CopyPolicyArg::ReflinkOrHardlink => Self::ReflinkOrHardlink,
+        }
+    }
 }
 
 fn non_empty_tag(v: &str) -> Result<String, String> {

@@ -86,9 +86,10 @@ pub fn status(e: &anyhow::Error) -> u8 {
             return match err {
                 ImportError::Helper(c) => client_status(c),
                 ImportError::ReflinkRequired { .. } => REFLINK,
-                ImportError::ContentChanged { .. } | ImportError::OstreeObject { .. } => {
-                    VERIFICATION
-                }
+                ImportError::ContentChanged { .. }
+                | ImportError::OstreeObject { .. }
+                | ImportError::SourceObject { .. } => VERIFICATION,
+                ImportError::NotFound(_) => NOT_FOUND,
                 _ => OTHER,
             };
         }

@@ -47,6 +47,18 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
+    /// The repository an image is copied from has no such tag or image.
+    #[error("{0}")]
+    NotFound(String),
+    /// An object of the repository an image is copied from does not hold what its name
+    /// says (its fs-verity digest), or a stream or the image is not what it is named by.
+    #[error("{object} in the source repository is corrupt: {detail}")]
+    SourceObject {
+        /// The object (`object <id> (<layer or stream>)`) or stream.
+        object: String,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The import was cancelled (see [`crate::ImportOptions::cancel`]).
     #[error("the import was cancelled")]
     Cancelled,

@@ -38,6 +38,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 #![forbid(unsafe_code)]
 
+mod copy;
 mod error;
 mod finalize;
 mod image;
@@ -48,10 +49,12 @@ mod ostree;
 mod progress;
 mod repo;
 mod report;
+mod stream_queue;
 mod sys;
 mod tree;
 mod verity;
 
+pub use copy::copy_image;
 pub use error::{Error, Result};
 pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 pub use image::import_image;

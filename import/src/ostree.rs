@@ -44,7 +44,7 @@ use cstor_protocol::ostree::{
 use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
-use crate::objects::{Source, WorkerState, object_tmpfile_in, store_as, store_filled};
+use crate::objects::{Expected, Source, WorkerState, object_tmpfile_in, store_as, store_filled};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
 /// The content type of composefs-ostree's commit splitstreams.
@@ -568,7 +568,7 @@ fn store_file<ObjectID: FsVerityHashValue>(
                 file: &file,
                 data: None,
                 size,
-                crc64: 0,
+                expected: &Expected::CheckedByCaller,
                 name: &object,
                 layer: "ostree",
             };

@@ -95,13 +95,19 @@ fn verity_supported(dir: &Path) -> Result<bool> {
 
 /// Creates a repository at `path` with the settings `cfsctl init` uses (SHA-512 objects,
 /// EROFS format 1), in insecure mode when the filesystem has no fs-verity (as
-/// `cfsctl init --insecure` would). An existing repository with the same settings is left
-/// as it is.
+/// `cfsctl init --insecure` would). An existing repository is left as it is (it must
+/// open: a readable `meta.json` of a known hash).
 pub fn init_repository(path: &Path) -> Result<InitOutcome> {
     std::fs::create_dir_all(path)
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     if path.join("meta.json").exists() {
-        open_repository::<Sha512HashValue>(path)?;
+        // Whatever its hash: `--init` on a SHA-256 repository `cfsctl init` made uses it.
+        match repository_algorithm(path)? {
+            RepoAlgorithm::Sha512 => drop(open_repository::<Sha512HashValue>(path)?),
+            RepoAlgorithm::Sha256 => drop(open_repository::<composefs::fsverity::Sha256HashValue>(
+                path,
+            )?),
+        }
         return Ok(InitOutcome::Existed);
     }
     let secure = verity_supported(path)?;

@@ -28,7 +28,8 @@ impl Hasher {
     }
 }
 
-fn algorithm<ObjectID: FsVerityHashValue>() -> cstor_verity::Algorithm {
+/// The `cstor-verity` algorithm of `ObjectID`.
+pub fn algorithm<ObjectID: FsVerityHashValue>() -> cstor_verity::Algorithm {
     match ObjectID::ALGORITHM {
         Algorithm::Sha256 { .. } => cstor_verity::Algorithm::Sha256,
         Algorithm::Sha512 { .. } => cstor_verity::Algorithm::Sha512,

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
-use cstor_import::{CopyPolicy, ImportOptions, ObjectStats, RepoAlgorithm, TreeSource};
+use cstor_import::{ImportOptions, ImportReport, ObjectStats, RepoAlgorithm, TreeSource};
 use cstor_proxy_client::Client;
 
 use super::{connect, repo_path};
-use crate::args::{CopyPolicyArg, Global, ImportArgs};
+use crate::args::{Global, ImportArgs};
 use crate::output::{human, print_json, short};
 use crate::progress;
 
@@ -27,12 +27,7 @@ pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
         }
     }
     let mut options = ImportOptions::new()
-        .copy_policy(match args.copy_policy {
-            CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
-            CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
-            CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
-            CopyPolicyArg::ReflinkOrHardlink => CopyPolicy::ReflinkOrHardlink,
-        })
+        .copy_policy(args.copy_policy.into())
         .bootable(args.bootable);
     options.tag = args.tag.clone();
     options.object_threads = args.jobs.map(usize::from);
@@ -63,15 +58,18 @@ pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
     if g.json {
         print_json(&summary)
     } else {
-        print_summary(&summary)?;
+        print_summary(&summary, "Imported", "Already imported")?;
         Ok(())
     }
 }
 
 /// The import report with object ids as hex, for printing and `--json`.
 #[derive(Debug, serde::Serialize)]
-struct ImportSummary {
+pub(super) struct ImportSummary {
     reference: String,
+    /// The repository a copy read from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) source: Option<String>,
     image_id: String,
     repository: String,
     tag: String,
@@ -124,54 +122,64 @@ async fn import<ObjectID: FsVerityHashValue>(
         let _ = p.await;
     }
     let r = r.with_context(|| format!("importing {image} into {}", path.display()))?;
-    Ok(ImportSummary {
-        reference: r.reference.clone(),
-        image_id: r.image_id.clone(),
-        repository: path.display().to_string(),
-        tag: r.tag.clone(),
-        manifest_digest: r.pull.manifest_digest.to_string(),
-        manifest_verity: r.pull.manifest_verity.to_hex(),
-        config_digest: r.pull.config_digest.to_string(),
-        config_verity: r.pull.config_verity.to_hex(),
-        erofs_image: r.erofs_image.to_hex(),
-        boot_image: r.boot_image.as_ref().map(|b| b.to_hex()),
-        already_complete: r.already_complete,
-        has_usr: r.has_usr,
-        erofs_tree: r.tree,
-        objects: r.objects,
-        first_reflink_fallback: r.first_reflink_fallback.clone(),
-        elapsed_seconds: r.elapsed.as_secs_f64(),
-        layers: r
-            .layers
-            .iter()
-            .map(|l| LayerSummary {
-                index: l.index,
-                diff_id: l.diff_id.clone(),
-                layer_id: l.layer_id.clone(),
-                bytes: l.bytes,
-                verity: l.verity.to_hex(),
-                skipped: l.skipped,
-                objects: l.stats,
-                elapsed_seconds: l.elapsed.as_secs_f64(),
-            })
-            .collect(),
-    })
+    Ok(ImportSummary::of(&r, path))
 }
 
-fn print_summary(s: &ImportSummary) -> std::io::Result<()> {
+impl ImportSummary {
+    /// The report of an import (or a copy) into the repository at `path`.
+    pub(super) fn of<ObjectID: FsVerityHashValue>(r: &ImportReport<ObjectID>, path: &Path) -> Self {
+        ImportSummary {
+            reference: r.reference.clone(),
+            source: None,
+            image_id: r.image_id.clone(),
+            repository: path.display().to_string(),
+            tag: r.tag.clone(),
+            manifest_digest: r.pull.manifest_digest.to_string(),
+            manifest_verity: r.pull.manifest_verity.to_hex(),
+            config_digest: r.pull.config_digest.to_string(),
+            config_verity: r.pull.config_verity.to_hex(),
+            erofs_image: r.erofs_image.to_hex(),
+            boot_image: r.boot_image.as_ref().map(|b| b.to_hex()),
+            already_complete: r.already_complete,
+            has_usr: r.has_usr,
+            erofs_tree: r.tree,
+            objects: r.objects,
+            first_reflink_fallback: r.first_reflink_fallback.clone(),
+            elapsed_seconds: r.elapsed.as_secs_f64(),
+            layers: r
+                .layers
+                .iter()
+                .map(|l| LayerSummary {
+                    index: l.index,
+                    diff_id: l.diff_id.clone(),
+                    layer_id: l.layer_id.clone(),
+                    bytes: l.bytes,
+                    verity: l.verity.to_hex(),
+                    skipped: l.skipped,
+                    objects: l.stats,
+                    elapsed_seconds: l.elapsed.as_secs_f64(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Prints the summary of an import or a copy: `done` ("Imported") or `already` ("Already
+/// imported") the image.
+pub(super) fn print_summary(s: &ImportSummary, done: &str, already: &str) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     let o = &s.objects;
     let skipped = s.layers.iter().filter(|l| l.skipped).count();
     writeln!(
         out,
-        "{} {} (image {}) into {} as {}",
-        if s.already_complete {
-            "Already imported"
-        } else {
-            "Imported"
-        },
+        "{} {} (image {}){} into {} as {}",
+        if s.already_complete { already } else { done },
         s.reference,
         short(&s.image_id),
+        s.source
+            .as_deref()
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default(),
         s.repository,
         s.tag
     )?;

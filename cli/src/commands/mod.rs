@@ -1,6 +1,7 @@
 //! One module per subcommand; here what they share: starting a helper for the storage the
 //! flags and the reference select, and the repository path.
 
+mod copy;
 mod export;
 mod generate;
 mod images;
@@ -34,6 +35,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => export::layer_tar(g, &storage, &image, &layer, output.as_deref()).await,
         Command::Verify { image, storage } => export::verify(g, &storage, &image).await,
         Command::Import(args) => import::run(g, &args).await,
+        Command::Copy(args) => copy::run(g, &args).await,
         Command::Ostree {
             command: OstreeCommand::Import(args),
         } => ostree::import(g, &args).await,

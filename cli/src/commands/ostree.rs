@@ -6,11 +6,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
-use cstor_import::{CopyPolicy, ObjectStats, OstreeImportReport, RepoAlgorithm};
+use cstor_import::{ObjectStats, OstreeImportReport, RepoAlgorithm};
 use cstor_proxy_client::Client;
 
 use super::{connect, finish, repo_path};
-use crate::args::{CopyPolicyArg, Global, HelperArgs, OstreeImportArgs, StorageArgs};
+use crate::args::{Global, HelperArgs, OstreeImportArgs, StorageArgs};
 use crate::output::{human, print_json, short};
 
 pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
@@ -87,12 +87,7 @@ async fn run<ObjectID: FsVerityHashValue>(
     args: &OstreeImportArgs,
 ) -> Result<OstreeImportReport> {
     let repo = cstor_import::open_repository::<ObjectID>(path)?;
-    let mut options = cstor_import::ImportOptions::new().copy_policy(match args.copy_policy {
-        CopyPolicyArg::ReflinkOrCopy => CopyPolicy::ReflinkOrCopy,
-        CopyPolicyArg::ReflinkOnly => CopyPolicy::ReflinkOnly,
-        CopyPolicyArg::Copy => CopyPolicy::CopyOnly,
-        CopyPolicyArg::ReflinkOrHardlink => CopyPolicy::ReflinkOrHardlink,
-    });
+    let mut options = cstor_import::ImportOptions::new().copy_policy(args.copy_policy.into());
     options.tag = args.tag.clone();
     cstor_import::import_ostree_commit(client, &repo, source, &args.reference, &options)
         .await

@@ -29,7 +29,7 @@ mod worker_state;
 pub(crate) use naming::link_tmpfile;
 pub use policy::{CopyPolicy, Stored};
 pub use pool::{JobResult, Pool, Submission};
-pub(crate) use source::{Source, assemble_error, check_crc, read_error, unless_stopped};
+pub(crate) use source::{Expected, Source, assemble_error, check_crc, read_error, unless_stopped};
 pub(crate) use store::{object_tmpfile_in, store_as, store_filled};
 pub use worker_state::WorkerState;
 

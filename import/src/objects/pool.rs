@@ -13,7 +13,7 @@ use composefs::repository::Repository;
 use super::job_queue::GroupQueue;
 use super::placement;
 use super::policy::{CopyPolicy, Stored};
-use super::source::Source;
+use super::source::{Expected, Source};
 use super::store::{store, store_as};
 use super::worker_state::WorkerState;
 use crate::error::{Error, Result};
@@ -29,18 +29,18 @@ pub struct Pool<ObjectID: FsVerityHashValue> {
 /// What a worker hands back: the object (or why not), and the job's buffer for reuse.
 pub type JobResult<ObjectID> = (Result<(ObjectID, Stored)>, Option<Vec<u8>>);
 
-/// One layer file for the workers to store, as a layer reader hands it over.
+/// One file for the workers to store, as a layer reader hands it over.
 #[derive(Debug)]
 pub struct Submission {
-    /// The layer file, as the helper opened it.
+    /// The file, as the helper (or the source repository) opened it.
     pub file: File,
     /// Its `size` bytes, when the reader already read them: the worker then hashes them
     /// instead of reading the file again, and hands the buffer back.
     pub data: Option<Vec<u8>>,
-    /// Length recorded in tar-split.
+    /// Length recorded in tar-split (or the source repository).
     pub size: u64,
-    /// CRC-64 recorded in tar-split.
-    pub crc64: u64,
+    /// What its bytes must match.
+    pub expected: Expected,
     /// Entry name, for errors and the report.
     pub name: String,
     /// Layer id, for errors.
@@ -53,7 +53,7 @@ impl Submission {
             file: &self.file,
             data: self.data.as_deref(),
             size: self.size,
-            crc64: self.crc64,
+            expected: &self.expected,
             name: &self.name,
             layer: &self.layer,
         }
@@ -84,7 +84,7 @@ const WORKER_NICE: i32 = 19;
 const BATCH: usize = 16;
 
 /// The object ids of the jobs whose bytes are in memory (checked against their CRC-64
-/// first), computed in one go so that the multi-buffer SHA-512 hashes small files eight at
+/// or source object first, and their source object's id after), computed in one go so that the multi-buffer SHA-512 hashes small files eight at
 /// a time instead of one by one (one-block files are most of an image's files). `None` for
 /// jobs the worker must read itself.
 fn digest_batch<ObjectID: FsVerityHashValue>(
@@ -94,15 +94,23 @@ fn digest_batch<ObjectID: FsVerityHashValue>(
     let mut files: Vec<&[u8]> = Vec::with_capacity(batch.len());
     for (_, job) in batch {
         out.push(job.file.data.as_deref().map(|data| {
-            job.file.source().check_data(data)?;
+            job.file.source().check_data::<ObjectID>(data)?;
             files.push(data);
             Ok(ObjectID::EMPTY)
         }));
     }
     // One id per file, in order: they go to the checked jobs in order.
-    let ids = crate::verity::ids::<ObjectID>(&files);
-    for (id, slot) in ids.into_iter().zip(out.iter_mut().flatten().flatten()) {
-        *slot = id;
+    let mut ids = crate::verity::ids::<ObjectID>(&files).into_iter();
+    for ((_, job), slot) in batch.iter().zip(out.iter_mut()) {
+        if let Some(r @ Ok(_)) = slot {
+            *r = match ids.next() {
+                Some(id) => job.file.source().check_id(&id).map(|()| id),
+                None => Err(Error::io(
+                    "digesting a batch of objects",
+                    std::io::Error::other("fewer digests than files"),
+                )),
+            };
+        }
     }
     out
 }
@@ -241,7 +249,7 @@ mod tests {
                         file: source(tmp.path(), &name, c, 0o644),
                         data: (i != 3).then(|| c.to_vec()),
                         size: c.len() as u64,
-                        crc64: crc,
+                        expected: Expected::Crc64(crc),
                         name,
                         layer: Arc::from("test-layer"),
                     },

@@ -266,6 +266,7 @@ mod tests {
     use cstor_protocol::assemble::CRC64;
 
     use super::*;
+    use crate::objects::source::Expected;
     use crate::objects::test_files::{insecure_repo, source};
 
     /// With reflinks known to be unavailable, the hardlink policy links plain files and
@@ -290,7 +291,7 @@ mod tests {
                 file: &src,
                 data: Some(content),
                 size: content.len() as u64,
-                crc64: CRC64.checksum(content),
+                expected: &Expected::Crc64(CRC64.checksum(content)),
                 name,
                 layer: "test-layer",
             };
@@ -350,7 +351,7 @@ mod tests {
             file: &src,
             data: None,
             size: content.len() as u64,
-            crc64: CRC64.checksum(&content),
+            expected: &Expected::Crc64(CRC64.checksum(&content)),
             name: "large",
             layer: "test-layer",
         };
@@ -382,7 +383,7 @@ mod tests {
             file: &src,
             data: Some(&content),
             size: 300,
-            crc64: CRC64.checksum(&content) ^ 1,
+            expected: &Expected::Crc64(CRC64.checksum(&content) ^ 1),
             name: "f",
             layer: "test-layer",
         };
