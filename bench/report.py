@@ -33,6 +33,9 @@ DESCRIPTIONS = {
     "limit-reflink-cp": "limit: cp -a --reflink=always (1 thread)",
     "protocol-xfs-root": "protocol only (fds, no data), root",
     "protocol-xfs-rootless": "protocol only (fds, no data), rootless",
+    "copy-xfs": "cstor copy, repository to repository, XFS (reflink)",
+    "cfsctl-copy-xfs": "upstream cfsctl oci copy, XFS",
+    "cfsctl-copy-xfs-zerocopy": "upstream cfsctl oci copy --zerocopy, XFS",
 }
 
 
@@ -149,6 +152,10 @@ def main():
             up = UPSTREAM_REF.get(fs) if fs else None
             if case == "cstor-ext4-hardlink":
                 up = "cfsctl-ext4-default"  # both hardlink: compare like with like
+            if case == "copy-xfs":
+                up = "cfsctl-copy-xfs"
+            elif case.startswith("cfsctl-copy"):
+                up = None
             row = {
                 "case": case,
                 "cache": cache,
@@ -159,7 +166,7 @@ def main():
                 "vs_tar_path": None,
                 "vs_limit": None,
             }
-            is_import = case.startswith(("cstor-", "cfsctl-", "tar-path", "reimport"))
+            is_import = case.startswith(("cstor-", "cfsctl-", "tar-path", "reimport", "copy-"))
             if s is not None and is_import:
                 if up and med(up, cache):
                     row["vs_upstream"] = s / med(up, cache)
@@ -199,6 +206,11 @@ def main():
             if med(case, cache) is not None:
                 target(f"{cache}, {case}: faster than upstream's copy mode",
                        ratio(med(case, cache), med("cfsctl-ext4-copy", cache)), 1.0, "x")
+    target("warm, cstor copy, XFS: <= 1/3 of upstream cfsctl oci copy",
+           ratio(med("copy-xfs", "warm"), med("cfsctl-copy-xfs", "warm")), 0.333, "x")
+    target("warm, cstor copy, XFS: <= 1.5x FICLONE of every file",
+           ratio(med("copy-xfs", "warm"), med("limit-reflink-parallel", "warm")), 1.5, "x",
+           "limit-reflink-parallel clones the layers' files; a copy also checks every byte")
     target("re-import, XFS root, warm: < 100 ms", med("reimport-xfs-root", "warm"), 0.1, "s")
     for r in rss:
         client = r.get("client_vmhwm_kib")

@@ -520,6 +520,46 @@ limit_reflink() { # cp | parallel
     rm -rf "$dest"
 }
 
+# The source of the copy cases: the reference image imported (untimed, once per run) into a
+# repository on the XFS, where the destinations are too.
+COPY_SRC=
+copy_source() {
+    [[ -n $COPY_SRC && -d $COPY_SRC ]] && return
+    COPY_SRC=$MNT/scratch/copy-source
+    fresh_repo root "$COPY_SRC"
+    "$BIN/cstor" import --root "$XR" --runroot "$XR_RUN" --storage-driver overlay --repo "$COPY_SRC" \
+        --tag reference "$IMAGE" >/dev/null || die "importing the copy source failed"
+    COPY_ID=$("$CFSCTL" --repo "$COPY_SRC" oci compute-id reference)
+}
+
+# A copy of the reference image between two repositories on the XFS: cstor | cfsctl |
+# cfsctl-zerocopy. Each result must have the source's image id (checked untimed).
+copy_case() {
+    copy_source
+    local dest=$MNT/scratch/root/copy-dest
+    fresh_repo root "$dest"
+    case $1 in
+    cstor) timed "$BIN/cstor" copy --json --from "$COPY_SRC" --repo "$dest" reference ;;
+    cfsctl) timed "$CFSCTL" --repo "$dest" oci copy --from "$COPY_SRC" --name reference reference ;;
+    cfsctl-zerocopy) timed "$CFSCTL" --repo "$dest" oci copy --zerocopy --from "$COPY_SRC" --name reference reference ;;
+    esac
+    if ((CASE_RC == 0)); then
+        local id
+        id=$("$CFSCTL" --repo "$dest" oci compute-id reference 2>&1) || true
+        [[ $id == "$COPY_ID" ]] || CASE_ERR="the copy's image id $id is not the source's $COPY_ID"
+        if [[ $1 == cstor && -z $CASE_ERR ]]; then
+            CASE_DETAILS=$(jq -c '{reflinked: .objects.reflinked, copied: .objects.copied,
+                present: .objects.present, reported_seconds: .elapsed_seconds}' "$CASE_OUT.out")
+            [[ $(jq -r .copied <<<"$CASE_DETAILS") == 0 ]] ||
+                CASE_ERR="cstor copy on XFS copied objects: $CASE_DETAILS"
+        fi
+        if [[ -z $CASE_ERR ]]; then
+            CASE_DETAILS=$(jq -cn --argjson a "$CASE_DETAILS" --argjson b "$(repo_stats "$dest")" '$a + $b')
+        fi
+    fi
+    rm -rf "$dest"
+}
+
 protocol_only() { # root|user
     local cmd
     if [[ $1 == root ]]; then
@@ -539,6 +579,7 @@ ALL_CASES=(
     reimport-xfs-root
     limit-hash limit-read limit-reflink-parallel limit-reflink-cp
     protocol-xfs-root protocol-xfs-rootless
+    copy-xfs cfsctl-copy-xfs cfsctl-copy-xfs-zerocopy
 )
 run_case() {
     case $1 in
@@ -558,6 +599,9 @@ run_case() {
     limit-reflink-cp) limit_reflink cp ;;
     protocol-xfs-root) protocol_only root ;;
     protocol-xfs-rootless) protocol_only user ;;
+    copy-xfs) copy_case cstor ;;
+    cfsctl-copy-xfs) copy_case cfsctl ;;
+    cfsctl-copy-xfs-zerocopy) copy_case cfsctl-zerocopy ;;
     *) die "unknown case $1" ;;
     esac
 }
@@ -667,6 +711,12 @@ machine_json() {
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 need_tools
 mkdir -p "$CACHE"
+# One run at a time: runs share the cache's XFS image, storages and binaries.
+exec 9>"$CACHE/.run.lock"
+if ! flock -n 9; then
+    log "another bench run holds $CACHE/.run.lock: waiting for it"
+    flock 9
+fi
 chmod 755 "$CACHE"
 build_binaries
 ensure_cfsctl

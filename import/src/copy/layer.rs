@@ -22,6 +22,7 @@ use crate::layer_import::Imported;
 use crate::objects::{Expected, Pool, Submission, unless_stopped};
 use crate::report::ObjectStats;
 use crate::stream_queue::{BUFFERED_MAX, Queue};
+use crate::tree::Feed;
 
 /// Opens object `id` of `repo` for reading, confined to its `objects/` directory: a
 /// symlink there is refused rather than followed out of the repository.
@@ -84,6 +85,8 @@ pub(super) fn open_stream<S: FsVerityHashValue>(
 pub(super) struct Target<'a, D: FsVerityHashValue> {
     pub repo: &'a Arc<Repository<D>>,
     pub pool: &'a Pool<D>,
+    /// The tree thread's feed for this layer, if it has one.
+    pub tree: Option<Feed<D>>,
     pub stop: &'a AtomicBool,
     pub lookahead: usize,
 }
@@ -100,6 +103,7 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
     let Target {
         repo,
         pool,
+        tree: mut feed,
         stop,
         lookahead,
     } = target;
@@ -213,7 +217,7 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
                 progress(tar_size);
             }
             queue.wait_below_limits();
-            queue.drain(&mut writer, None, &mut stats, diff_id, false)
+            queue.drain(&mut writer, feed.as_mut(), &mut stats, diff_id, false)
         })();
         step.map_err(|e| {
             failed = Some(e);
@@ -227,7 +231,7 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
         object: format!("the layer stream of {diff_id}"),
         detail: format!("{e:#}"),
     })?;
-    queue.drain(&mut writer, None, &mut stats, diff_id, true)?;
+    queue.drain(&mut writer, feed.as_mut(), &mut stats, diff_id, true)?;
     progress(tar_size);
     let digest = format!("sha256:{}", hex::encode(sha.finalize()));
     if digest != diff_id {
@@ -236,6 +240,9 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
             object: format!("layer {diff_id}"),
             detail: format!("its stream rebuilds to {digest} ({tar_size} bytes)"),
         });
+    }
+    if let Some(feed) = feed {
+        feed.done();
     }
     let verity = writer.done().map_err(|cause| {
         Error::repository(format!("storing the splitstream of layer {diff_id}"), cause)

@@ -37,7 +37,7 @@ use crate::objects::{Pool, WorkerState};
 use crate::options::ImportOptions;
 use crate::progress::{ImportEvent, Progress};
 use crate::report::{ImportReport, LayerReport, ObjectStats, import_stats};
-use crate::{layer_identifier, sys};
+use crate::{layer_identifier, sys, tree};
 
 /// Copies `image` (a tag of `source`, or `@sha256:<manifest digest>`) into `repo`.
 ///
@@ -233,7 +233,11 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
     }
 
     let state = Arc::new(WorkerState::new(stop.clone()));
-    let copied = copy_layers(source, repo, &src, &plan, options, &progress, &state, &stop).await;
+    let (feeds, tree) = start_tree(repo, &src, &plan);
+    let copied = copy_layers(
+        source, repo, &src, &plan, feeds, options, &progress, &state, &stop,
+    )
+    .await;
     let (done, stored) = match copied {
         Ok(done) => {
             let stored: Vec<Unnamed<D>> = done
@@ -315,7 +319,7 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
                     bootable,
                 },
                 &stored,
-                None,
+                tree,
                 &stop,
             )
         })
@@ -389,6 +393,37 @@ impl<D: FsVerityHashValue> Plan<D> {
     }
 }
 
+/// Starts the tree thread, which builds the EROFS image's tree from the layers as they are
+/// copied (see [`crate::tree`]), with a feed for each layer to copy; none for an image listing
+/// a layer twice (it is copied once), which gets its tree read back from the streams.
+fn start_tree<S: FsVerityHashValue, D: FsVerityHashValue>(
+    repo: &Arc<Repository<D>>,
+    src: &SourceImage<S>,
+    plan: &Plan<D>,
+) -> (HashMap<String, tree::Feed<D>>, Option<tree::Builder<D>>) {
+    let mut feeds = HashMap::new();
+    let mut sources = Vec::new();
+    let backlog = Arc::new(tree::Backlog::default());
+    for (d, _) in &src.layers {
+        if let Some((v, _)) = plan.present.get(d) {
+            sources.push(tree::Source::Stored(v.clone()));
+        } else if feeds.contains_key(d) {
+            return (HashMap::new(), None);
+        } else {
+            let (feed, source) = tree::channel(&backlog);
+            feeds.insert(d.clone(), feed);
+            sources.push(source);
+        }
+    }
+    match tree::Builder::start(repo.clone(), sources, backlog) {
+        Ok(b) => (feeds, Some(b)),
+        Err(e) => {
+            tracing::debug!("no tree thread ({e}): the tree is built after the layers");
+            (HashMap::new(), None)
+        }
+    }
+}
+
 /// Copies the layers the plan lists, several at once, largest first. On failure, returns
 /// the first error with the streams stored meanwhile.
 #[allow(clippy::too_many_arguments)]
@@ -397,6 +432,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
     repo: &Arc<Repository<D>>,
     src: &SourceImage<S>,
     plan: &Plan<D>,
+    mut feeds: HashMap<String, tree::Feed<D>>,
     options: &ImportOptions,
     progress: &Progress,
     state: &Arc<WorkerState>,
@@ -448,6 +484,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
             stop.clone(),
         );
         let (diff_id, verity) = (diff_id.clone(), verity.clone());
+        let feed = feeds.remove(&diff_id);
         let bytes = plan.bytes.get(&diff_id).copied().unwrap_or(0);
         set.spawn_blocking(move || {
             let _permit = permit;
@@ -465,6 +502,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
                 layer::Target {
                     repo: &repo,
                     pool: &pool,
+                    tree: feed,
                     stop: &stop,
                     lookahead,
                 },
