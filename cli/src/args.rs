@@ -219,9 +219,14 @@ pub struct ImportArgs {
 pub struct CopyArgs {
     /// The image in the source repository: a tag, or `@sha256:<manifest digest>`.
     pub image: String,
-    /// The source composefs repository.
-    #[arg(long, value_name = "DIR")]
-    pub from: PathBuf,
+    /// The source composefs repository (with --from-service: its path as the service opens
+    /// it; default: the service's system repository).
+    #[arg(long, value_name = "DIR", required_unless_present = "from_service")]
+    pub from: Option<PathBuf>,
+    /// Read the source through a composefs repository service (`cfsctl varlink --address
+    /// SOCKET`) instead of opening it: for a repository this user cannot read.
+    #[arg(long, value_name = "SOCKET")]
+    pub from_service: Option<PathBuf>,
     /// The destination repository (same default as `cstor import`).
     #[arg(long, value_name = "DIR")]
     pub repo: Option<PathBuf>,

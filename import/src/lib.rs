@@ -54,7 +54,7 @@ mod sys;
 mod tree;
 mod verity;
 
-pub use copy::copy_image;
+pub use copy::{Service as RepositoryService, copy_image, copy_image_from_service};
 pub use error::{Error, Result};
 pub use finalize::{CONFIG_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, config_identifier};
 pub use image::import_image;

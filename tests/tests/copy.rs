@@ -365,3 +365,132 @@ fn an_unprivileged_user_copying_on_xfs_gets_every_object_reflinked() {
         cfs(&cfsctl, &src, &["oci", "compute-id", "commit"])
     );
 }
+
+/// Upstream's repository service, `cfsctl varlink --address SOCK`, run as root; killed when
+/// dropped.
+struct RepositoryService {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl RepositoryService {
+    fn start(cfsctl: &Path, dir: &Path) -> Self {
+        let socket = dir.join("composefs.sock");
+        let child = Command::new(cfsctl)
+            .args(["varlink", "--address"])
+            .arg(&socket)
+            .stderr(std::fs::File::create(dir.join("service.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cfsctl varlink did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        RepositoryService { child, socket }
+    }
+}
+
+impl Drop for RepositoryService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_user_copies_from_a_root_only_repository_through_its_repository_service() {
+    let test = "a_user_copies_from_a_root_only_repository_through_its_repository_service";
+    if !skip::require_root(test) || !skip::require_tools(test, &["runuser", "mkfs.xfs"]) {
+        return;
+    }
+    let Some(images) = standard_images_or_skip(test) else {
+        return;
+    };
+    let Some(cfsctl) = cfsctl_or_skip(test) else {
+        return;
+    };
+    let Some(xfs) = loop_xfs_or_skip(test, 1 << 30) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(xfs.mountpoint.parent().unwrap(), 0o755);
+    open(&xfs.mountpoint, 0o755);
+    // Root's repository, which the user cannot open (as /sysroot/composefs).
+    let src = xfs.path("sysroot/composefs");
+    source_repo(images, &src);
+    open(&src, 0o700);
+    let user = RootlessUser::ensure("cstorxfs").unwrap();
+    let run = xfs.path("run");
+    std::fs::create_dir_all(&run).unwrap();
+    open(&run, 0o755);
+    let service = RepositoryService::start(&cfsctl, &run);
+    open(&service.socket, 0o666);
+    let home = xfs.path("user");
+    std::fs::create_dir_all(&home).unwrap();
+    user.chown(&home).unwrap();
+    let (_bins, _helper, cstor) = public_binaries().unwrap();
+    let copy_as_user = |image: &str| -> Output {
+        user.command(&cstor)
+            .args(["copy", "--json", "--init", "--from-service"])
+            .arg(&service.socket)
+            .arg("--from")
+            .arg(&src)
+            .arg("--repo")
+            .arg(home.join("repo"))
+            .arg(image)
+            .output()
+            .unwrap()
+    };
+    // Without the service, the user cannot read the source at all.
+    let direct = user
+        .command(&cstor)
+        .args(["copy", "--from"])
+        .arg(&src)
+        .arg("--repo")
+        .arg(home.join("other"))
+        .args(["--init", "commit"])
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "{direct:?}");
+
+    let out = copy_as_user("commit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["objects"]["copied"], 0,
+        "nothing copied on XFS: {report}"
+    );
+    assert!(
+        report["objects"]["reflinked"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let repo = home.join("repo");
+    assert_eq!(
+        cfs(&cfsctl, &repo, &["oci", "compute-id", "commit"]),
+        cfs(&cfsctl, &src, &["oci", "compute-id", "commit"])
+    );
+    assert_eq!(layer_streams(&repo), layer_streams(&src));
+    let fsck = cfs(&cfsctl, &repo, &["oci", "fsck"]);
+    assert!(fsck.contains("status: ok"), "{fsck}");
+    // The base layer is there now: `features` has nothing left to copy.
+    let again: Value = serde_json::from_slice(&copy_as_user("features").stdout).unwrap();
+    assert_eq!(again["layers"][0]["skipped"], true, "{again}");
+    // What the service does not have.
+    let missing = copy_as_user("no-such-image");
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no image no-such-image"),
+        "{missing:?}"
+    );
+}

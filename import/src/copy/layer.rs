@@ -91,11 +91,78 @@ pub(super) struct Target<'a, D: FsVerityHashValue> {
     pub lookahead: usize,
 }
 
-/// Copies the layer `diff_id`, whose stream in `source` is `reader`, into the target's
-/// repository; `progress` gets the tar bytes done so far.
-pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
+/// One piece of a layer, in stream order, as a source hands it over.
+pub(super) enum Piece {
+    /// Tar headers, padding and small files, kept as they are.
+    Inline(Vec<u8>),
+    /// A file's contents sent in the stream itself (a repository service does for files the
+    /// consumer may not be able to open): stored as an object above the inline size.
+    Data(Vec<u8>),
+    /// A file's contents to store as an object: the source's file, its length, and what its
+    /// bytes must match.
+    Object {
+        file: File,
+        size: u64,
+        expected: Expected,
+        /// For errors and the report: `object <id>`.
+        name: String,
+    },
+}
+
+/// What a walk over a layer's pieces calls for each piece, in stream order.
+pub(super) type Each<'a> = &'a mut dyn FnMut(Piece) -> Result<()>;
+
+/// Walks layer stream `reader` of `source`, handing `each` its pieces: inline bytes, and
+/// every referenced object opened in the source's `objects/` with its name to check.
+pub(super) fn walk_stream<S: FsVerityHashValue>(
     source: &Repository<S>,
-    mut reader: SplitStreamReader<S>,
+    reader: &mut SplitStreamReader<S>,
+    diff_id: &str,
+    each: Each<'_>,
+) -> Result<()> {
+    let algorithm = crate::verity::algorithm::<S>();
+    // composefs' walk takes a callback returning its own error type: ours waits here.
+    let mut failed: Option<Error> = None;
+    let walked = reader.for_each_chunk(|chunk| {
+        let piece = match chunk {
+            SplitStreamData::Inline(bytes) => Ok(Piece::Inline(bytes.into_vec())),
+            SplitStreamData::External(id) => {
+                let name = format!("object {}", id.to_hex());
+                open_object(source, &id)
+                    .and_then(|file| Ok((file.metadata()?.len(), file)))
+                    .map(|(size, file)| Piece::Object {
+                        file,
+                        size,
+                        expected: Expected::Object {
+                            algorithm,
+                            id: id.as_bytes().into(),
+                        },
+                        name: name.clone(),
+                    })
+                    .map_err(|e| Error::SourceObject {
+                        object: format!("{name} ({diff_id})"),
+                        detail: format!("cannot open it: {e}"),
+                    })
+            }
+        };
+        piece.and_then(&mut *each).map_err(|e| {
+            failed = Some(e);
+            anyhow::anyhow!("stopped")
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    walked.map_err(|e| Error::SourceObject {
+        object: format!("the layer stream of {diff_id}"),
+        detail: format!("{e:#}"),
+    })
+}
+
+/// Copies the layer `diff_id`, whose pieces `walk` hands over in stream order, into the
+/// target's repository; `progress` gets the tar bytes done so far.
+pub(super) fn copy_blocking<D: FsVerityHashValue>(
+    walk: impl FnOnce(Each<'_>) -> Result<()>,
     diff_id: &str,
     target: Target<'_, D>,
     mut progress: impl FnMut(u64),
@@ -122,114 +189,111 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
     let mut queue = Queue::new(lookahead);
     let mut buf = vec![0u8; 1 << 20];
     let layer: Arc<str> = Arc::from(diff_id);
-    let algorithm = crate::verity::algorithm::<S>();
-    // composefs' walk takes a callback returning its own error type: ours waits here.
-    let mut failed: Option<Error> = None;
-    let walked = reader.for_each_chunk(|chunk| {
-        let step = (|| -> Result<()> {
-            if stop.load(Relaxed) {
-                return Err(Error::Cancelled);
+    walk(&mut |piece| {
+        if stop.load(Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        match piece {
+            Piece::Inline(bytes) => {
+                sha.update(&bytes);
+                tar_size += bytes.len() as u64;
+                stats.bytes_inlined += bytes.len() as u64;
+                queue.push_inline(bytes);
             }
-            match chunk {
-                SplitStreamData::Inline(bytes) => {
-                    sha.update(&bytes);
-                    tar_size += bytes.len() as u64;
-                    stats.bytes_inlined += bytes.len() as u64;
-                    queue.push_inline(bytes.into_vec());
+            Piece::Data(bytes) => {
+                sha.update(&bytes);
+                let size = bytes.len() as u64;
+                tar_size += size;
+                if size <= INLINE_MAX {
+                    stats.inlined += 1;
+                    stats.bytes_inlined += size;
+                    queue.push_inline(bytes);
+                } else {
+                    // Rare (a service sends only what the consumer could not open): stored
+                    // here, by composefs, as a copy.
+                    let id = repo.ensure_object(&bytes).map_err(|cause| {
+                        Error::repository(format!("storing a file of layer {diff_id}"), cause)
+                    })?;
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    let _ = tx.send((Ok((id, crate::objects::Stored::Copied)), None));
+                    queue.push_external(size, 0, rx);
                 }
-                SplitStreamData::External(id) => {
-                    let name = format!("object {}", id.to_hex());
-                    let corrupt = |detail: String| Error::SourceObject {
-                        object: format!("{name} ({diff_id})"),
-                        detail,
-                    };
-                    let file = open_object(source, &id)
-                        .map_err(|e| corrupt(format!("cannot open it: {e}")))?;
-                    let size = file
-                        .metadata()
-                        .map_err(|e| corrupt(format!("cannot stat it: {e}")))?
-                        .len();
-                    let expected = Expected::Object {
-                        algorithm,
-                        id: id.as_bytes().into(),
-                    };
-                    tar_size += size;
-                    if size <= BUFFERED_MAX {
-                        // Read once: the bytes go into the layer's sha256 here, and to the
-                        // worker, which checks them against the source's name and stores
-                        // them; a file of the inline size goes inline, as composefs splits.
-                        let mut data = queue.buffer(size as usize);
-                        (&file)
-                            .read_exact(&mut data)
-                            .map_err(|e| corrupt(format!("reading {size} bytes: {e}")))?;
-                        sha.update(&data);
-                        if size <= INLINE_MAX {
-                            check_small(&data, &expected, algorithm, &corrupt)?;
-                            stats.inlined += 1;
-                            stats.bytes_inlined += size;
-                            queue.push_inline(data);
-                        } else {
-                            let result = pool.submit(Submission {
-                                file,
-                                data: Some(data),
-                                size,
-                                expected,
-                                name,
-                                layer: layer.clone(),
-                            })?;
-                            queue.push_external(size, size, result);
-                        }
+            }
+            Piece::Object {
+                file,
+                size,
+                expected,
+                name,
+            } => {
+                let corrupt = |detail: String| Error::SourceObject {
+                    object: format!("{name} ({diff_id})"),
+                    detail,
+                };
+                tar_size += size;
+                if size <= BUFFERED_MAX {
+                    // Read once: the bytes go into the layer's sha256 here, and to the
+                    // worker, which checks them against the source's name and stores them;
+                    // a file of the inline size goes inline, as composefs splits.
+                    let mut data = queue.buffer(size as usize);
+                    (&file)
+                        .read_exact(&mut data)
+                        .map_err(|e| corrupt(format!("reading {size} bytes: {e}")))?;
+                    sha.update(&data);
+                    if size <= INLINE_MAX {
+                        check_small(&data, &expected, &corrupt)?;
+                        stats.inlined += 1;
+                        stats.bytes_inlined += size;
+                        queue.push_inline(data);
                     } else {
-                        // Queued first, so that a worker clones and digests it while this
-                        // thread runs the sha256 over it.
-                        let own = file
-                            .try_clone()
-                            .map_err(|e| Error::io(format!("duplicating the fd of {name}"), e))?;
                         let result = pool.submit(Submission {
                             file,
-                            data: None,
+                            data: Some(data),
                             size,
                             expected,
-                            name: name.clone(),
+                            name,
                             layer: layer.clone(),
                         })?;
-                        queue.push_external(size, 0, result);
-                        let mut at = 0u64;
-                        while at < size {
-                            unless_stopped(stop).map_err(|_| Error::Cancelled)?;
-                            let want = buf.len().min((size - at) as usize);
-                            let n = own
-                                .read_at(&mut buf[..want], at)
-                                .map_err(|e| corrupt(format!("reading it: {e}")))?;
-                            if n == 0 {
-                                return Err(corrupt(format!(
-                                    "{size} bytes expected, {at} read (it shrank)"
-                                )));
-                            }
-                            sha.update(&buf[..n]);
-                            at += n as u64;
+                        queue.push_external(size, size, result);
+                    }
+                } else {
+                    // Queued first, so that a worker clones and digests it while this
+                    // thread runs the sha256 over it.
+                    let own = file
+                        .try_clone()
+                        .map_err(|e| Error::io(format!("duplicating the fd of {name}"), e))?;
+                    let result = pool.submit(Submission {
+                        file,
+                        data: None,
+                        size,
+                        expected,
+                        name: name.clone(),
+                        layer: layer.clone(),
+                    })?;
+                    queue.push_external(size, 0, result);
+                    let mut at = 0u64;
+                    while at < size {
+                        unless_stopped(stop).map_err(|_| Error::Cancelled)?;
+                        let want = buf.len().min((size - at) as usize);
+                        let n = own
+                            .read_at(&mut buf[..want], at)
+                            .map_err(|e| corrupt(format!("reading it: {e}")))?;
+                        if n == 0 {
+                            return Err(corrupt(format!(
+                                "{size} bytes expected, {at} read (it shrank)"
+                            )));
                         }
+                        sha.update(&buf[..n]);
+                        at += n as u64;
                     }
                 }
             }
-            if tar_size - last_report >= 4 << 20 {
-                last_report = tar_size;
-                progress(tar_size);
-            }
-            queue.wait_below_limits();
-            queue.drain(&mut writer, feed.as_mut(), &mut stats, diff_id, false)
-        })();
-        step.map_err(|e| {
-            failed = Some(e);
-            anyhow::anyhow!("stopped")
-        })
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    walked.map_err(|e| Error::SourceObject {
-        object: format!("the layer stream of {diff_id}"),
-        detail: format!("{e:#}"),
+        }
+        if tar_size - last_report >= 4 << 20 {
+            last_report = tar_size;
+            progress(tar_size);
+        }
+        queue.wait_below_limits();
+        queue.drain(&mut writer, feed.as_mut(), &mut stats, diff_id, false)
     })?;
     queue.drain(&mut writer, feed.as_mut(), &mut stats, diff_id, true)?;
     progress(tar_size);
@@ -256,16 +320,11 @@ pub(super) fn copy_blocking<S: FsVerityHashValue, D: FsVerityHashValue>(
 
 /// Checks a file small enough to go inline against its name in the source (no worker sees
 /// it).
-fn check_small(
-    data: &[u8],
-    expected: &Expected,
-    algorithm: cstor_verity::Algorithm,
-    corrupt: &impl Fn(String) -> Error,
-) -> Result<()> {
-    let Expected::Object { id, .. } = expected else {
+fn check_small(data: &[u8], expected: &Expected, corrupt: &impl Fn(String) -> Error) -> Result<()> {
+    let Expected::Object { id, algorithm } = expected else {
         return Ok(());
     };
-    let actual = cstor_verity::Hasher::digest(algorithm, data);
+    let actual = cstor_verity::Hasher::digest(*algorithm, data);
     if actual.as_bytes() != &id[..] {
         return Err(corrupt(format!(
             "its content has fs-verity digest {}",

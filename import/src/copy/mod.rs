@@ -19,6 +19,9 @@
 //! - `layer`: one layer stream.
 
 mod layer;
+mod service;
+
+pub use service::Service;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -73,7 +76,58 @@ pub async fn copy_image<S: FsVerityHashValue, D: FsVerityHashValue>(
     let stop = Arc::new(AtomicBool::new(false));
     // Dropping the future stops the layers' threads at their next piece.
     let _stop_on_drop = StopOnDrop(stop.clone());
-    let work = copy(source, repo, image, options, stop.clone());
+    let work = copy(
+        Origin::Repo(source.clone()),
+        repo,
+        image,
+        options,
+        stop.clone(),
+    );
+    let Some(token) = &options.cancel else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => r,
+        () = token.cancelled() => {
+            stop.store(true, Ordering::Relaxed);
+            match work.await {
+                Ok(report) => Ok(report),
+                Err(_) => Err(Error::Cancelled),
+            }
+        }
+    }
+}
+
+/// [`copy_image`] from a repository service (upstream's `cfsctl varlink`) instead of a
+/// path: for a source the caller cannot read, such as a root-owned `/sysroot/composefs`
+/// served by a system service, copied into the caller's own repository. The service reads
+/// the objects; they reach this process as fds, and are reflinked from them where the
+/// filesystem allows. Every object whose reference names its id is checked against it, and
+/// every layer against its diff id. Layer sizes are not known up front (the progress events
+/// carry 0 for them).
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use composefs::fsverity::Sha512HashValue;
+/// use cstor_import::{ImportOptions, RepositoryService, copy_image_from_service, open_repository};
+///
+/// let service = RepositoryService::connect("/run/composefs.sock".as_ref(), None).await?;
+/// let repo = open_repository::<Sha512HashValue>("/var/tmp/mine".as_ref())?;
+/// let report = copy_image_from_service(service, &repo, "myimage", &ImportOptions::new()).await?;
+/// println!("{} reflinked", report.objects.reflinked);
+/// # Ok(()) }
+/// ```
+pub async fn copy_image_from_service<D: FsVerityHashValue>(
+    service: Service,
+    repo: &Arc<Repository<D>>,
+    image: &str,
+    options: &ImportOptions,
+) -> Result<ImportReport<D>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let origin = Origin::<D>::Service(Arc::new(service));
+    let work = copy(origin, repo, image, options, stop.clone());
     let Some(token) = &options.cancel else {
         return work.await;
     };
@@ -103,8 +157,8 @@ struct SourceImage<S> {
     manifest_json: Vec<u8>,
     config_json: Vec<u8>,
     config_digest: OciDigest,
-    /// Diff id and the source's layer stream, in config order.
-    layers: Vec<(String, S)>,
+    /// Diff id and the source's layer stream (`None` from a service), in config order.
+    layers: Vec<(String, Option<S>)>,
     /// The source's tag, when the image was named by one.
     tag: Option<String>,
 }
@@ -165,7 +219,7 @@ fn resolve<S: FsVerityHashValue>(source: &Repository<S>, image: &str) -> Result<
     let layers = diff_ids
         .into_iter()
         .map(|d| match img.layer_verity(&d) {
-            Some(v) => Ok((d, v.clone())),
+            Some(v) => Ok((d, Some(v.clone()))),
             None => Err(Error::SourceObject {
                 object: format!("the config stream of {image}"),
                 detail: format!("it has no reference to layer {d}"),
@@ -181,6 +235,83 @@ fn resolve<S: FsVerityHashValue>(source: &Repository<S>, image: &str) -> Result<
     })
 }
 
+/// The image as a repository service has it: manifest and config checked against their
+/// digests (the manifest's when `image` names one), diff ids from the config.
+async fn resolve_service<S: FsVerityHashValue>(
+    service: &Service,
+    image: &str,
+) -> Result<SourceImage<S>> {
+    let (manifest_json, config_json) = service.inspect(image).await?;
+    let corrupt = |what: &str, detail: String| Error::SourceObject {
+        object: format!("the {what} of {image} from the repository service"),
+        detail,
+    };
+    let tag = match image.strip_prefix('@') {
+        Some(digest) => {
+            let actual = composefs_oci::sha256_content_digest(&manifest_json);
+            if actual.to_string() != digest {
+                return Err(corrupt(
+                    "manifest",
+                    format!("named {digest}, its content has {actual}"),
+                ));
+            }
+            None
+        }
+        None => Some(image.to_owned()),
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest_json)
+        .map_err(|e| corrupt("manifest", format!("not JSON: {e}")))?;
+    let config: serde_json::Value = serde_json::from_slice(&config_json)
+        .map_err(|e| corrupt("config", format!("not JSON: {e}")))?;
+    let named = manifest
+        .pointer("/config/digest")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| corrupt("manifest", "it names no config".into()))?;
+    let config_digest = composefs_oci::sha256_content_digest(&config_json);
+    if config_digest.to_string() != named {
+        return Err(corrupt(
+            "config",
+            format!("named {named}, its content has {config_digest}"),
+        ));
+    }
+    let diff_ids = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|d| d.as_array())
+        .ok_or_else(|| {
+            Error::ImageMismatch(format!(
+                "{image} has no rootfs.diff_ids: an OCI artifact, not a container image"
+            ))
+        })?
+        .iter()
+        .map(|d| d.as_str().map(|d| (d.to_owned(), None)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| corrupt("config", "rootfs.diff_ids holds a non-string".into()))?;
+    Ok(SourceImage {
+        manifest_json,
+        config_json,
+        config_digest,
+        layers: diff_ids,
+        tag,
+    })
+}
+
+/// Where a copy reads from.
+enum Origin<S: FsVerityHashValue> {
+    /// A repository this process opened.
+    Repo(Arc<Repository<S>>),
+    /// A repository service.
+    Service(Arc<Service>),
+}
+
+impl<S: FsVerityHashValue> Clone for Origin<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Origin::Repo(r) => Origin::Repo(r.clone()),
+            Origin::Service(s) => Origin::Service(s.clone()),
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -188,7 +319,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
-    source: &Arc<Repository<S>>,
+    source: Origin<S>,
     repo: &Arc<Repository<D>>,
     image: &str,
     options: &ImportOptions,
@@ -196,9 +327,12 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
 ) -> Result<ImportReport<D>> {
     let start = Instant::now();
     let progress = Progress::new(options.events.clone(), options.progress.clone());
-    let src = {
-        let (source, image) = (source.clone(), image.to_owned());
-        blocking(move || resolve(&source, &image)).await?
+    let src = match &source {
+        Origin::Repo(r) => {
+            let (r, image) = (r.clone(), image.to_owned());
+            blocking(move || resolve(&r, &image)).await?
+        }
+        Origin::Service(s) => resolve_service(s, image).await?,
     };
     let tag = options
         .tag
@@ -213,7 +347,14 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
     // The plan: what the destination has, and the size of each layer it does not.
     let plan = {
         let (source, repo, layers) = (source.clone(), repo.clone(), src.layers.clone());
-        blocking(move || Plan::new(&source, &repo, &layers)).await?
+        blocking(move || {
+            let source = match &source {
+                Origin::Repo(r) => Some(&**r),
+                Origin::Service(_) => None,
+            };
+            Plan::new(source, &repo, &layers)
+        })
+        .await?
     };
     progress.send(ImportEvent::Started {
         layers: src.layers.len(),
@@ -235,7 +376,7 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
     let state = Arc::new(WorkerState::new(stop.clone()));
     let (feeds, tree) = start_tree(repo, &src, &plan);
     let copied = copy_layers(
-        source, repo, &src, &plan, feeds, options, &progress, &state, &stop,
+        &source, repo, &src, &plan, feeds, options, &progress, &state, &stop,
     )
     .await;
     let (done, stored) = match copied {
@@ -363,10 +504,11 @@ struct Plan<D> {
 }
 
 impl<D: FsVerityHashValue> Plan<D> {
+    /// Layer sizes come from the source's layer streams; a service's are not known (0).
     fn new<S: FsVerityHashValue>(
-        source: &Repository<S>,
+        source: Option<&Repository<S>>,
         repo: &Repository<D>,
-        layers: &[(String, S)],
+        layers: &[(String, Option<S>)],
     ) -> Result<Self> {
         let mut plan = Plan {
             present: HashMap::new(),
@@ -376,7 +518,10 @@ impl<D: FsVerityHashValue> Plan<D> {
             if plan.present.contains_key(d) || plan.bytes.contains_key(d) {
                 continue;
             }
-            let size = layer::open_stream(source, v, d)?.total_size;
+            let size = match (source, v) {
+                (Some(source), Some(v)) => layer::open_stream(source, v, d)?.total_size,
+                _ => 0,
+            };
             match repo
                 .has_stream(&layer_identifier(d))
                 .map_err(|cause| Error::repository(format!("looking up layer {d}"), cause))?
@@ -428,7 +573,7 @@ fn start_tree<S: FsVerityHashValue, D: FsVerityHashValue>(
 /// the first error with the streams stored meanwhile.
 #[allow(clippy::too_many_arguments)]
 async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
-    source: &Arc<Repository<S>>,
+    source: &Origin<S>,
     repo: &Arc<Repository<D>>,
     src: &SourceImage<S>,
     plan: &Plan<D>,
@@ -454,7 +599,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
     // Each layer holds an fd per queued object.
     let lookahead = (threads * 32 + 64).min(cstor_proxy_client::fd_budget() / (2 * jobs) + 1);
     let sem = Arc::new(tokio::sync::Semaphore::new(jobs));
-    let mut order: Vec<(usize, &(String, S))> = src
+    let mut order: Vec<(usize, &(String, Option<S>))> = src
         .layers
         .iter()
         .enumerate()
@@ -486,7 +631,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
         let (diff_id, verity) = (diff_id.clone(), verity.clone());
         let feed = feeds.remove(&diff_id);
         let bytes = plan.bytes.get(&diff_id).copied().unwrap_or(0);
-        set.spawn_blocking(move || {
+        set.spawn(async move {
             let _permit = permit;
             let t = Instant::now();
             progress.send(ImportEvent::LayerStarted {
@@ -494,20 +639,42 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
                 diff_id: diff_id.clone(),
                 bytes,
             });
-            let reader = layer::open_stream(&source, &verity, &diff_id)?;
-            let r = layer::copy_blocking(
-                &source,
-                reader,
-                &diff_id,
-                layer::Target {
-                    repo: &repo,
-                    pool: &pool,
-                    tree: feed,
-                    stop: &stop,
-                    lookahead,
-                },
-                |b| progress.layer_progress(index, &diff_id, b, bytes),
-            )?;
+            let d = diff_id.clone();
+            let p = progress.clone();
+            let copy = move |walk: &mut dyn FnMut(layer::Each<'_>) -> Result<()>| {
+                layer::copy_blocking(
+                    walk,
+                    &d,
+                    layer::Target {
+                        repo: &repo,
+                        pool: &pool,
+                        tree: feed,
+                        stop: &stop,
+                        lookahead,
+                    },
+                    |b| p.layer_progress(index, &d, b, bytes),
+                )
+            };
+            let r = match source {
+                Origin::Repo(source) => {
+                    let d = diff_id.clone();
+                    blocking(move || {
+                        let verity = verity.ok_or_else(|| {
+                            Error::ImageMismatch(format!("no layer stream for {d}"))
+                        })?;
+                        let mut reader = layer::open_stream(&source, &verity, &d)?;
+                        copy(&mut |each| layer::walk_stream(&source, &mut reader, &d, each))
+                    })
+                    .await?
+                }
+                Origin::Service(service) => {
+                    // The fds are had one layer at a time (one connection); the layers are
+                    // then read and stored in parallel.
+                    let fetched = service.get_layer(&diff_id).await?;
+                    let d = diff_id.clone();
+                    blocking(move || copy(&mut |each| service::walk(&fetched, &d, each))).await?
+                }
+            };
             progress.send(ImportEvent::LayerDone {
                 index,
                 diff_id: diff_id.clone(),
@@ -529,7 +696,7 @@ async fn copy_layers<S: FsVerityHashValue, D: FsVerityHashValue>(
     while let Some(r) = set.join_next().await {
         let r = r
             .map_err(|e| Error::io("joining a layer copy", std::io::Error::other(e)))
-            .and_then(|r| r);
+            .and_then(|r: Result<LayerReport<D>>| r);
         match r {
             Ok(r) => {
                 done.insert(r.diff_id.clone(), r);
