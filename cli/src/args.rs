@@ -208,8 +208,13 @@ pub struct ImportArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS))]
     pub jobs: Option<u16>,
     /// Also write the boot variant of the EROFS image (as `cfsctl oci pull --bootable`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "repo_service")]
     pub bootable: bool,
+    /// Import through the composefs repository service on this socket (`cfsctl varlink
+    /// --address SOCKET`), which opens --repo and writes it: the layers go to it as
+    /// splitdirfdstreams from a second helper.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["init", "jobs"])]
+    pub repo_service: Option<PathBuf>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }

@@ -39,6 +39,10 @@ struct Cli {
     /// peers with the helper's own uid are served.
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, conflicts_with = "stdio")]
     varlink: Option<Option<PathBuf>>,
+    /// Serve org.composefs.Oci over varlink on the connected socket on fd 0 (one peer, until
+    /// it closes): how cstor starts a helper whose layers it hands to a repository service.
+    #[arg(long, conflicts_with_all = ["stdio", "varlink"])]
+    varlink_stdin: bool,
     /// Storage root (graphroot), overriding storage.conf.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
@@ -185,26 +189,39 @@ fn run(cli: Cli) -> Result<()> {
             cstor_helper::varlink::serve(helper, listener).await
         })
         .context("serving varlink")?;
+    } else if cli.varlink_stdin {
+        let sock = socket_on_fd0()?;
+        rt.block_on(async move {
+            let stream = std::os::unix::net::UnixStream::from(sock);
+            stream.set_nonblocking(true)?;
+            let stream = tokio::net::UnixStream::from_std(stream)?;
+            cstor_helper::varlink::serve_connected(helper, stream).await
+        })
+        .context("serving varlink on fd 0")?;
     } else if cli.stdio {
         rt.block_on(stdio::serve(helper))
             .context("serving stdin/stdout")?;
     } else {
-        let stdin = std::io::stdin();
-        let fd = stdin.as_fd();
-        let st = rustix::fs::fstat(fd).context("inspecting fd 0")?;
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
-            bail!(
-                "fd 0 is not a socket: cstor-helper is started by a client with a socketpair on \
-                 fd 0 (e.g. by the cstor CLI); for interactive use, run it with --stdio"
-            );
-        }
-        let sock = fd
-            .try_clone_to_owned()
-            .context("duplicating the socket on fd 0")?;
+        let sock = socket_on_fd0()?;
         rt.block_on(socket::serve(helper, sock))
             .context("serving the socket on fd 0")?;
     }
     Ok(())
+}
+
+/// The socket the client passed on fd 0.
+fn socket_on_fd0() -> Result<std::os::fd::OwnedFd> {
+    let stdin = std::io::stdin();
+    let fd = stdin.as_fd();
+    let st = rustix::fs::fstat(fd).context("inspecting fd 0")?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+        bail!(
+            "fd 0 is not a socket: cstor-helper is started by a client with a socketpair on \
+             fd 0 (e.g. by the cstor CLI); for interactive use, run it with --stdio"
+        );
+    }
+    fd.try_clone_to_owned()
+        .context("duplicating the socket on fd 0")
 }
 
 fn main() -> std::process::ExitCode {

@@ -203,7 +203,7 @@ async fn import<ObjectID: FsVerityHashValue>(
 }
 
 /// The tag `cfsctl oci pull containers-storage:<reference>` would write.
-fn default_tag(reference: &str) -> String {
+pub(crate) fn default_tag(reference: &str) -> String {
     match reference.strip_prefix("containers-storage:") {
         Some(_) => reference.to_owned(),
         None => format!("containers-storage:{reference}"),
@@ -213,7 +213,7 @@ fn default_tag(reference: &str) -> String {
 /// The config's `rootfs.diff_ids`, which must be the layer chain's, layer for layer: the
 /// manifest and config are what composefs will name the image by, the chain is what we
 /// stream.
-fn checked_diff_ids(img: &GetImageResult) -> Result<Vec<String>> {
+pub(crate) fn checked_diff_ids(img: &GetImageResult) -> Result<Vec<String>> {
     let config: serde_json::Value = serde_json::from_str(&img.config.content)
         .map_err(|e| Error::ImageMismatch(format!("the config of {} is not JSON: {e}", img.id)))?;
     let diff_ids: Vec<String> = config

@@ -47,6 +47,7 @@ mod objects;
 mod options;
 mod ostree;
 mod progress;
+mod push;
 mod repo;
 mod report;
 mod stream_queue;
@@ -64,6 +65,7 @@ pub use ostree::{
     import_ostree_commit, ref_path,
 };
 pub use progress::ImportEvent;
+pub use push::{PushReport, PushedLayer, import_image_via_service};
 pub use repo::{
     InitOutcome, RepoAlgorithm, init_repository, open_repository, repository_algorithm,
 };

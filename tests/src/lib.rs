@@ -49,6 +49,7 @@ pub mod rootfs;
 pub mod rootless;
 pub mod session;
 pub mod skip;
+pub mod upstream;
 pub mod xfs;
 
 pub use images::{

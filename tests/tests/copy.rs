@@ -15,24 +15,12 @@ use std::process::{Command, Output};
 use composefs::fsverity::Sha512HashValue;
 use cstor_import::{ImportOptions, import_image, init_repository, open_repository};
 use cstor_tests::session::{client_for, public_binaries, runtime};
+use cstor_tests::upstream::{RepositoryService, cfsctl_or_skip};
 use cstor_tests::{
     RootlessUser, StandardImages, helper_binary, loop_xfs_or_skip, run_command, skip,
     standard_images_or_skip,
 };
 use serde_json::Value;
-
-fn cfsctl_or_skip(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("CSTOR_CFSCTL")
-        .map(PathBuf::from)
-        .or_else(|| skip::find_tool("cfsctl"));
-    if found.is_none() {
-        skip::skip_or_fail(
-            test,
-            "no upstream cfsctl 0.9.4 (set CSTOR_CFSCTL or put cfsctl on PATH)",
-        );
-    }
-    found
-}
 
 fn cstor() -> PathBuf {
     helper_binary().unwrap().with_file_name("cstor")
@@ -364,41 +352,6 @@ fn an_unprivileged_user_copying_on_xfs_gets_every_object_reflinked() {
         ),
         cfs(&cfsctl, &src, &["oci", "compute-id", "commit"])
     );
-}
-
-/// Upstream's repository service, `cfsctl varlink --address SOCK`, run as root; killed when
-/// dropped.
-struct RepositoryService {
-    child: std::process::Child,
-    socket: PathBuf,
-}
-
-impl RepositoryService {
-    fn start(cfsctl: &Path, dir: &Path) -> Self {
-        let socket = dir.join("composefs.sock");
-        let child = Command::new(cfsctl)
-            .args(["varlink", "--address"])
-            .arg(&socket)
-            .stderr(std::fs::File::create(dir.join("service.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "cfsctl varlink did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        RepositoryService { child, socket }
-    }
-}
-
-impl Drop for RepositoryService {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -6,16 +6,21 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
-use cstor_import::{ImportOptions, ImportReport, ObjectStats, RepoAlgorithm, TreeSource};
+use cstor_import::{
+    ImportOptions, ImportReport, ObjectStats, PushReport, RepoAlgorithm, TreeSource,
+};
 use cstor_proxy_client::Client;
 
-use super::{connect, repo_path};
-use crate::args::{Global, ImportArgs};
+use super::{connect, finish, helper_config, repo_path};
+use crate::args::{CopyPolicyArg, Global, ImportArgs};
 use crate::output::{human, print_json, short};
 use crate::progress;
 
 pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
     let path = repo_path(args.repo.as_deref())?;
+    if let Some(socket) = &args.repo_service {
+        return via_service(g, args, socket, &path).await;
+    }
     if args.init {
         let outcome = cstor_import::init_repository(&path)?;
         tracing::info!(repo = %path.display(), ?outcome, "repository");
@@ -61,6 +66,103 @@ pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
         print_summary(&summary, "Imported", "Already imported")?;
         Ok(())
     }
+}
+
+/// `cstor import --repo-service`: the service writes the repository at `path`.
+async fn via_service(g: &Global, args: &ImportArgs, socket: &Path, path: &Path) -> Result<()> {
+    // Upstream's PutLayer stores each file as it can: a reflink, else a hardlink of the file
+    // itself (enabling fs-verity on it), else a copy (unless asked for zero-copy). It cannot
+    // be told to copy, or to only reflink.
+    if matches!(
+        args.copy_policy,
+        CopyPolicyArg::Copy | CopyPolicyArg::ReflinkOnly
+    ) {
+        anyhow::bail!(
+            "--copy-policy {} cannot be asked of a repository service: it reflinks, else \
+             hardlinks, else copies (docs/copy.md)",
+            match args.copy_policy {
+                CopyPolicyArg::Copy => "copy",
+                _ => "reflink-only",
+            }
+        );
+    }
+    let zerocopy = false;
+    let config = helper_config(g, &args.storage, Some(&args.image))?;
+    let client = cstor_proxy_client::Client::spawn(&config).await?;
+    let repo = path.to_str().with_context(|| {
+        format!(
+            "the repository path {} is not UTF-8 (varlink carries strings)",
+            path.display()
+        )
+    })?;
+    let r = cstor_import::import_image_via_service(
+        &client,
+        &config,
+        socket,
+        repo,
+        &args.image,
+        args.tag.as_deref(),
+        zerocopy,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "importing {} into {} through the repository service at {}",
+            args.image,
+            path.display(),
+            socket.display()
+        )
+    });
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => return finish(client, Err(e)).await,
+    };
+    let printed = if g.json {
+        print_json(&r)
+    } else {
+        print_pushed(&r, path, socket).map_err(Into::into)
+    };
+    finish(client, printed).await
+}
+
+fn print_pushed(r: &PushReport, path: &Path, socket: &Path) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Imported {} (image {}) into {} as {} through {}",
+        r.reference,
+        short(&r.image_id),
+        path.display(),
+        r.tag,
+        socket.display()
+    )?;
+    let skipped = r.layers.iter().filter(|l| l.skipped).count();
+    let sum = |f: fn(&cstor_import::PushedLayer) -> u64| r.layers.iter().map(f).sum::<u64>();
+    writeln!(
+        out,
+        "  layers:   {} ({skipped} already present)",
+        r.layers.len()
+    )?;
+    writeln!(
+        out,
+        "  objects:  {} reflinked, {} hardlinked, {} copied, {} already present (the service's counts)",
+        sum(|l| l.reflinked),
+        sum(|l| l.hardlinked),
+        sum(|l| l.copied),
+        sum(|l| l.present)
+    )?;
+    writeln!(
+        out,
+        "  manifest: {} (verity {})",
+        r.manifest_digest, r.manifest_verity
+    )?;
+    writeln!(
+        out,
+        "  config:   {} (verity {})",
+        r.config_digest, r.config_verity
+    )?;
+    writeln!(out, "  time:     {:.2} s", r.elapsed.as_secs_f64())?;
+    Ok(())
 }
 
 /// The import report with object ids as hex, for printing and `--json`.

@@ -77,6 +77,11 @@ fn storage_for(s: &StorageArgs, reference: Option<&str>) -> Result<StorageSelect
 
 /// Starts a helper for the selected storage.
 async fn connect(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result<Client> {
+    Ok(Client::spawn(&helper_config(g, s, reference)?).await?)
+}
+
+/// How to start a helper for the selected storage.
+fn helper_config(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result<HelperConfig> {
     let mut extra: Vec<OsString> = Vec::new();
     if g.verbose > 1 {
         extra.push("-v".into());
@@ -91,7 +96,7 @@ async fn connect(g: &Global, s: &StorageArgs, reference: Option<&str>) -> Result
         .args(extra)
         .reply_timeout(s.helper.helper_timeout);
     config.program = s.helper.helper.clone();
-    Ok(Client::spawn(&config).await?)
+    Ok(config)
 }
 
 /// The image `reference` names, with the reference in the error.

@@ -58,6 +58,14 @@ pub async fn serve(helper: Arc<Helper>, listener: UnixListener) -> std::io::Resu
     }
 }
 
+/// Serves the one varlink connection on `stream`, a socket the process that started the
+/// helper passed (`--varlink-stdin`: how cstor brokers layers to a repository service), until
+/// the peer closes it.
+pub async fn serve_connected(helper: Arc<Helper>, stream: UnixStream) -> std::io::Result<()> {
+    peer_allowed(&stream).map_err(std::io::Error::other)?;
+    connection(helper, Arc::new(Served::default()), stream).await
+}
+
 /// Only a peer with the helper's own effective uid is served. The helper reads files the
 /// peer may not be able to (it sends those inline), so a root helper must not serve other
 /// users. Inside `podman unshare` the user that started it appears as uid 0, like the helper;

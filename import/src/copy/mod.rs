@@ -21,6 +21,7 @@
 mod layer;
 mod service;
 
+pub(crate) use service::RepositoryError;
 pub use service::Service;
 
 use std::collections::HashMap;

@@ -54,7 +54,7 @@ struct InspectReply {
 /// The errors of `org.composefs.Repository`, by upstream's names.
 #[derive(Debug, zlink::ReplyError)]
 #[zlink(interface = "org.composefs.Repository")]
-enum RepositoryError {
+pub(crate) enum RepositoryError {
     RepoNotFound { message: String },
     InvalidHandle { handle: u64 },
     InvalidSpec { message: String },
