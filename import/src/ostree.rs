@@ -17,6 +17,9 @@
 //! Raw contents (bare modes) are reflinked, copied or hardlinked from the helper's fd as
 //! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, are
 //! inflated a buffer at a time into a new object (a copy); inline files go through memory.
+//!
+//! Progress goes where [`ImportOptions::events`] and [`ImportOptions::progress`] say, as for
+//! an image: the totals once the tree is walked, then each file object as it is stored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -45,6 +48,7 @@ use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
 use crate::objects::{Source, WorkerState, object_tmpfile_in, store_as, store_filled};
+use crate::progress::{ImportEvent, Progress};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
 /// The content type of composefs-ostree's commit splitstreams.
@@ -209,6 +213,13 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     }
     files.sort();
     files.dedup();
+    let progress = Progress::new(options.events.clone(), options.progress.clone());
+    let total_files = files.len() as u64;
+    progress.send(ImportEvent::OstreeStarted {
+        commit: commit_hex.clone(),
+        metadata_objects: metadata.len() as u64,
+        files: total_files,
+    });
 
     // Files, in batches the helper accepts, stored by a pool of workers; each verified as
     // it is stored. Two batches at most are in flight, which bounds the fds held while the
@@ -247,6 +258,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
             content_bytes += done.entry.size;
             stats.add(&done.stats);
             entries.insert(done.checksum, done.entry);
+            progress.ostree_progress(
+                &commit_hex,
+                entries.len() as u64,
+                total_files,
+                content_bytes,
+            );
         }
     }
     while in_flight > 0 {
@@ -255,6 +272,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         content_bytes += done.entry.size;
         stats.add(&done.stats);
         entries.insert(done.checksum, done.entry);
+        progress.ostree_progress(
+            &commit_hex,
+            entries.len() as u64,
+            total_files,
+            content_bytes,
+        );
     }
     drop(workers);
     if entries.len() != files.len() {
@@ -263,6 +286,8 @@ async fn import_open<ObjectID: FsVerityHashValue>(
             "the helper did not serve every file object",
         ));
     }
+
+    progress.send(ImportEvent::Finalizing);
 
     // The tree, as composefs-ostree builds it from the splitstream.
     let root_meta = &metas[&commit.root_meta];
@@ -348,6 +373,7 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     let stream = repo
         .write_stream(ss, &commit_identifier(&commit_hex), reference.as_deref())
         .map_err(repo_err("writing the commit stream"))?;
+    progress.send(ImportEvent::Finished);
 
     Ok(OstreeImportReport {
         commit: commit_hex,
