@@ -19,7 +19,8 @@ use std::time::Duration;
 use composefs::fsverity::Sha512HashValue;
 use composefs::repository::Repository;
 use cstor_import::{
-    ImportOptions, OstreeImportReport, import_ostree_commit, init_repository, open_repository,
+    ImportEvent, ImportOptions, OstreeImportReport, import_ostree_commit, init_repository,
+    open_repository,
 };
 use cstor_tests::ostree::{self, empty_store, ostree, write_file};
 use cstor_tests::session::{client_for, runtime};
@@ -279,7 +280,7 @@ fn cstor_ostree_import_command() {
     let ours = dir.path().join("cfs");
     let run = |args: &[&str]| {
         Command::new(&cstor)
-            .arg("--json")
+            .args(["--json", "--progress", "always"])
             .args(["ostree", "import", "--repo"])
             .arg(&ours)
             .args(args)
@@ -295,6 +296,13 @@ fn cstor_ostree_import_command() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["commit"], commit.as_str());
     assert_eq!(v["reference"], "ostree/fedora%2Fx86_64");
+    // Progress, asked for on a stderr that is no terminal: lines, ending with every file.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("importing commit {}", &commit[..12]))
+            && err.contains("9 of 9 files"),
+        "{err}"
+    );
     assert!(ours.join("streams/refs/ostree/fedora%2Fx86_64").exists());
     assert!(
         ours.join("images")
@@ -819,4 +827,75 @@ fn security_xattrs_reach_the_image_byte_exact() {
             "{test}: the image does not mount here ({e:#}); checked in the image only"
         )),
     }
+}
+
+/// A program following an import's progress: the totals arrive once the tree is walked,
+/// before any file, then one event per file object stored, counting up to those totals
+/// with the bytes the report gives, then the finalizing step and the end.
+#[test]
+fn progress_events_count_up_to_the_totals_told_first() {
+    let test = "progress_events_count_up_to_the_totals_told_first";
+    if !ready_alone(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write_tree(&tree);
+    for i in 0..300 {
+        let content = format!("file {i}\n").repeat(100);
+        write_file(&tree, &format!("many/f{i}"), content.as_bytes(), 0o644);
+    }
+    let store = empty_store(&dir.path().join("cs"));
+    let os = dir.path().join("ostree");
+    ostree::init(&os, "archive");
+    let commit = ostree::commit(&os, "main", &tree, &[]);
+    let repo = fresh_repo(&dir.path().join("cfs"));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let report = runtime().block_on(async {
+        let client = client_for(&store).await.unwrap();
+        let options = ImportOptions::new().events(tx);
+        let r = import_ostree_commit(&client, &repo, &os, "main", &options).await;
+        client.shutdown().await.unwrap();
+        r.unwrap()
+    });
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    // 300 distinct files, plus the tree's 9 (a and b are one object).
+    assert_eq!(report.file_objects, 309);
+    match events.first() {
+        Some(ImportEvent::OstreeStarted {
+            commit: c,
+            metadata_objects,
+            files,
+            ..
+        }) => assert_eq!(
+            (c, *metadata_objects, *files),
+            (&commit, report.metadata_objects, report.file_objects)
+        ),
+        other => panic!("the first event is not the totals: {other:?}"),
+    }
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            ImportEvent::OstreeProgress {
+                files_done,
+                bytes_done,
+                ..
+            } => Some((*files_done, *bytes_done)),
+            _ => None,
+        })
+        .collect();
+    let counted: Vec<u64> = progress.iter().map(|p| p.0).collect();
+    assert_eq!(counted, (1..=report.file_objects).collect::<Vec<_>>());
+    assert!(
+        progress.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{progress:?}"
+    );
+    assert_eq!(progress.last().map(|p| p.1), Some(report.content_bytes));
+    assert_eq!(
+        &events[events.len() - 2..],
+        [ImportEvent::Finalizing, ImportEvent::Finished]
+    );
 }
