@@ -899,3 +899,104 @@ fn progress_events_count_up_to_the_totals_told_first() {
         [ImportEvent::Finalizing, ImportEvent::Finished]
     );
 }
+
+/// Importing a commit the repository already has reads its stream, not the ostree
+/// repository: the same image, stream and name come back, every content counted present,
+/// even after the ostree repository lost a content (a commit's objects are named by their
+/// checksums, so the stream holds what the first import verified). A commit upstream
+/// imported first, whose image keeps the xattr names' NUL, is imported afresh instead.
+#[test]
+fn a_commit_already_imported_is_rebuilt_from_its_stream() {
+    let test = "a_commit_already_imported_is_rebuilt_from_its_stream";
+    if !ready_alone(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    write_tree(&tree);
+    let store = empty_store(&dir.path().join("cs"));
+    for mode in ["bare", "archive"] {
+        let os = dir.path().join(format!("ostree-{mode}"));
+        ostree::init(&os, mode);
+        ostree::commit(&os, "main", &tree, &[]);
+        let ours = dir.path().join(format!("cfs-{mode}"));
+        let repo = fresh_repo(&ours);
+        let first = import(&store, &repo, &os, "main").unwrap();
+        assert!(!first.reused_stream);
+        // usr/bin/su, 5000 bytes, is an object of its own: gone from the ostree repository.
+        let su = ostree::checksum_of(&os, "main", "/usr/bin/su");
+        let ext = if mode == "archive" { "filez" } else { "file" };
+        std::fs::remove_file(ostree::object_file(&os, &su, ext)).unwrap();
+        std::fs::remove_file(ours.join("streams/refs/ostree/main")).unwrap();
+
+        let again = import(&store, &repo, &os, "main").unwrap();
+        assert!(again.reused_stream, "{mode}");
+        assert_eq!(
+            (&again.image_id, &again.stream_id, &again.reference),
+            (&first.image_id, &first.stream_id, &first.reference),
+            "{mode}"
+        );
+        assert_eq!(
+            (
+                again.file_objects,
+                again.metadata_objects,
+                again.content_bytes
+            ),
+            (
+                first.file_objects,
+                first.metadata_objects,
+                first.content_bytes
+            ),
+            "{mode}"
+        );
+        let o = &again.objects;
+        assert_eq!(
+            (o.present, o.reflinked + o.copied + o.hardlinked),
+            (first.external_objects, 0),
+            "{mode}: {o:?}"
+        );
+        assert!(ours.join("streams/refs/ostree/main").exists(), "{mode}");
+    }
+}
+
+/// A commit upstream imported first (its image keeps ostree's NUL in xattr names) is not
+/// taken from upstream's stream: cstor imports it afresh, with its own image.
+#[test]
+fn a_commit_upstream_imported_is_imported_afresh() {
+    let test = "a_commit_upstream_imported_is_imported_afresh";
+    let Some(cfsctl) = ready(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    let f = write_file(&tree, "f", b"x", 0o644);
+    ostree::setfattr(&f, "user.key", "value");
+    let store = empty_store(&dir.path().join("cs"));
+    let os = dir.path().join("ostree");
+    ostree::init(&os, "bare-user");
+    ostree::commit(&os, "main", &tree, &[]);
+    let shared = dir.path().join("cfs");
+    cfs(
+        &cfsctl,
+        &shared,
+        &["init", "--insecure", shared.to_str().unwrap()],
+    );
+    let up_image = image_line(&cfs(
+        &cfsctl,
+        &shared,
+        &["ostree", "pull-local", os.to_str().unwrap(), "main"],
+    ));
+    let repo = open_repository::<Sha512HashValue>(&shared).unwrap();
+    let r = import(&store, &repo, &os, "main").unwrap();
+    assert!(!r.reused_stream);
+    assert_ne!(r.image_id, up_image);
+    assert_eq!(
+        cfs(&cfsctl, &shared, &["ostree", "compute-id", "main"]).trim(),
+        r.image_id,
+        "the commit stream now links our image"
+    );
+    // And from then on, ours is reused.
+    let again = import(&store, &repo, &os, "main").unwrap();
+    assert!(again.reused_stream);
+    assert_eq!(again.image_id, r.image_id);
+}

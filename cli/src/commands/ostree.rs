@@ -134,6 +134,7 @@ struct Summary<'a> {
     content_bytes: u64,
     objects: ObjectStats,
     first_reflink_fallback: Option<&'a str>,
+    reused_stream: bool,
 }
 
 impl<'a> Summary<'a> {
@@ -150,6 +151,7 @@ impl<'a> Summary<'a> {
             content_bytes: r.content_bytes,
             objects: r.objects,
             first_reflink_fallback: r.first_reflink_fallback.as_deref(),
+            reused_stream: r.reused_stream,
         }
     }
 }
@@ -181,6 +183,12 @@ fn print_summary(r: &OstreeImportReport, path: &Path, rev: &str) -> std::io::Res
         o.present,
         o.inlined
     )?;
+    if r.reused_stream {
+        writeln!(
+            out,
+            "  already imported: rebuilt from the repository's commit stream"
+        )?;
+    }
     if let Some(why) = &r.first_reflink_fallback {
         writeln!(out, "  first copy instead of reflink: {why}")?;
     }
