@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -48,7 +48,9 @@ use cstor_protocol::ostree::{
 use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
-use crate::objects::{Source, WorkerState, object_tmpfile_in, store_as, store_filled};
+use crate::objects::{
+    Source, WORKER_NICE, WorkerState, object_tmpfile_in, placement, store_as, store_filled,
+};
 use crate::progress::{ImportEvent, Progress};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
@@ -705,16 +707,29 @@ impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
         let queue = Arc::new(std::sync::Mutex::new(queue));
         let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        // As the image import's workers: tmpfiles in an XFS allocation group of each
+        // worker's own, and the workers below the threads that feed them (see
+        // `objects::pool`): the helper opening the next batch must not wait for them.
+        let mut tmp_dirs = match repo.objects_dir() {
+            Ok(objects) => {
+                let groups = placement::groups_of_dir(objects.as_fd()).filter(|_| n > 1);
+                placement::worker_dirs(objects.as_fd(), groups, n)
+            }
+            Err(_) => vec![None; n],
+        };
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
             let queue = queue.clone();
             let done_tx = done_tx.clone();
             let repo = repo.clone();
             let state = state.clone();
             let stop = stop.clone();
+            let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
             let thread = std::thread::Builder::new()
                 .name(format!("cstor-ostree-{i}"))
                 .spawn(move || {
+                    crate::sys::lower_thread_priority(WORKER_NICE);
                     loop {
                         // The lock is held only to take one job: the sender never blocks.
                         let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
@@ -726,7 +741,8 @@ impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
                         if stop.load(Relaxed) {
                             continue;
                         }
-                        let r = store_file(&repo, job, policy, threshold, &state);
+                        let r =
+                            store_file(&repo, job, policy, threshold, &state, tmp_dir.as_deref());
                         if done_tx.send(r).is_err() {
                             break;
                         }
@@ -798,6 +814,7 @@ fn store_file<ObjectID: FsVerityHashValue>(
     policy: CopyPolicy,
     threshold: u64,
     state: &WorkerState,
+    tmp_dir: Option<&str>,
 ) -> Result<FileDone<ObjectID>> {
     let FileJob {
         object,
@@ -829,7 +846,7 @@ fn store_file<ObjectID: FsVerityHashValue>(
                 name: &object,
                 layer: "ostree",
             };
-            let (id, how) = store_as(repo, id, &source, policy, state, None)?;
+            let (id, how) = store_as(repo, id, &source, policy, state, tmp_dir)?;
             stats.count(how, size);
             (None, Some(id))
         }
@@ -842,9 +859,9 @@ fn store_file<ObjectID: FsVerityHashValue>(
                         .into(),
                 });
             }
-            // Any objects/XX directory will do for the tmpfile; the checksum's spreads
-            // the workers' over them as object ids would.
-            let tmp = object_tmpfile_in(repo, &expected[..2])?;
+            // Any objects/XX directory will do for the tmpfile: the worker's own, or else
+            // the checksum's, which spreads the workers' over them as object ids would.
+            let tmp = object_tmpfile_in(repo, tmp_dir.unwrap_or(&expected[..2]))?;
             let file = std::fs::File::from(fd);
             let id =
                 inflate_into::<ObjectID>(file, content_offset, size, &tmp, &mut hasher, &object)?;
