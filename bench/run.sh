@@ -100,7 +100,7 @@ user_dir() { mkdir -p "$@" && chown "$USER_NAME:" "$@"; }
 drop_caches() { sync && echo 3 >/proc/sys/vm/drop_caches; }
 
 need_tools() {
-    local -A pkg=([podman]=podman [skopeo]=skopeo [debootstrap]=debootstrap [mkfs.xfs]=xfsprogs
+    local -A pkg=([podman]=podman [skopeo]=skopeo [debootstrap]=debootstrap [mkfs.xfs]=xfsprogs [ostree]=ostree
         [jq]=jq [newuidmap]=uidmap [runuser]=util-linux [python3]=python3 [findmnt]=util-linux)
     local missing=()
     for t in "${!pkg[@]}"; do command -v "$t" >/dev/null || missing+=("${pkg[$t]}"); done
@@ -206,6 +206,28 @@ mount_xfs() {
     log "mounted $LOOP_IMG on $MNT ($loop, direct-io $(losetup -nO DIO "$loop" | tr -d ' '))"
 }
 
+# The ostree cases' repository: the reference image's tree (the debootstrap rootfs, then
+# the copies layer over it) committed once into a bare repository on the XFS file system,
+# kept in the XFS image between runs. ostree commits no device nodes: the rootfs is staged
+# without the few in /dev.
+OSTREE_REPO=$MNT/ostree/bare
+ensure_ostree_repo() {
+    local done=$OSTREE_REPO.done-$COPIES_FROM
+    [[ -e $done ]] && return
+    log "committing the reference tree into a bare ostree repository on XFS (once)"
+    rm -rf "$MNT/ostree"
+    mkdir -p "$MNT/ostree"
+    ostree --repo="$OSTREE_REPO" init --mode=bare
+    ostree --repo="$OSTREE_REPO" config set core.min-free-space-percent 0
+    local staged=$MNT/ostree/rootfs
+    cp -a "$CACHE/rootfs" "$staged"
+    find "$staged/dev" -xdev ! -type d ! -type f ! -type l -delete
+    ostree --repo="$OSTREE_REPO" commit -b bench --timestamp=2024-01-01 --tar-autocreate-parents \
+        --tree=dir="$staged" --tree=tar="$CACHE/copies-$COPIES_FROM.tar" >/dev/null
+    rm -rf "$staged"
+    touch "$done"
+}
+
 ensure_user() {
     if ! id "$USER_NAME" >/dev/null 2>&1; then
         log "creating the rootless user $USER_NAME"
@@ -309,6 +331,8 @@ prewarm() {
     for d in "$XR" "$XU" "$ER" "$EU"; do
         [[ -d $d/overlay ]] && dirs+=("$d/overlay")
     done
+    # The ostree cases read the ostree repository, not the image storages.
+    [[ $CASE == ostree-* ]] && dirs=("$OSTREE_REPO/objects")
     ((${#dirs[@]} == 0)) || "$BIN/cstor-bench-read" "${dirs[@]}" >/dev/null 2>&1 || true
 }
 
@@ -493,6 +517,44 @@ tar_path() {
     rm -rf "$dir" "$repo"
 }
 
+# An ostree commit of the reference tree into a fresh composefs repository on XFS:
+# cstor (every content reflinked from the bare repository) | cfsctl (upstream's pull-local)
+# | reimport (cstor again into a repository that has the commit: everything present).
+ostree_import() {
+    local tool=$1 repo=$MNT/scratch/ostree-cfs
+    fresh_repo root "$repo"
+    local cmd=("$BIN/cstor" --json ostree import --repo "$repo" "$OSTREE_REPO" bench)
+    [[ $tool == cfsctl ]] && cmd=("$CFSCTL" --repo "$repo" ostree pull-local "$OSTREE_REPO" bench)
+    if [[ $tool == reimport ]]; then
+        "${cmd[@]}" >/dev/null || die "the first ostree import before the re-import failed"
+    fi
+    timed "${cmd[@]}"
+    if ((CASE_RC == 0)); then
+        if [[ $tool == cfsctl ]]; then
+            CASE_DETAILS=$(repo_stats "$repo")
+            grep -q '^image' "$CASE_OUT.out" || CASE_ERR="cfsctl printed no image line"
+        elif ! CASE_DETAILS=$(jq -ce --argjson b "$(repo_stats "$repo")" '{reflinked: .objects.reflinked,
+                copied: .objects.copied, present: .objects.present, inlined: .objects.inlined,
+                bytes_reflinked: .objects.bytes_reflinked, file_objects, external_objects,
+                content_bytes, first_reflink_fallback} + $b' "$CASE_OUT.out"); then
+            CASE_ERR="unreadable --json report: $(head -c 300 "$CASE_OUT.out")"
+        else
+            local copied reflinked present
+            copied=$(jq -r .copied <<<"$CASE_DETAILS")
+            reflinked=$(jq -r .reflinked <<<"$CASE_DETAILS")
+            present=$(jq -r .present <<<"$CASE_DETAILS")
+            if [[ $tool == reimport ]]; then
+                [[ $copied == 0 && $reflinked == 0 && $present -gt 0 ]] ||
+                    CASE_ERR="ostree re-import stored objects again: $reflinked reflinked, $copied copied"
+            else
+                [[ $copied == 0 && $reflinked -gt 0 ]] ||
+                    CASE_ERR="ostree on XFS: $copied copied, $reflinked reflinked (expected 0 copied)"
+            fi
+        fi
+    fi
+    rm -rf "$repo"
+}
+
 DIFFS=()
 limit_read() { # hash|read
     local args=()
@@ -580,6 +642,7 @@ ALL_CASES=(
     limit-hash limit-read limit-reflink-parallel limit-reflink-cp
     protocol-xfs-root protocol-xfs-rootless
     copy-xfs cfsctl-copy-xfs cfsctl-copy-xfs-zerocopy
+    ostree-cstor-xfs ostree-cfsctl-xfs ostree-reimport-xfs
 )
 run_case() {
     case $1 in
@@ -602,13 +665,18 @@ run_case() {
     copy-xfs) copy_case cstor ;;
     cfsctl-copy-xfs) copy_case cfsctl ;;
     cfsctl-copy-xfs-zerocopy) copy_case cfsctl-zerocopy ;;
+    ostree-cstor-xfs) ostree_import cstor ;;
+    ostree-cfsctl-xfs) ostree_import cfsctl ;;
+    ostree-reimport-xfs) ostree_import reimport ;;
     *) die "unknown case $1" ;;
     esac
 }
 
+CASE=
 measure() { # case mode run(0 = warm-up, not recorded)
     local c=$1 run=$3
     MODE=$2
+    CASE=$c
     CASE_SECONDS= CASE_DETAILS='{}' CASE_ERR= CASE_RC=0
     CASE_OUT=$OUT/logs/$c.$MODE.$run
     local w0=$EPOCHREALTIME
@@ -744,6 +812,8 @@ log "reference image: $IMAGE, $(jq -r '"\(.files) files, \(.bytes / 1e6 | floor)
 SELECTED=()
 for c in "${ALL_CASES[@]}"; do [[ $c =~ $CASES ]] && SELECTED+=("$c"); done
 ((${#SELECTED[@]})) || die "BENCH_CASES='$CASES' selects no case (cases: ${ALL_CASES[*]})"
+
+[[ ${SELECTED[*]} == *ostree-* ]] && ensure_ostree_repo
 
 mkdir -p "$OUT/logs"
 RUNS_FILE=$OUT/runs.jsonl

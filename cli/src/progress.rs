@@ -1,5 +1,6 @@
 //! Progress bars of `cstor import` on stderr: one for the whole image, one per layer while
-//! it streams.
+//! it streams; `cstor ostree import` has the one bar, counted in file objects (a commit's
+//! content size is only known as its files are opened).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -86,6 +87,24 @@ async fn bars(mut rx: UnboundedReceiver<ImportEvent>) {
                     b.finish_and_clear();
                 }
             }
+            ImportEvent::OstreeStarted { files, .. } => {
+                let files_style = ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:30}] {pos:>7}/{len:<7} files {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+                total.set_style(files_style);
+                total.set_prefix("commit");
+                total.set_length(files);
+            }
+            ImportEvent::OstreeProgress {
+                files_done,
+                bytes_done,
+                ..
+            } => {
+                total.set_position(files_done);
+                total.set_message(human(bytes_done));
+            }
             ImportEvent::Finalizing => total.set_message("writing the EROFS image"),
             ImportEvent::Finished => total.finish_and_clear(),
             _ => {}
@@ -140,6 +159,26 @@ async fn lines(mut rx: UnboundedReceiver<ImportEvent>) {
                     done += bytes.saturating_sub(last_done);
                 }
                 eprintln!("layer {index} stored");
+            }
+            ImportEvent::OstreeStarted {
+                commit,
+                metadata_objects,
+                files,
+                ..
+            } => {
+                total = files;
+                eprintln!(
+                    "importing commit {}: {metadata_objects} metadata objects verified, {files} files",
+                    short(&commit)
+                );
+            }
+            ImportEvent::OstreeProgress {
+                files_done,
+                bytes_done,
+                ..
+            } if last.elapsed() >= std::time::Duration::from_secs(1) || files_done == total => {
+                last = std::time::Instant::now();
+                eprintln!("  {files_done} of {total} files ({})", human(bytes_done));
             }
             ImportEvent::Finalizing => eprintln!("writing the EROFS image"),
             _ => {}

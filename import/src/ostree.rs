@@ -17,11 +17,14 @@
 //! Raw contents (bare modes) are reflinked, copied or hardlinked from the helper's fd as
 //! [`ImportOptions::copy_policy`] allows; archive contents, which must be inflated, are
 //! inflated a buffer at a time into a new object (a copy); inline files go through memory.
+//!
+//! Progress goes where [`ImportOptions::events`] and [`ImportOptions::progress`] say, as for
+//! an image: the totals once the tree is walked, then each file object as it is stored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +37,8 @@ use composefs::generic_tree::{LeafContent, LeafId, Stat};
 use composefs::repository::Repository;
 use composefs::tree::{Directory, FileSystem, Inode, RegularFile};
 use cstor_protocol::ostree::format::{
-    Checksum, Commit, DirTree, FileHasher, Meta, archive_file_header, metadata_checksum,
+    ArchiveHeader, Checksum, Commit, DirTree, FileHasher, Meta, archive_file_header,
+    metadata_checksum,
 };
 use cstor_protocol::ostree::{
     ContentEncoding, GetOstreeObjectsParams, GetOstreeObjectsResult, ObjectName, ObjectType,
@@ -44,7 +48,11 @@ use cstor_protocol::ostree::{
 use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
-use crate::objects::{Expected, Source, WorkerState, object_tmpfile_in, store_as, store_filled};
+use crate::objects::{
+    Expected, Source, WORKER_NICE, WorkerState, object_tmpfile_in, placement, store_as,
+    store_filled,
+};
+use crate::progress::{ImportEvent, Progress};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
 
 /// The content type of composefs-ostree's commit splitstreams.
@@ -88,6 +96,9 @@ pub struct OstreeImportReport {
     pub objects: ObjectStats,
     /// Why the first object that could not be reflinked was copied, if one was.
     pub first_reflink_fallback: Option<String>,
+    /// Whether the commit was already in the repository: its stream was read instead of
+    /// the ostree repository's files (see [`import_ostree_commit`]).
+    pub reused_stream: bool,
 }
 
 fn corrupt(object: &str, detail: impl std::fmt::Display) -> Error {
@@ -109,6 +120,14 @@ struct FileEntry<ObjectID> {
 /// Imports commit `rev` of the ostree repository at `ostree_repo` (absolute) into `repo`,
 /// naming it `refs/ostree/<tag>` when `tag` is given, or after `rev` when `rev` is a ref.
 /// Returns what was written.
+///
+/// A commit whose stream the repository already has is not read again from the ostree
+/// repository: its stream holds every object of the commit, metadata and file headers
+/// inline, contents as references to objects that were verified when stored (as an image
+/// import trusts the stream of a layer it already has). Its metadata objects are
+/// checksummed again and the image is rebuilt from them; when that image is not the one
+/// the stream links (a stream upstream wrote, whose xattr names keep their NUL) or the
+/// stream is not laid out as expected, the commit is imported afresh.
 pub async fn import_ostree_commit<ObjectID: FsVerityHashValue>(
     client: &Client,
     repo: &Arc<Repository<ObjectID>>,
@@ -159,6 +178,15 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         .await?;
     let commit_hex = resolved.commit.clone();
     let name = tag.or(resolved.ref_file.as_ref().map(|_| rev));
+    let progress = Progress::new(options.events.clone(), options.progress.clone());
+    let identifier = commit_identifier(&commit_hex);
+    if let Some(stream_id) = repo
+        .has_stream(&identifier)
+        .map_err(repo_err("looking up the commit stream"))?
+        && let Some(report) = reuse_stream(repo, &commit_hex, &stream_id, name, &progress)?
+    {
+        return Ok(report);
+    }
 
     // Metadata, level by level, each object verified.
     let mut metadata: BTreeMap<Checksum, Vec<u8>> = BTreeMap::new();
@@ -209,6 +237,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     }
     files.sort();
     files.dedup();
+    let total_files = files.len() as u64;
+    progress.send(ImportEvent::OstreeStarted {
+        commit: commit_hex.clone(),
+        metadata_objects: metadata.len() as u64,
+        files: total_files,
+    });
 
     // Files, in batches the helper accepts, stored by a pool of workers; each verified as
     // it is stored. Two batches at most are in flight, which bounds the fds held while the
@@ -235,6 +269,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
                 },
             )
             .await?;
+        // With a cold cache, the batch's files are then read from disk in parallel rather
+        // than each when a worker gets to it (two reads in flight); the probe costs
+        // nothing for a cached file.
+        for fd in &fds {
+            cstor_proxy_client::read_ahead(fd);
+        }
         let mut fds: Vec<Option<std::os::fd::OwnedFd>> = fds.into_iter().map(Some).collect();
         for f in opened.files {
             let job = file_job(f, &mut fds)?;
@@ -247,6 +287,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
             content_bytes += done.entry.size;
             stats.add(&done.stats);
             entries.insert(done.checksum, done.entry);
+            progress.ostree_progress(
+                &commit_hex,
+                entries.len() as u64,
+                total_files,
+                content_bytes,
+            );
         }
     }
     while in_flight > 0 {
@@ -255,6 +301,12 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         content_bytes += done.entry.size;
         stats.add(&done.stats);
         entries.insert(done.checksum, done.entry);
+        progress.ostree_progress(
+            &commit_hex,
+            entries.len() as u64,
+            total_files,
+            content_bytes,
+        );
     }
     drop(workers);
     if entries.len() != files.len() {
@@ -264,24 +316,9 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         ));
     }
 
-    // The tree, as composefs-ostree builds it from the splitstream.
-    let root_meta = &metas[&commit.root_meta];
-    let mut fs = FileSystem::<ObjectID>::new(stat_of(root_meta));
-    let mut leaves: HashMap<Checksum, LeafId> = HashMap::new();
-    let root_entries = build_dir(
-        &mut fs,
-        &mut leaves,
-        &trees,
-        &metas,
-        &entries,
-        &commit.root_tree,
-    )?;
-    for (name, inode) in root_entries {
-        fs.root.insert(&name, inode);
-    }
-    let image = fs
-        .commit_image(repo, None)
-        .map_err(repo_err("writing the EROFS image"))?;
+    progress.send(ImportEvent::Finalizing);
+
+    let image = write_image(repo, &commit, &trees, &metas, &entries)?;
 
     // The commit splitstream, byte for byte what composefs-ostree writes.
     let mut ss = repo
@@ -348,6 +385,7 @@ async fn import_open<ObjectID: FsVerityHashValue>(
     let stream = repo
         .write_stream(ss, &commit_identifier(&commit_hex), reference.as_deref())
         .map_err(repo_err("writing the commit stream"))?;
+    progress.send(ImportEvent::Finished);
 
     Ok(OstreeImportReport {
         commit: commit_hex,
@@ -360,7 +398,235 @@ async fn import_open<ObjectID: FsVerityHashValue>(
         content_bytes,
         objects: stats,
         first_reflink_fallback: state.first_fallback(),
+        reused_stream: false,
     })
+}
+
+/// The commit's tree, as composefs-ostree builds it from the splitstream, written as an
+/// EROFS image; returns its id.
+fn write_image<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    commit: &Commit,
+    trees: &HashMap<Checksum, DirTree>,
+    metas: &HashMap<Checksum, Meta>,
+    entries: &BTreeMap<Checksum, FileEntry<ObjectID>>,
+) -> Result<ObjectID> {
+    let root_meta = metas.get(&commit.root_meta).ok_or_else(|| {
+        corrupt(
+            &format!("dirmeta {}", hex::encode(commit.root_meta)),
+            "not fetched",
+        )
+    })?;
+    let mut fs = FileSystem::<ObjectID>::new(stat_of(root_meta));
+    let mut leaves: HashMap<Checksum, LeafId> = HashMap::new();
+    let root_entries = build_dir(
+        &mut fs,
+        &mut leaves,
+        trees,
+        metas,
+        entries,
+        &commit.root_tree,
+    )?;
+    for (name, inode) in root_entries {
+        fs.root.insert(&name, inode);
+    }
+    fs.commit_image(repo, None)
+        .map_err(repo_err("writing the EROFS image"))
+}
+
+/// One object of a commit stream: its checksum, the index of its content object when it
+/// has one, and its bytes (a metadata object, or a file's archive header and inline
+/// content).
+type StreamObject<'a> = (Checksum, Option<usize>, &'a [u8]);
+
+/// Reads back the body of a commit stream as [`import_open`] writes it: the commit's index,
+/// then every object. `None` when it is not laid out so.
+fn parse_commit_stream(body: &[u8]) -> Option<(usize, Vec<StreamObject<'_>>)> {
+    let u32_at = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = body.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(b))
+    };
+    let commit_index = u32_at(0)? as usize;
+    let n = u32_at(8 + 255 * 4)? as usize;
+    let sums_at: usize = 8 + 256 * 4;
+    let table_at = sums_at.checked_add(n.checked_mul(32)?)?;
+    let data_at = table_at.checked_add(n.checked_mul(12)?)?;
+    let mut out = Vec::with_capacity(n.min(body.len() / 44));
+    for i in 0..n {
+        let at = sums_at + 32 * i;
+        let checksum: Checksum = body.get(at..at + 32)?.try_into().ok()?;
+        let e = table_at + 12 * i;
+        let (block, len, idx) = (u32_at(e)?, u32_at(e + 4)?, u32_at(e + 8)?);
+        let start = data_at.checked_add((block as usize).checked_mul(8)?)?;
+        let data = body.get(start..start.checked_add(len as usize)?)?;
+        out.push((checksum, (idx != u32::MAX).then_some(idx as usize), data));
+    }
+    Some((commit_index, out))
+}
+
+/// A commit whose stream `stream_id` the repository has: its tree rebuilt from the stream
+/// (see [`import_ostree_commit`]), the stream named, nothing read from the ostree
+/// repository. `None` when the stream cannot stand for the commit: the caller imports it
+/// afresh.
+fn reuse_stream<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+    commit_hex: &str,
+    stream_id: &ObjectID,
+    name: Option<&str>,
+    progress: &Progress,
+) -> Result<Option<OstreeImportReport>> {
+    use composefs::splitstream::SplitStreamData;
+    let identifier = commit_identifier(commit_hex);
+    let mut reader = repo
+        .open_stream(
+            &identifier,
+            Some(stream_id),
+            Some(OSTREE_COMMIT_CONTENT_TYPE),
+        )
+        .map_err(repo_err(format!("opening the stream {identifier}")))?;
+    let mut body = Vec::new();
+    let mut chunked = false;
+    reader
+        .for_each_chunk(|c| {
+            match c {
+                SplitStreamData::Inline(b) => body.extend_from_slice(&b),
+                SplitStreamData::External(_) => chunked = true,
+            }
+            Ok(())
+        })
+        .map_err(repo_err(format!("reading the stream {identifier}")))?;
+    let Some((commit_index, objects)) = parse_commit_stream(&body).filter(|_| !chunked) else {
+        tracing::info!("{identifier} is not laid out as expected: importing afresh");
+        return Ok(None);
+    };
+    let by_checksum: HashMap<Checksum, (Option<usize>, &[u8])> =
+        objects.iter().map(|(c, i, d)| (*c, (*i, *d))).collect();
+    // Metadata comes out of the stream checksummed again, as from the helper.
+    let metadata = |c: &Checksum| -> Option<&[u8]> {
+        by_checksum
+            .get(c)
+            .filter(|(i, d)| i.is_none() && metadata_checksum(d) == *c)
+            .map(|(_, d)| *d)
+    };
+    let Some((commit_sum, _, _)) = objects.get(commit_index) else {
+        return Ok(None);
+    };
+    let Some(commit) = (hex::encode(commit_sum) == commit_hex)
+        .then(|| metadata(commit_sum))
+        .flatten()
+        .and_then(|b| Commit::decode(b).ok())
+    else {
+        return Ok(None);
+    };
+    let mut trees: HashMap<Checksum, DirTree> = HashMap::new();
+    let mut metas: HashMap<Checksum, Meta> = HashMap::new();
+    let mut files: Vec<Checksum> = Vec::new();
+    let mut level = vec![(commit.root_tree, commit.root_meta)];
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        for (t, m) in level {
+            if let std::collections::hash_map::Entry::Vacant(e) = metas.entry(m) {
+                let Some(meta) = metadata(&m).and_then(|b| Meta::decode(b).ok()) else {
+                    return Ok(None);
+                };
+                e.insert(meta);
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = trees.entry(t) {
+                let Some(tree) = metadata(&t).and_then(|b| DirTree::decode(b).ok()) else {
+                    return Ok(None);
+                };
+                files.extend(tree.files.iter().map(|f| f.1));
+                next.extend(tree.dirs.iter().map(|d| (d.1, d.2)));
+                e.insert(tree);
+            }
+        }
+        level = next;
+    }
+    files.sort();
+    files.dedup();
+    let metadata_objects = (trees.len() + metas.len() + 1) as u64;
+    progress.send(ImportEvent::OstreeStarted {
+        commit: commit_hex.to_owned(),
+        metadata_objects,
+        files: files.len() as u64,
+    });
+    let mut entries: BTreeMap<Checksum, FileEntry<ObjectID>> = BTreeMap::new();
+    let mut stats = ObjectStats::default();
+    let mut content_bytes = 0u64;
+    for c in &files {
+        let Some((idx, data)) = by_checksum.get(c) else {
+            return Ok(None);
+        };
+        let Ok(h) = ArchiveHeader::decode(data) else {
+            return Ok(None);
+        };
+        let is_symlink = h.meta.mode & 0o170000 == 0o120000;
+        let target = is_symlink.then_some(h.symlink_target);
+        let rest = data.get(h.content_offset as usize..).unwrap_or_default();
+        let (inline, external) = match idx {
+            Some(i) if !is_symlink => {
+                let Some(id) = reader.lookup_external_ref(*i) else {
+                    return Ok(None);
+                };
+                stats.present += 1;
+                stats.bytes_present += h.size;
+                (None, Some(id.clone()))
+            }
+            Some(_) => return Ok(None),
+            // Small files are in the stream whole: checked again, at no cost worth saving.
+            None => {
+                let mut hasher = FileHasher::new(&h.meta, target.as_deref().unwrap_or(""));
+                hasher.update(rest);
+                if rest.len() as u64 != h.size || hasher.finish() != *c {
+                    return Ok(None);
+                }
+                if !is_symlink {
+                    stats.inlined += 1;
+                    stats.bytes_inlined += h.size;
+                }
+                ((!is_symlink).then(|| rest.to_vec()), None)
+            }
+        };
+        content_bytes += h.size;
+        entries.insert(
+            *c,
+            FileEntry {
+                meta: h.meta,
+                size: h.size,
+                target,
+                inline,
+                external,
+            },
+        );
+    }
+    let file_objects = entries.len() as u64;
+    let external_objects = entries.values().filter(|e| e.external.is_some()).count() as u64;
+    progress.ostree_progress(commit_hex, file_objects, file_objects, content_bytes);
+    progress.send(ImportEvent::Finalizing);
+    let image = write_image(repo, &commit, &trees, &metas, &entries)?;
+    if reader.lookup_named_ref(IMAGE_REF_KEY) != Some(&image) {
+        tracing::info!("{identifier} links another image than ours: importing afresh");
+        return Ok(None);
+    }
+    let reference = name.map(ref_path);
+    if let Some(r) = &reference {
+        repo.name_stream(&identifier, r)
+            .map_err(repo_err(format!("naming {identifier} {r}")))?;
+    }
+    progress.send(ImportEvent::Finished);
+    Ok(Some(OstreeImportReport {
+        commit: commit_hex.to_owned(),
+        image_id: image.to_hex(),
+        stream_id: stream_id.to_hex(),
+        reference,
+        metadata_objects,
+        file_objects,
+        external_objects,
+        content_bytes,
+        objects: stats,
+        first_reflink_fallback: None,
+        reused_stream: true,
+    }))
 }
 
 /// One file object for a worker: its metadata as the helper served it, and its content.
@@ -448,16 +714,29 @@ impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
         let queue = Arc::new(std::sync::Mutex::new(queue));
         let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(n.max(1));
-        for i in 0..n.max(1) {
+        let n = n.max(1);
+        // As the image import's workers: tmpfiles in an XFS allocation group of each
+        // worker's own, and the workers below the threads that feed them (see
+        // `objects::pool`): the helper opening the next batch must not wait for them.
+        let mut tmp_dirs = match repo.objects_dir() {
+            Ok(objects) => {
+                let groups = placement::groups_of_dir(objects.as_fd()).filter(|_| n > 1);
+                placement::worker_dirs(objects.as_fd(), groups, n)
+            }
+            Err(_) => vec![None; n],
+        };
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
             let queue = queue.clone();
             let done_tx = done_tx.clone();
             let repo = repo.clone();
             let state = state.clone();
             let stop = stop.clone();
+            let tmp_dir = tmp_dirs.get_mut(i).and_then(Option::take);
             let thread = std::thread::Builder::new()
                 .name(format!("cstor-ostree-{i}"))
                 .spawn(move || {
+                    crate::sys::lower_thread_priority(WORKER_NICE);
                     loop {
                         // The lock is held only to take one job: the sender never blocks.
                         let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {
@@ -469,7 +748,8 @@ impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
                         if stop.load(Relaxed) {
                             continue;
                         }
-                        let r = store_file(&repo, job, policy, threshold, &state);
+                        let r =
+                            store_file(&repo, job, policy, threshold, &state, tmp_dir.as_deref());
                         if done_tx.send(r).is_err() {
                             break;
                         }
@@ -541,6 +821,7 @@ fn store_file<ObjectID: FsVerityHashValue>(
     policy: CopyPolicy,
     threshold: u64,
     state: &WorkerState,
+    tmp_dir: Option<&str>,
 ) -> Result<FileDone<ObjectID>> {
     let FileJob {
         object,
@@ -572,7 +853,7 @@ fn store_file<ObjectID: FsVerityHashValue>(
                 name: &object,
                 layer: "ostree",
             };
-            let (id, how) = store_as(repo, id, &source, policy, state, None)?;
+            let (id, how) = store_as(repo, id, &source, policy, state, tmp_dir)?;
             stats.count(how, size);
             (None, Some(id))
         }
@@ -585,9 +866,9 @@ fn store_file<ObjectID: FsVerityHashValue>(
                         .into(),
                 });
             }
-            // Any objects/XX directory will do for the tmpfile; the checksum's spreads
-            // the workers' over them as object ids would.
-            let tmp = object_tmpfile_in(repo, &expected[..2])?;
+            // Any objects/XX directory will do for the tmpfile: the worker's own, or else
+            // the checksum's, which spreads the workers' over them as object ids would.
+            let tmp = object_tmpfile_in(repo, tmp_dir.unwrap_or(&expected[..2]))?;
             let file = std::fs::File::from(fd);
             let id =
                 inflate_into::<ObjectID>(file, content_offset, size, &tmp, &mut hasher, &object)?;
@@ -920,6 +1201,34 @@ mod tests {
         tmp.seek(SeekFrom::Start(0)).unwrap();
         tmp.read_to_end(&mut written).unwrap();
         assert!(written == content, "the object holds the inflated bytes");
+    }
+
+    /// A stream body of one object, laid out as `import_open` writes it.
+    fn one_object_body(checksum: Checksum, data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 8];
+        for i in 0..256u32 {
+            b.extend_from_slice(&u32::from(i >= u32::from(checksum[0])).to_le_bytes());
+        }
+        b.extend_from_slice(&checksum);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn a_commit_stream_body_reads_back_and_a_cut_one_does_not() {
+        let body = one_object_body([7; 32], b"metadata");
+        let (index, objects) = parse_commit_stream(&body).unwrap();
+        assert_eq!(index, 0);
+        assert_eq!(objects, [([7; 32], None, b"metadata".as_slice())]);
+        for len in [0, 4, 8 + 1024, body.len() - 1] {
+            assert!(parse_commit_stream(&body[..len]).is_none(), "{len} bytes");
+        }
+        let mut huge = body.clone();
+        huge[8 + 255 * 4..8 + 256 * 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_commit_stream(&huge).is_none());
     }
 
     #[test]

@@ -70,7 +70,28 @@ pub enum ImportEvent {
         /// Its uncompressed size.
         bytes: u64,
     },
-    /// Writing the config, manifest, EROFS image and tag.
+    /// An ostree commit's tree was walked: its totals, known before any file is read.
+    /// Content bytes are not among them: a dirtree names its files by checksum only, their
+    /// sizes come as the helper opens them.
+    #[non_exhaustive]
+    OstreeStarted {
+        /// The commit checksum.
+        commit: String,
+        /// Metadata objects (commit, dirtrees, dirmetas), all fetched and verified by now.
+        metadata_objects: u64,
+        /// Distinct file objects to verify and store.
+        files: u64,
+    },
+    /// File objects of an ostree commit verified and stored so far.
+    #[non_exhaustive]
+    OstreeProgress {
+        /// Files done, of `OstreeStarted::files`.
+        files_done: u64,
+        /// Their content bytes.
+        bytes_done: u64,
+    },
+    /// Writing the config, manifest, EROFS image and tag (for an ostree commit: the EROFS
+    /// image and the commit stream).
     Finalizing,
     /// Done.
     Finished,
@@ -117,6 +138,36 @@ impl Progress {
         }
     }
 
+    /// `files_done` of `files` file objects of ostree commit `commit` are stored, with
+    /// `bytes_done` content bytes.
+    pub(crate) fn ostree_progress(
+        &self,
+        commit: &str,
+        files_done: u64,
+        files: u64,
+        bytes_done: u64,
+    ) {
+        if let Some(r) = &self.reporter {
+            r.report(ProgressEvent::Progress {
+                id: ComponentId::from(commit),
+                fetched: files_done,
+                total: Some(files),
+            });
+            if files_done == files {
+                r.report(ProgressEvent::Done {
+                    id: ComponentId::from(commit),
+                    transferred: files,
+                });
+            }
+        }
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ImportEvent::OstreeProgress {
+                files_done,
+                bytes_done,
+            });
+        }
+    }
+
     /// Tells `e` to both listeners. A closed channel is not an error: the caller stopped
     /// listening, the import goes on.
     pub(crate) fn send(&self, e: ImportEvent) {
@@ -150,6 +201,82 @@ fn to_composefs(e: &ImportEvent) -> Option<ProgressEvent> {
         ImportEvent::LayerSkipped { diff_id, .. } => ProgressEvent::Skipped {
             id: ComponentId::from(diff_id.as_str()),
         },
+        // An ostree commit is one component counted in file objects, as composefs-ostree
+        // counts what it pulls.
+        ImportEvent::OstreeStarted { commit, files, .. } => ProgressEvent::Started {
+            id: ComponentId::from(commit.as_str()),
+            total: Some(*files),
+            unit: ProgressUnit::Items,
+        },
+        // The event does not name the commit: see `Progress::ostree_progress`.
+        ImportEvent::OstreeProgress { .. } => return None,
         ImportEvent::Finalizing => ProgressEvent::Message("Layers imported".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use composefs::progress::ProgressReporter;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<ProgressEvent>>);
+
+    impl ProgressReporter for Collect {
+        fn report(&self, event: ProgressEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    /// composefs' renderers see an ostree commit as one component counted in items, which
+    /// is done when its last file is.
+    #[test]
+    fn an_ostree_commit_is_one_composefs_component_counted_in_files() {
+        let collect = Arc::new(Collect::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let p = Progress::new(Some(tx), Some(collect.clone()));
+        p.send(ImportEvent::OstreeStarted {
+            commit: "c0ffee".into(),
+            metadata_objects: 3,
+            files: 2,
+        });
+        p.ostree_progress("c0ffee", 1, 2, 10);
+        p.ostree_progress("c0ffee", 2, 2, 30);
+        let id = || ComponentId::from("c0ffee");
+        assert_eq!(
+            *collect.0.lock().unwrap(),
+            [
+                ProgressEvent::Started {
+                    id: id(),
+                    total: Some(2),
+                    unit: ProgressUnit::Items
+                },
+                ProgressEvent::Progress {
+                    id: id(),
+                    fetched: 1,
+                    total: Some(2)
+                },
+                ProgressEvent::Progress {
+                    id: id(),
+                    fetched: 2,
+                    total: Some(2)
+                },
+                ProgressEvent::Done {
+                    id: id(),
+                    transferred: 2
+                },
+            ]
+        );
+        rx.try_recv().unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ImportEvent::OstreeProgress {
+                files_done: 1,
+                bytes_done: 10
+            }
+        );
+    }
 }

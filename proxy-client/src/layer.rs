@@ -65,7 +65,7 @@ const HANDOFF: usize = 32;
 /// start is not in the page cache: with a cold cache, the files queued ahead of the reader
 /// are then read in parallel instead of one at a time. The probe (a one-byte `RWF_NOWAIT`
 /// read) costs far less than `posix_fadvise` on a cached file, which walks its pages.
-fn read_ahead(fd: &OwnedFd) {
+pub fn read_ahead(fd: &OwnedFd) {
     let mut probe = [0u8; 1];
     let cached = rustix::io::preadv2(
         fd,

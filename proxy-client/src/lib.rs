@@ -40,5 +40,7 @@ pub mod spawn;
 pub use client::Client;
 pub use cstor_protocol as protocol;
 pub use error::{Error, Result};
-pub use layer::{Contents, DEFAULT_PREFETCH, Layer, check_against, fd_budget, reserve_fd_table};
+pub use layer::{
+    Contents, DEFAULT_PREFETCH, Layer, check_against, fd_budget, read_ahead, reserve_fd_table,
+};
 pub use spawn::{HelperConfig, Privilege, StorageSelection};

@@ -15,6 +15,7 @@
 //!   [`standard_images_or_skip`]), and a fast private store for tests that
 //!   corrupt things ([`small_private_store`]).
 //! - [`rootless`]: a rootless podman user ([`RootlessUser`]).
+//! - [`ostree`]: ostree repositories made with the `ostree` CLI, for the ostree stories.
 //! - [`xfs`]: a loop-mounted XFS file system with reflinks ([`LoopXfs`]).
 //! - [`faults`]: the fault suite's image, stores, kills and after-fault checks.
 //! - [`skip`]: honest skipping ([`skip_or_fail`]): a missing capability is
@@ -44,6 +45,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod faults;
 pub mod images;
+pub mod ostree;
 pub mod podman;
 pub mod rootfs;
 pub mod rootless;

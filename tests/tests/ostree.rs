@@ -17,8 +17,9 @@ use std::time::Duration;
 use base64::Engine;
 use cstor_protocol::ostree::format::{Commit, DirTree, FileHasher, Meta};
 use cstor_protocol::ostree::{GetOstreeObjectsResult, OpenOstreeFilesResult};
+use cstor_tests::ostree::{empty_store, object_file, ostree, setfattr, write_file};
 use cstor_tests::session::{RawHelper, error_code, wait_with_timeout};
-use cstor_tests::{PodmanStore, run_command, skip};
+use cstor_tests::{PodmanStore, skip};
 use serde_json::{Value, json};
 
 const MODES: [&str; 4] = ["bare", "bare-user", "bare-user-only", "archive"];
@@ -27,54 +28,11 @@ fn ready(test: &str) -> bool {
     skip::require_root(test) && skip::require_tools(test, &["ostree", "setfattr"])
 }
 
-fn ostree(repo: &Path, args: &[&str]) -> String {
-    let mut cmd = Command::new("ostree");
-    cmd.arg(format!("--repo={}", repo.display())).args(args);
-    let out = run_command(&mut cmd, "ostree").unwrap();
-    if args.first() == Some(&"init") {
-        // ostree refuses to commit when its filesystem has less than 3% free; these tests
-        // write a few kB, so a busy disk on the test machine must not fail them.
-        let mut cmd = Command::new("ostree");
-        cmd.arg(format!("--repo={}", repo.display())).args([
-            "config",
-            "set",
-            "core.min-free-space-percent",
-            "0",
-        ]);
-        run_command(&mut cmd, "ostree").unwrap();
-    }
-    out
-}
-
-/// An empty containers-storage for the helper to start with; the ostree methods do not
-/// touch it.
-fn empty_store(dir: &Path) -> PodmanStore {
-    let p = |n: &str| {
-        let d = dir.join(n);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
-    PodmanStore {
-        dir: dir.to_owned(),
-        root: p("root"),
-        runroot: p("runroot"),
-        tmpdir: p("tmp"),
-        storage_conf: dir.join("storage.conf"),
-        containers_conf: dir.join("containers.conf"),
-    }
-}
-
 /// A tree with what ostree must carry exactly: owners, setuid, a 0600 file, a 0700
 /// directory, xattrs (several on one file, one on a symlink), symlinks, identical files,
 /// an empty file and a file large enough to be compressed in several deflate blocks.
 fn write_tree(root: &Path) {
-    let f = |rel: &str, content: &[u8], mode: u32| {
-        let p = root.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-        p
-    };
+    let f = |rel: &str, content: &[u8], mode: u32| write_file(root, rel, content, mode);
     f("etc/hostname", b"ostree-test\n", 0o644);
     f("etc/shadow", b"root:*:1::::::\n", 0o600);
     f("usr/bin/su", b"\x7fELF pretend setuid\n", 0o4755);
@@ -91,11 +49,7 @@ fn write_tree(root: &Path) {
         ("user.alpha", "first"),
         ("user.mid", "m"),
     ] {
-        run_command(
-            Command::new("setfattr").args(["-n", n, "-v", v]).arg(&x),
-            "setfattr",
-        )
-        .unwrap();
+        setfattr(&x, n, v);
     }
     let owned = f("home/user/notes", b"owned by 1234:5678\n", 0o640);
     rustix::fs::chown(
@@ -112,13 +66,11 @@ fn write_tree(root: &Path) {
     symlink("hostname", root.join("etc/hostname-link")).unwrap();
     symlink("/usr/bin/su", root.join("usr/bin/su-abs")).unwrap();
     // user.* xattrs are not allowed on symlinks; trusted.* are (for root).
-    run_command(
-        Command::new("setfattr")
-            .args(["-h", "-n", "trusted.link", "-v", "on-a-symlink"])
-            .arg(root.join("etc/hostname-link")),
-        "setfattr",
-    )
-    .unwrap();
+    setfattr(
+        &root.join("etc/hostname-link"),
+        "trusted.link",
+        "on-a-symlink",
+    );
 }
 
 /// A repository of `mode` with the tree committed as `main`; returns its path and commit.
@@ -557,14 +509,6 @@ fn refs_resolve_as_ostree_resolves_them() {
     );
     let e = s.err("OpenOstreeRepo", json!({"path": "relative/repo"}));
     assert_eq!(e["code"], -32602, "{e}");
-}
-
-fn object_file(repo: &Path, checksum: &str, ext: &str) -> PathBuf {
-    repo.join(format!(
-        "objects/{}/{}.{ext}",
-        &checksum[..2],
-        &checksum[2..]
-    ))
 }
 
 #[test]

@@ -12,6 +12,7 @@ use cstor_proxy_client::Client;
 use super::{connect, finish, repo_path};
 use crate::args::{Global, HelperArgs, OstreeImportArgs, StorageArgs};
 use crate::output::{human, print_json, short};
+use crate::progress;
 
 pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
     let path = repo_path(args.repo.as_deref())?;
@@ -37,8 +38,8 @@ pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
     let storage = empty_storage(empty.path(), &args.helper)?;
     let client = connect(g, &storage, None).await?;
     let r = match cstor_import::repository_algorithm(&path)? {
-        RepoAlgorithm::Sha512 => run::<Sha512HashValue>(&client, &path, &source, args).await,
-        RepoAlgorithm::Sha256 => run::<Sha256HashValue>(&client, &path, &source, args).await,
+        RepoAlgorithm::Sha512 => run::<Sha512HashValue>(g, &client, &path, &source, args).await,
+        RepoAlgorithm::Sha256 => run::<Sha256HashValue>(g, &client, &path, &source, args).await,
     };
     let report = match r {
         Ok(r) => r,
@@ -81,6 +82,7 @@ fn empty_storage(dir: &Path, helper: &HelperArgs) -> Result<StorageArgs> {
 }
 
 async fn run<ObjectID: FsVerityHashValue>(
+    g: &Global,
     client: &Client,
     path: &Path,
     source: &Path,
@@ -89,16 +91,28 @@ async fn run<ObjectID: FsVerityHashValue>(
     let repo = cstor_import::open_repository::<ObjectID>(path)?;
     let mut options = cstor_import::ImportOptions::new().copy_policy(args.copy_policy.into());
     options.tag = args.tag.clone();
-    cstor_import::import_ostree_commit(client, &repo, source, &args.reference, &options)
-        .await
-        .with_context(|| {
-            format!(
-                "importing {} of {} into {}",
-                args.reference,
-                source.display(),
-                path.display()
-            )
-        })
+    let bars = if progress::wanted(g) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        options.events = Some(tx);
+        Some(tokio::spawn(progress::show(rx)))
+    } else {
+        None
+    };
+    let r =
+        cstor_import::import_ostree_commit(client, &repo, source, &args.reference, &options).await;
+    // The channel closes with the options: the bars finish drawing before the summary.
+    drop(options);
+    if let Some(p) = bars {
+        let _ = p.await;
+    }
+    r.with_context(|| {
+        format!(
+            "importing {} of {} into {}",
+            args.reference,
+            source.display(),
+            path.display()
+        )
+    })
 }
 
 /// `--json` output.
@@ -115,6 +129,7 @@ struct Summary<'a> {
     content_bytes: u64,
     objects: ObjectStats,
     first_reflink_fallback: Option<&'a str>,
+    reused_stream: bool,
 }
 
 impl<'a> Summary<'a> {
@@ -131,6 +146,7 @@ impl<'a> Summary<'a> {
             content_bytes: r.content_bytes,
             objects: r.objects,
             first_reflink_fallback: r.first_reflink_fallback.as_deref(),
+            reused_stream: r.reused_stream,
         }
     }
 }
@@ -162,6 +178,12 @@ fn print_summary(r: &OstreeImportReport, path: &Path, rev: &str) -> std::io::Res
         o.present,
         o.inlined
     )?;
+    if r.reused_stream {
+        writeln!(
+            out,
+            "  already imported: rebuilt from the repository's commit stream"
+        )?;
+    }
     if let Some(why) = &r.first_reflink_fallback {
         writeln!(out, "  first copy instead of reflink: {why}")?;
     }

@@ -18,7 +18,7 @@
 
 mod job_queue;
 mod naming;
-mod placement;
+pub(crate) mod placement;
 mod policy;
 mod pool;
 mod reflink_or_copy;
@@ -28,6 +28,7 @@ mod worker_state;
 
 pub(crate) use naming::link_tmpfile;
 pub use policy::{CopyPolicy, Stored};
+pub(crate) use pool::WORKER_NICE;
 pub use pool::{JobResult, Pool, Submission};
 pub(crate) use source::{Expected, Source, assemble_error, check_crc, read_error, unless_stopped};
 pub(crate) use store::{object_tmpfile_in, store_as, store_filled};

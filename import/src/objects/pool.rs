@@ -77,7 +77,7 @@ struct Job<ObjectID> {
 /// session's autogroup, or a cgroup), so this does not hand the machine's other sessions or
 /// services a larger share; it does mean that a busy thread of a program that imports, in
 /// the same group, gets ahead of the workers.
-const WORKER_NICE: i32 = 19;
+pub(crate) const WORKER_NICE: i32 = 19;
 
 /// Jobs a worker takes at once, when that many are queued: their object ids are computed
 /// together (see [`digest_batch`]).
