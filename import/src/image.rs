@@ -16,6 +16,7 @@ use composefs_oci::{OciDigest, PullResult};
 use cstor_protocol::{GetImageResult, LayerInfo};
 use cstor_proxy_client::Client;
 
+use crate::cancel::{self, StopOnDrop};
 use crate::error::{Error, Result};
 use crate::finalize::{self, Finalized, Unnamed};
 use crate::objects::{Pool, WorkerState};
@@ -55,36 +56,7 @@ pub async fn import_image<ObjectID: FsVerityHashValue>(
 ) -> Result<ImportReport<ObjectID>> {
     let stop = StopOnDrop::default();
     let work = import(client, repo, reference, options, stop.flag.clone());
-    let Some(token) = &options.cancel else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    tokio::select! {
-        r = &mut work => r,
-        () = token.cancelled() => {
-            // Let the import wind down (its threads see the flag at their next file or chunk)
-            // so that nothing of it is still running when this returns.
-            stop.flag.store(true, Ordering::Relaxed);
-            match work.await {
-                Ok(report) => Ok(report),
-                Err(_) => Err(Error::Cancelled),
-            }
-        }
-    }
-}
-
-/// Set when the import is cancelled or its future dropped: the layer readers, the object
-/// workers and the finalize step look at it before each file or step, and between the
-/// chunks of a large file.
-#[derive(Debug, Default)]
-struct StopOnDrop {
-    flag: Arc<AtomicBool>,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.flag.store(true, Ordering::Relaxed);
-    }
+    cancel::run(options.cancel.as_ref(), &stop, work).await
 }
 
 async fn import<ObjectID: FsVerityHashValue>(

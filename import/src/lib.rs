@@ -38,6 +38,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 #![forbid(unsafe_code)]
 
+mod cancel;
 mod copy;
 mod error;
 mod finalize;

@@ -20,6 +20,7 @@ use cstor_proxy_client::spawn::HelperProcess;
 use cstor_proxy_client::{Client, HelperConfig};
 use serde::Serialize;
 
+use crate::copy::RepositoryProxy as _;
 use crate::error::{Error, Result};
 use crate::image::{checked_diff_ids, default_tag};
 
@@ -65,22 +66,6 @@ pub struct PushedLayer {
     pub copied: u64,
     /// See [`PushedLayer::reflinked`].
     pub present: u64,
-}
-
-/// The `org.composefs.Repository` call the push makes (composefs-ctl 0.9.4's interface).
-#[zlink::proxy(interface = "org.composefs.Repository")]
-trait RepositoryProxy {
-    async fn open_repository(
-        &mut self,
-        path: Option<&str>,
-        user: Option<bool>,
-        system: Option<bool>,
-    ) -> zlink::Result<Result<OpenRepositoryReply, crate::copy::RepositoryError>>;
-}
-
-#[derive(Debug, serde::Deserialize, Serialize)]
-struct OpenRepositoryReply {
-    handle: u64,
 }
 
 /// Imports `reference` from the storage of `client`'s helper into the repository at

@@ -9,7 +9,7 @@ use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
 use cstor_import::{ImportOptions, RepoAlgorithm};
 
 use super::import::{ImportSummary, print_summary};
-use super::repo_path;
+use super::{init_repository, repo_path};
 use crate::args::{CopyArgs, Global};
 use crate::output::print_json;
 use crate::progress;
@@ -17,13 +17,7 @@ use crate::progress;
 pub async fn run(g: &Global, args: &CopyArgs) -> Result<()> {
     let path = repo_path(args.repo.as_deref())?;
     if args.init {
-        let outcome = cstor_import::init_repository(&path)?;
-        if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
-            eprintln!(
-                "cstor: created {} in insecure mode: the filesystem has no fs-verity",
-                path.display()
-            );
-        }
+        init_repository(g, &path)?;
     }
     let mut options = ImportOptions::new()
         .copy_policy(args.copy_policy.into())

@@ -11,7 +11,7 @@ use cstor_import::{
 };
 use cstor_proxy_client::Client;
 
-use super::{connect, finish, helper_config, repo_path};
+use super::{connect, finish, helper_config, init_repository, repo_path};
 use crate::args::{CopyPolicyArg, Global, ImportArgs};
 use crate::output::{human, print_json, short};
 use crate::progress;
@@ -22,14 +22,7 @@ pub async fn run(g: &Global, args: &ImportArgs) -> Result<()> {
         return via_service(g, args, socket, &path).await;
     }
     if args.init {
-        let outcome = cstor_import::init_repository(&path)?;
-        tracing::info!(repo = %path.display(), ?outcome, "repository");
-        if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
-            eprintln!(
-                "cstor: created {} in insecure mode: the filesystem has no fs-verity",
-                path.display()
-            );
-        }
+        init_repository(g, &path)?;
     }
     let mut options = ImportOptions::new()
         .copy_policy(args.copy_policy.into())

@@ -118,6 +118,20 @@ fn repo_path(repo: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
+/// `--init`: creates the repository at `path` as `cfsctl init` would, saying so when it had to
+/// be insecure (the filesystem has no fs-verity); an existing one is used as it is.
+fn init_repository(g: &Global, path: &Path) -> Result<()> {
+    let outcome = cstor_import::init_repository(path)?;
+    tracing::info!(repo = %path.display(), ?outcome, "repository");
+    if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
+        eprintln!(
+            "cstor: created {} in insecure mode: the filesystem has no fs-verity",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Shuts the helper down after the work is done. The work's own result wins: a helper
 /// that fails to exit cleanly afterwards is worth a warning, not a failure of a command
 /// whose output is complete.

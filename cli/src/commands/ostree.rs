@@ -9,7 +9,7 @@ use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
 use cstor_import::{ObjectStats, OstreeImportReport, RepoAlgorithm};
 use cstor_proxy_client::Client;
 
-use super::{connect, finish, repo_path};
+use super::{connect, finish, init_repository, repo_path};
 use crate::args::{Global, HelperArgs, OstreeImportArgs, StorageArgs};
 use crate::output::{human, print_json, short};
 use crate::progress;
@@ -17,13 +17,7 @@ use crate::progress;
 pub async fn import(g: &Global, args: &OstreeImportArgs) -> Result<()> {
     let path = repo_path(args.repo.as_deref())?;
     if args.init {
-        let outcome = cstor_import::init_repository(&path)?;
-        if outcome == cstor_import::InitOutcome::CreatedInsecure && !g.json && !g.quiet {
-            eprintln!(
-                "cstor: created {} in insecure mode: the filesystem has no fs-verity",
-                path.display()
-            );
-        }
+        init_repository(g, &path)?;
     }
     // The helper opens the repository by absolute path, whatever its working directory.
     let source = std::path::absolute(&args.ostree_repo)

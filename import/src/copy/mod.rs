@@ -21,8 +21,8 @@
 mod layer;
 mod service;
 
-pub(crate) use service::RepositoryError;
 pub use service::Service;
+pub(crate) use service::{RepositoryError, RepositoryProxy};
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -35,6 +35,7 @@ use composefs::repository::Repository;
 use composefs_oci::oci_image::OciImage;
 use composefs_oci::{OciDigest, PullResult};
 
+use crate::cancel::{self, StopOnDrop};
 use crate::error::{Error, Result};
 use crate::finalize::{self, Unnamed};
 use crate::objects::{Pool, WorkerState};
@@ -74,30 +75,15 @@ pub async fn copy_image<S: FsVerityHashValue, D: FsVerityHashValue>(
     image: &str,
     options: &ImportOptions,
 ) -> Result<ImportReport<D>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    // Dropping the future stops the layers' threads at their next piece.
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    let stop = StopOnDrop::default();
     let work = copy(
         Origin::Repo(source.clone()),
         repo,
         image,
         options,
-        stop.clone(),
+        stop.flag.clone(),
     );
-    let Some(token) = &options.cancel else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    tokio::select! {
-        r = &mut work => r,
-        () = token.cancelled() => {
-            stop.store(true, Ordering::Relaxed);
-            match work.await {
-                Ok(report) => Ok(report),
-                Err(_) => Err(Error::Cancelled),
-            }
-        }
-    }
+    cancel::run(options.cancel.as_ref(), &stop, work).await
 }
 
 /// [`copy_image`] from a repository service (upstream's `cfsctl varlink`) instead of a
@@ -125,32 +111,10 @@ pub async fn copy_image_from_service<D: FsVerityHashValue>(
     image: &str,
     options: &ImportOptions,
 ) -> Result<ImportReport<D>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    let stop = StopOnDrop::default();
     let origin = Origin::<D>::Service(Arc::new(service));
-    let work = copy(origin, repo, image, options, stop.clone());
-    let Some(token) = &options.cancel else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    tokio::select! {
-        r = &mut work => r,
-        () = token.cancelled() => {
-            stop.store(true, Ordering::Relaxed);
-            match work.await {
-                Ok(report) => Ok(report),
-                Err(_) => Err(Error::Cancelled),
-            }
-        }
-    }
-}
-
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
+    let work = copy(origin, repo, image, options, stop.flag.clone());
+    cancel::run(options.cancel.as_ref(), &stop, work).await
 }
 
 /// The image in the source, checked: manifest and config are what their digests say.

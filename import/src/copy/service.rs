@@ -17,9 +17,10 @@ use super::layer::{Each, Piece};
 use crate::error::{Error, Result};
 use crate::objects::Expected;
 
-/// The `org.composefs.Repository` calls the copy makes (composefs-ctl 0.9.4's interface).
+/// The `org.composefs.Repository` call a copy or a push makes (composefs-ctl 0.9.4's
+/// interface).
 #[zlink::proxy(interface = "org.composefs.Repository")]
-trait RepositoryProxy {
+pub(crate) trait RepositoryProxy {
     async fn open_repository(
         &mut self,
         path: Option<&str>,
@@ -39,8 +40,8 @@ trait InspectProxy {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct OpenRepositoryReply {
-    handle: u64,
+pub(crate) struct OpenRepositoryReply {
+    pub handle: u64,
     #[serde(default)]
     hash_algorithm: Option<String>,
 }
