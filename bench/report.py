@@ -36,6 +36,7 @@ DESCRIPTIONS = {
     "copy-xfs": "cstor copy, repository to repository, XFS (reflink)",
     "cfsctl-copy-xfs": "upstream cfsctl oci copy, XFS",
     "cfsctl-copy-xfs-zerocopy": "upstream cfsctl oci copy --zerocopy, XFS",
+    "push-xfs": "cstor import --repo-service (cfsctl varlink writes), XFS, root",
     "ostree-cstor-xfs": "cstor ostree import, bare repository on XFS (reflink)",
     "ostree-cfsctl-xfs": "upstream cfsctl ostree pull-local, bare repository on XFS",
     "ostree-reimport-xfs": "cstor ostree re-import (all present), XFS",
@@ -175,7 +176,8 @@ def main():
                 "vs_tar_path": None,
                 "vs_limit": None,
             }
-            is_import = case.startswith(("cstor-", "cfsctl-", "tar-path", "reimport", "copy-"))
+            is_import = case.startswith(
+                ("cstor-", "cfsctl-", "tar-path", "reimport", "copy-", "push-"))
             if s is not None and case.startswith("ostree-") and med(up, cache):
                 row["vs_upstream"] = s / med(up, cache)
                 row["upstream_ref"] = up

@@ -56,6 +56,11 @@ cleanup() {
     local rc=$?
     trap - ERR
     set +e
+    # The push case's repository service holds a socket on the XFS: it goes first.
+    if [[ -n ${PUSH_SVC_PID:-} ]]; then
+        kill "$PUSH_SVC_PID" 2>/dev/null
+        wait "$PUSH_SVC_PID" 2>/dev/null
+    fi
     if [[ -n $CREATED_MOUNT ]]; then
         rm -rf "$CREATED_MOUNT/scratch"
         log "unmounting $CREATED_MOUNT"
@@ -622,6 +627,41 @@ copy_case() {
     rm -rf "$dest"
 }
 
+# cstor import --repo-service: the reference image pushed through upstream's repository
+# service (`cfsctl varlink`, as root, started once per run) into a fresh repository on the XFS,
+# to compare with cstor-xfs-root (the same import, written by cstor itself).
+PUSH_SVC_PID=
+push_service() {
+    [[ -n $PUSH_SVC_PID ]] && kill -0 "$PUSH_SVC_PID" 2>/dev/null && return
+    PUSH_SOCK=$MNT/scratch/composefs.sock
+    rm -f "$PUSH_SOCK"
+    "$CFSCTL" varlink --address "$PUSH_SOCK" </dev/null >/dev/null 2>"$OUT/logs/push-service.log" &
+    PUSH_SVC_PID=$!
+    local i
+    for ((i = 0; i < 200; i++)); do
+        [[ -S $PUSH_SOCK ]] && return
+        sleep 0.05
+    done
+    die "cfsctl varlink did not start (see $OUT/logs/push-service.log)"
+}
+
+push_case() {
+    push_service
+    local repo=$MNT/scratch/push/repo
+    fresh_repo root "$repo"
+    timed "$BIN/cstor" --json import --root "$XR" --runroot "$XR_RUN" --storage-driver overlay \
+        --repo-service "$PUSH_SOCK" --repo "$repo" "$IMAGE"
+    if ((CASE_RC == 0)); then
+        CASE_DETAILS=$(jq -c '{reflinked: ([.layers[].reflinked] | add), hardlinked: ([.layers[].hardlinked] | add),
+            copied: ([.layers[].copied] | add), present: ([.layers[].present] | add)}' "$CASE_OUT.out")
+        # Files the helper sends inline (not world-readable: the service may not be able to
+        # open them) are copied by the service; the rest must be reflinked.
+        jq -e '.reflinked > 0 and .hardlinked == 0 and .copied < .reflinked / 100' <<<"$CASE_DETAILS" >/dev/null ||
+            CASE_ERR="the service did not reflink on XFS: $CASE_DETAILS"
+    fi
+    rm -rf "$repo"
+}
+
 protocol_only() { # root|user
     local cmd
     if [[ $1 == root ]]; then
@@ -642,6 +682,7 @@ ALL_CASES=(
     limit-hash limit-read limit-reflink-parallel limit-reflink-cp
     protocol-xfs-root protocol-xfs-rootless
     copy-xfs cfsctl-copy-xfs cfsctl-copy-xfs-zerocopy
+    push-xfs
     ostree-cstor-xfs ostree-cfsctl-xfs ostree-reimport-xfs
 )
 run_case() {
@@ -665,6 +706,7 @@ run_case() {
     copy-xfs) copy_case cstor ;;
     cfsctl-copy-xfs) copy_case cfsctl ;;
     cfsctl-copy-xfs-zerocopy) copy_case cfsctl-zerocopy ;;
+    push-xfs) push_case ;;
     ostree-cstor-xfs) ostree_import cstor ;;
     ostree-cfsctl-xfs) ostree_import cfsctl ;;
     ostree-reimport-xfs) ostree_import reimport ;;
@@ -846,6 +888,11 @@ if [[ cstor-xfs-root =~ $CASES ]]; then
         rss_run user xfs
         rss_run root ext4
     done
+fi
+if [[ -n $PUSH_SVC_PID ]]; then
+    kill "$PUSH_SVC_PID" 2>/dev/null || true
+    wait "$PUSH_SVC_PID" 2>/dev/null || true
+    PUSH_SVC_PID=
 fi
 rm -rf "$MNT/scratch" "$SCRATCH_EXT4"
 # Upstream's hardlinks on ext4 share inodes with podman's files: check the storage still
