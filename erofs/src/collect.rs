@@ -44,7 +44,8 @@ pub(crate) struct Node<'a, ObjectID: FsVerityHashValue> {
 
 #[derive(Debug)]
 pub(crate) enum Kind<'a, ObjectID: FsVerityHashValue> {
-    Dir(DirLayout),
+    /// Boxed: directories are few, and an unboxed layout made every node 24 bytes longer.
+    Dir(Box<DirLayout>),
     Leaf(&'a LeafContent<ObjectID>),
 }
 
@@ -87,8 +88,9 @@ impl DirLayout {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Target {
     Known(u32),
-    /// A further link of a file whose inode comes from a directory visited later.
-    Deferred(LeafId),
+    /// A further link of a file whose inode comes from a directory visited later (the leaf's
+    /// index, kept to 32 bits as every entry carries one).
+    Deferred(u32),
 }
 
 #[derive(Debug)]
@@ -199,18 +201,22 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
     }
     let mut canonical = HashMap::new();
     find_canonical(&fs.root, &nlinks, &mut canonical);
+    // Both tables are allocated at their final size: grown by doubling, they held up to twice
+    // what they need, at the moment the image's tree and layout are all in memory.
+    let (dirs, links) = count(&fs.root);
     let mut c = Collector {
         fs,
         stub,
         nlinks,
         canonical,
         linked: HashMap::new(),
-        nodes: Vec::new(),
+        nodes: Vec::with_capacity(dirs + fs.leaves.len() + STUB_NAMES.len()),
     };
-    let mut entries: Vec<Entry<'a>> = Vec::new();
+    let mut entries: Vec<Entry<'a>> =
+        Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
     let mut dirs: Vec<(u32, Range<usize>)> = Vec::new();
     let mut queue = VecDeque::new();
-    let root = c.push(&fs.root.stat, Kind::Dir(DirLayout::default()), 0);
+    let root = c.push(&fs.root.stat, Kind::Dir(Box::default()), 0);
     queue.push_back((&fs.root, root, root));
     let mut children = Vec::new();
 
@@ -248,7 +254,7 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
         for (name, child) in children.drain(..) {
             let entry = match child {
                 Child::Dir(sub) => {
-                    let idx = c.push(&sub.stat, Kind::Dir(DirLayout::default()), 0);
+                    let idx = c.push(&sub.stat, Kind::Dir(Box::default()), 0);
                     queue.push_back((sub, me, idx));
                     Entry {
                         name,
@@ -288,9 +294,10 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
 
     for entry in &mut entries {
         if let Target::Deferred(id) = entry.target {
-            let idx = *c.linked.get(&id.0).ok_or_else(|| {
-                Error::InvalidTree(format!("leaf {} has no canonical link", id.0))
-            })?;
+            let idx = *c
+                .linked
+                .get(&(id as usize))
+                .ok_or_else(|| Error::InvalidTree(format!("leaf {id} has no canonical link")))?;
             entry.target = Target::Known(idx);
             entry.file_type = c.nodes[idx as usize].file_type();
         }
@@ -298,7 +305,7 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
     for (me, span) in dirs {
         let (layout, nlink) = split_dir(&entries[span.clone()], span)?;
         let node = &mut c.nodes[me as usize];
-        node.kind = Kind::Dir(layout);
+        node.kind = Kind::Dir(Box::new(layout));
         node.nlink = nlink;
     }
     Ok(Tree {
@@ -370,7 +377,9 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
             return Ok((
                 match self.linked.get(&id.0) {
                     Some(&idx) => Target::Known(idx),
-                    None => Target::Deferred(id),
+                    None => Target::Deferred(u32::try_from(id.0).map_err(|_| {
+                        Error::Unrepresentable(format!("more than 2^32 files (leaf {})", id.0))
+                    })?),
                 },
                 false,
             ));
@@ -413,6 +422,22 @@ fn looks_like_stub(name: &[u8], leaf: &Stat, root: &Stat) -> bool {
         && leaf.st_mtim_sec == root.st_mtim_sec
         && leaf.st_mtim_nsec == root.st_mtim_nsec
         && xattrs_match
+}
+
+/// The directories under and including `dir`, and the entries that are not directories.
+fn count<ObjectID: FsVerityHashValue>(dir: &Directory<ObjectID>) -> (usize, usize) {
+    let (mut dirs, mut links) = (1, 0);
+    for (_, inode) in dir.entries() {
+        match inode {
+            Inode::Directory(sub) => {
+                let (d, l) = count(sub);
+                dirs += d;
+                links += l;
+            }
+            Inode::Leaf(..) => links += 1,
+        }
+    }
+    (dirs, links)
 }
 
 /// Depth-first in name order: the directory of the first link of every multi-link leaf.

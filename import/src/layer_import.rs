@@ -85,11 +85,11 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
                 expected: "no diff id recorded".into(),
                 actual: "not imported: nothing to check the layer against".into(),
             })?;
-    let mut writer = repo
-        .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
-        .map_err(|cause| {
-            Error::repository(format!("creating the splitstream of layer {id}"), cause)
-        })?;
+    let mut writer = crate::splitstream::StreamWriter::new(
+        repo,
+        composefs_oci::LAYER_CONTENT_TYPE,
+        format!("the splitstream of layer {id}"),
+    )?;
     let mut sha = Sha256::new();
     let mut tar_size = 0u64;
     let mut stats = ObjectStats::default();
@@ -243,9 +243,7 @@ pub fn import_blocking<ObjectID: FsVerityHashValue>(
     if let Some(feed) = feed {
         feed.done();
     }
-    let verity = writer.done().map_err(|cause| {
-        Error::repository(format!("storing the splitstream of layer {id}"), cause)
-    })?;
+    let verity = writer.done()?;
     Ok(Imported {
         verity,
         stats,

@@ -7,7 +7,6 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use composefs::fsverity::FsVerityHashValue;
-use composefs::splitstream::SplitStreamWriter;
 
 use crate::error::{Error, Result};
 use crate::objects::JobResult;
@@ -141,7 +140,7 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
     /// work queued while the reader reads ahead), and for everything with `all`.
     pub(crate) fn drain(
         &mut self,
-        writer: &mut SplitStreamWriter<ObjectID>,
+        writer: &mut crate::splitstream::StreamWriter<ObjectID>,
         mut feed: Option<&mut Feed<ObjectID>>,
         stats: &mut ObjectStats,
         layer: &str,
@@ -195,11 +194,8 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
                     if let Some(feed) = feed.as_deref_mut() {
                         feed.external(obj.clone());
                     }
-                    writer.write_reference(obj).map_err(|cause| {
-                        Error::repository(
-                            format!("writing the splitstream of layer {layer}"),
-                            cause,
-                        )
+                    writer.write_reference(obj).map_err(|e| {
+                        Error::io(format!("writing the splitstream of layer {layer}"), e)
                     })?;
                 }
             }

@@ -174,14 +174,11 @@ pub(super) fn copy_blocking<D: FsVerityHashValue>(
         stop,
         lookahead,
     } = target;
-    let mut writer = repo
-        .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
-        .map_err(|cause| {
-            Error::repository(
-                format!("creating the splitstream of layer {diff_id}"),
-                cause,
-            )
-        })?;
+    let mut writer = crate::splitstream::StreamWriter::new(
+        repo,
+        composefs_oci::LAYER_CONTENT_TYPE,
+        format!("the splitstream of layer {diff_id}"),
+    )?;
     let mut sha = Sha256::new();
     let mut tar_size = 0u64;
     let mut last_report = 0u64;
@@ -308,9 +305,7 @@ pub(super) fn copy_blocking<D: FsVerityHashValue>(
     if let Some(feed) = feed {
         feed.done();
     }
-    let verity = writer.done().map_err(|cause| {
-        Error::repository(format!("storing the splitstream of layer {diff_id}"), cause)
-    })?;
+    let verity = writer.done()?;
     Ok(Imported {
         verity,
         stats,

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::io::Write;
 use std::sync::Arc;
 
 use composefs::erofs::format::FormatVersion;
@@ -16,6 +15,7 @@ use composefs::tree::FileSystem;
 use composefs_oci::OciDigest;
 
 use crate::error::{Error, Result, repo_err};
+use crate::object_file::ObjectFile;
 use crate::report::TreeSource;
 
 /// The EROFS image(s) written for an image, and what went into them.
@@ -69,20 +69,29 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
     };
     crate::sys::log_memory("tree built");
     let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
+    let transform_err = |e: composefs::generic_tree::ImageError| {
+        repo_err("transforming the image for OCI")(e.into())
+    };
+    // composefs-oci's `transform_for_oci` with its default options, step by step: its last
+    // step, `compact`, copies every leaf into a new table even when none was orphaned (the
+    // usual case), which at a few hundred thousand files was the import's peak memory.
     if has_usr {
-        fs.transform_for_oci(&Default::default())
-            .map_err(|e| repo_err("transforming the image for OCI")(e.into()))?;
-    } else {
+        fs.copy_root_metadata_from_usr().map_err(transform_err)?;
+        fs.canonicalize_run().map_err(transform_err)?;
+    } else if fs.root.stat.st_mode == 0 {
         // No /usr to take the root's metadata from: keep the root entry of the layers, or a
         // plain 0755 root:root directory when no layer had one.
-        if fs.root.stat.st_mode == 0 {
-            let mut stat = Stat::uninitialized();
-            stat.st_mode = 0o755;
-            fs.set_root_stat(stat);
-        }
-        fs.filter_xattrs(is_allowed_container_xattr);
+        let mut stat = Stat::uninitialized();
+        stat.st_mode = 0o755;
+        fs.set_root_stat(stat);
+    }
+    fs.filter_xattrs(is_allowed_container_xattr);
+    if fs.nlinks().contains(&0) {
         fs.compact();
     }
+    // The table grew by doubling while the layers were applied; give the slack back before
+    // the image's own layout is allocated beside it.
+    fs.leaves.shrink_to_fit();
     crate::sys::log_memory("tree transformed");
     let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
     let images = if versions == [FormatVersion::V1] {
@@ -118,113 +127,23 @@ fn write_v1_image<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
     fs: &FileSystem<ObjectID>,
 ) -> Result<ObjectID> {
-    let tmp = match repo.create_object_tmpfile() {
-        Ok(fd) => std::fs::File::from(fd),
+    let Some(mut object) = ObjectFile::create(repo)? else {
         // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
-        Err(_) => {
-            let mut image = Vec::new();
-            cstor_erofs::write_image(fs, FormatVersion::V1, &mut image)
-                .map_err(erofs_write_error)?;
-            return repo
-                .write_image(None, &image)
-                .map_err(repo_err("storing the EROFS image"));
-        }
+        let mut image = Vec::new();
+        cstor_erofs::write_image(fs, FormatVersion::V1, &mut image).map_err(erofs_write_error)?;
+        return repo
+            .write_image(None, &image)
+            .map_err(repo_err("storing the EROFS image"));
     };
-    // In an insecure repository the image's object id is computed as it is written, on
-    // another thread (the other cores are idle here, on the import's serial tail), instead
-    // of composefs' finalize_object_tmpfile reading the whole image back and hashing it
-    // block by block afterwards.
-    let mut hashing = HashingWriter {
-        inner: &tmp,
-        verity: if repo.is_insecure() {
-            Some(BackgroundHasher::start().map_err(|e| Error::io("starting a hasher", e))?)
-        } else {
-            None
-        },
-    };
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut hashing);
-    let len =
-        cstor_erofs::write_image(fs, FormatVersion::V1, &mut out).map_err(erofs_write_error)?;
-    out.flush()
-        .map_err(|e| Error::io("writing the EROFS image", e))?;
-    drop(out);
+    cstor_erofs::write_image(fs, FormatVersion::V1, &mut object).map_err(erofs_write_error)?;
+    let id = object.finish("the EROFS image")?;
     crate::sys::log_memory("image written");
-    let id = match hashing.verity.take() {
-        Some(verity) => {
-            let id: ObjectID = verity.finish()?;
-            crate::objects::link_tmpfile(repo, &tmp, &id)?;
-            id
-        }
-        None => {
-            repo.finalize_object_tmpfile(tmp, len)
-                .map_err(repo_err("storing the EROFS image"))?
-                .0
-        }
-    };
     repo.symlink(
         format!("images/{}", id.to_hex()),
         format!("objects/{}", id.to_object_pathname()),
     )
     .map_err(repo_err("naming the EROFS image"))?;
     Ok(id)
-}
-
-/// Passes writes through to `inner`, feeding what was written to an fs-verity hasher.
-struct HashingWriter<W, ObjectID> {
-    inner: W,
-    verity: Option<BackgroundHasher<ObjectID>>,
-}
-
-impl<W: Write, ObjectID: FsVerityHashValue> Write for HashingWriter<W, ObjectID> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        if let Some(v) = &mut self.verity {
-            v.update(buf.get(..n).unwrap_or(buf));
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// An fs-verity hasher on a thread of its own, fed copies of the bytes (the image is written
-/// through a 1 MiB buffer: a copy per megabyte).
-struct BackgroundHasher<ObjectID> {
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
-    thread: std::thread::JoinHandle<ObjectID>,
-}
-
-impl<ObjectID: FsVerityHashValue> BackgroundHasher<ObjectID> {
-    fn start() -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let thread = std::thread::Builder::new()
-            .name("cstor-hash".into())
-            .spawn(move || {
-                let mut verity = crate::verity::Hasher::for_id::<ObjectID>();
-                for chunk in rx {
-                    verity.update(&chunk);
-                }
-                verity.finish()
-            })?;
-        Ok(Self { tx, thread })
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        // A hasher thread that is gone shows in finish().
-        let _ = self.tx.send(bytes.to_vec());
-    }
-
-    fn finish(self) -> Result<ObjectID> {
-        drop(self.tx);
-        self.thread.join().map_err(|_| {
-            Error::io(
-                "hashing the EROFS image",
-                std::io::Error::other("the hasher thread panicked"),
-            )
-        })
-    }
 }
 
 #[cfg(test)]

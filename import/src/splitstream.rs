@@ -1,0 +1,437 @@
+//! Layer splitstreams written in bounded memory.
+//!
+//! composefs' `SplitStreamWriter` keeps the zstd-compressed stream in memory, and every
+//! object reference twice (in a list and as a hash map key), then copies all of it into one
+//! more buffer to store it: for a layer of a few hundred thousand files, the largest
+//! allocations of the whole import, growing with the layer. [`StreamWriter`] writes the same
+//! file, byte for byte (a test compares it with composefs' writer), with the compressed
+//! stream and the reference table in anonymous files beside the repository's objects; what
+//! stays in memory is an index of 8-byte id prefixes, a few bytes per distinct object.
+//!
+//! The layout (composefs 0.9.4's splitstream): a 32-byte header (magic, version 0, flags,
+//! the fs-verity algorithm, log2 block size, the info range), the info block (ranges of the
+//! stream references, object references, named references and compressed stream, the
+//! content type and the uncompressed size), the two reference tables (raw ids), the named
+//! references (a zstd frame of `index:name\0` records) and the zstd stream, whose
+//! instructions are little-endian i64s: negative, that many inline bytes follow; otherwise
+//! the index of an object reference. Layer streams have no stream or named references.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use composefs::fsverity::FsVerityHashValue;
+use composefs::repository::Repository;
+use zstd::stream::write::Encoder;
+
+use crate::error::{Error, Result, repo_err};
+use crate::object_file::ObjectFile;
+
+const MAGIC: &[u8; 11] = b"SplitStream";
+/// log2 of the fs-verity block size composefs records (4 KiB).
+const LG_BLOCKSIZE: u8 = 12;
+/// Header (32 bytes) and info block (4 ranges and 2 numbers).
+const HEADER_LEN: u64 = 32;
+const INFO_LEN: u64 = 4 * 16 + 2 * 8;
+/// composefs' compression level (0: zstd's default).
+const LEVEL: i32 = 0;
+
+/// A splitstream being written; [`StreamWriter::done`] stores it as an object.
+pub(crate) struct StreamWriter<ObjectID: FsVerityHashValue> {
+    repo: Arc<Repository<ObjectID>>,
+    /// What the stream is, for errors ("the splitstream of layer sha256:…").
+    what: String,
+    content_type: u64,
+    stream: Encoder<'static, BufWriter<File>>,
+    inline: Vec<u8>,
+    total_size: u64,
+    refs: RefTable<ObjectID>,
+}
+
+impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
+    /// An empty stream of `content_type` (e.g. `composefs_oci::LAYER_CONTENT_TYPE`); `what`
+    /// names it in errors.
+    pub(crate) fn new(
+        repo: &Arc<Repository<ObjectID>>,
+        content_type: u64,
+        what: String,
+    ) -> Result<Self> {
+        let spill = spill_file(repo, &what)?;
+        let stream = Encoder::new(BufWriter::with_capacity(256 << 10, spill), LEVEL)
+            .map_err(|e| Error::io(format!("starting the compressor of {what}"), e))?;
+        Ok(Self {
+            refs: RefTable::new(spill_file(repo, &what)?),
+            repo: repo.clone(),
+            what,
+            content_type,
+            stream,
+            inline: Vec::new(),
+            total_size: 0,
+        })
+    }
+
+    /// Inline bytes (tar headers, padding, small files).
+    pub(crate) fn write_inline(&mut self, data: &[u8]) {
+        self.total_size += data.len() as u64;
+        self.inline.extend_from_slice(data);
+    }
+
+    /// Counts `size` bytes of external content in the stream's size (as composefs'
+    /// `add_external_size`; [`Self::write_reference`] does not).
+    pub(crate) fn add_external_size(&mut self, size: u64) {
+        self.total_size += size;
+    }
+
+    /// A reference to an object already stored.
+    pub(crate) fn write_reference(&mut self, id: ObjectID) -> std::io::Result<()> {
+        self.flush_inline()?;
+        let index = self.refs.ensure(&id)?;
+        self.stream.write_all(&(index as i64).to_le_bytes())
+    }
+
+    fn flush_inline(&mut self) -> std::io::Result<()> {
+        if self.inline.is_empty() {
+            return Ok(());
+        }
+        let len = i64::try_from(self.inline.len()).map_err(std::io::Error::other)?;
+        self.stream.write_all(&(-len).to_le_bytes())?;
+        self.stream.write_all(&self.inline)?;
+        self.inline.clear();
+        Ok(())
+    }
+
+    /// Stores the stream as an object and returns its id (unnamed: the caller names it).
+    pub(crate) fn done(mut self) -> Result<ObjectID> {
+        let what = std::mem::take(&mut self.what);
+        let io = |e| Error::io(format!("writing {what}"), e);
+        self.flush_inline().map_err(io)?;
+        let mut stream = self
+            .stream
+            .finish()
+            .map_err(io)?
+            .into_inner()
+            .map_err(|e| io(e.into_error()))?;
+        let stream_len = stream.stream_position().map_err(io)?;
+        let (mut refs, refs_len) = self.refs.finish().map_err(io)?;
+        // An empty named-reference table is still one (empty) zstd frame.
+        let named = Encoder::new(Vec::new(), LEVEL)
+            .and_then(Encoder::finish)
+            .map_err(io)?;
+
+        let object_refs = HEADER_LEN + INFO_LEN..HEADER_LEN + INFO_LEN + refs_len;
+        let named_refs = object_refs.end..object_refs.end + named.len() as u64;
+        let stream_range = named_refs.end..named_refs.end + stream_len;
+        let mut head = Vec::with_capacity((HEADER_LEN + INFO_LEN) as usize);
+        head.extend_from_slice(MAGIC);
+        head.push(0); // version
+        head.extend_from_slice(&0u16.to_le_bytes()); // flags
+        head.push(ObjectID::ALGORITHM.kernel_id());
+        head.push(LG_BLOCKSIZE);
+        for r in [
+            HEADER_LEN..HEADER_LEN + INFO_LEN,
+            // Stream references: none in a layer stream.
+            object_refs.start..object_refs.start,
+            object_refs,
+            stream_range,
+            named_refs,
+        ] {
+            head.extend_from_slice(&r.start.to_le_bytes());
+            head.extend_from_slice(&r.end.to_le_bytes());
+        }
+        head.extend_from_slice(&self.content_type.to_le_bytes());
+        head.extend_from_slice(&self.total_size.to_le_bytes());
+        debug_assert_eq!(head.len() as u64, HEADER_LEN + INFO_LEN);
+
+        let mut copy_into = |out: &mut dyn Write| -> std::io::Result<()> {
+            out.write_all(&head)?;
+            refs.seek(SeekFrom::Start(0))?;
+            copy_exact(&mut refs, out, refs_len)?;
+            out.write_all(&named)?;
+            stream.seek(SeekFrom::Start(0))?;
+            copy_exact(&mut stream, out, stream_len)
+        };
+        match ObjectFile::create(&self.repo)? {
+            Some(mut object) => {
+                copy_into(&mut object).map_err(io)?;
+                object.finish(&what)
+            }
+            None => {
+                let mut whole = Vec::new();
+                copy_into(&mut whole).map_err(io)?;
+                self.repo
+                    .ensure_object(&whole)
+                    .map_err(repo_err(format!("storing {what}")))
+            }
+        }
+    }
+}
+
+/// Copies exactly `len` bytes (a spill file shorter than what was written to it is an I/O
+/// error, not a shorter stream).
+fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::io::Result<()> {
+    let copied = std::io::copy(&mut from.take(len), to)?;
+    if copied != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("a spill file ended after {copied} of {len} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// An anonymous file for spilled data: in the objects directory (the repository's
+/// filesystem, not a tmpfs that would hold it in memory after all), else in `$TMPDIR`.
+fn spill_file<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    what: &str,
+) -> Result<File> {
+    match repo.create_object_tmpfile() {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(_) => tempfile::tempfile()
+            .map_err(|e| Error::io(format!("creating a spill file for {what}"), e)),
+    }
+}
+
+/// The object references of a stream, each once, in order of first use: the ids in a spill
+/// file, and in memory only their 8-byte prefixes (ids are cryptographic digests, so a
+/// prefix shared by two different ids is astronomically rare; it is handled all the same).
+struct RefTable<ObjectID> {
+    file: File,
+    /// Ids not written to `file` yet.
+    pending: Vec<ObjectID>,
+    /// How many ids `file` holds.
+    flushed: usize,
+    by_prefix: HashMap<u64, u32>,
+    /// Ids whose prefix was taken by another id.
+    collided: HashMap<ObjectID, u32>,
+    count: u32,
+}
+
+/// Ids buffered before they are written out.
+const PENDING_MAX: usize = 1024;
+
+impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            pending: Vec::with_capacity(PENDING_MAX),
+            flushed: 0,
+            by_prefix: HashMap::new(),
+            collided: HashMap::new(),
+            count: 0,
+        }
+    }
+
+    fn prefix(id: &ObjectID) -> u64 {
+        let b = id.as_bytes();
+        let mut p = [0u8; 8];
+        let n = b.len().min(8);
+        p[..n].copy_from_slice(&b[..n]);
+        u64::from_le_bytes(p)
+    }
+
+    /// The index of `id`, added if it is new.
+    fn ensure(&mut self, id: &ObjectID) -> std::io::Result<u32> {
+        let prefix = Self::prefix(id);
+        match self.by_prefix.get(&prefix).copied() {
+            Some(i) if self.get(i)? == *id => Ok(i),
+            Some(_) => {
+                if let Some(&i) = self.collided.get(id) {
+                    return Ok(i);
+                }
+                let i = self.push(id)?;
+                self.collided.insert(id.clone(), i);
+                Ok(i)
+            }
+            None => {
+                let i = self.push(id)?;
+                self.by_prefix.insert(prefix, i);
+                Ok(i)
+            }
+        }
+    }
+
+    fn push(&mut self, id: &ObjectID) -> std::io::Result<u32> {
+        let i = self.count;
+        self.count = i
+            .checked_add(1)
+            .ok_or_else(|| std::io::Error::other("more than 2^32 objects in one stream"))?;
+        self.pending.push(id.clone());
+        if self.pending.len() >= PENDING_MAX {
+            self.write_pending()?;
+        }
+        Ok(i)
+    }
+
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(self.pending.len() * size_of::<ObjectID>());
+        for id in &self.pending {
+            bytes.extend_from_slice(id.as_bytes());
+        }
+        let at = (self.flushed * size_of::<ObjectID>()) as u64;
+        rustix::io::pwrite(&self.file, &bytes, at)
+            .map_err(std::io::Error::from)
+            .and_then(|n| {
+                if n == bytes.len() {
+                    Ok(())
+                } else {
+                    // pwrite to a regular file writes it all unless the disk is full.
+                    Err(std::io::Error::from(std::io::ErrorKind::WriteZero))
+                }
+            })?;
+        self.flushed += self.pending.len();
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The id of index `i`.
+    fn get(&self, i: u32) -> std::io::Result<ObjectID> {
+        let i = i as usize;
+        if let Some(id) = i
+            .checked_sub(self.flushed)
+            .and_then(|j| self.pending.get(j))
+        {
+            return Ok(id.clone());
+        }
+        let len = size_of::<ObjectID>();
+        let mut id = ObjectID::EMPTY;
+        let n = rustix::io::pread(&self.file, id.as_mut_bytes(), (i * len) as u64)?;
+        if n != len {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        Ok(id)
+    }
+
+    /// The file holding every id, in index order, and its length.
+    fn finish(mut self) -> std::io::Result<(File, u64)> {
+        self.write_pending()?;
+        let len = (self.flushed * size_of::<ObjectID>()) as u64;
+        Ok((self.file, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use composefs::fsverity::{Algorithm, Sha256HashValue, Sha512HashValue};
+    use composefs::repository::RepositoryConfig;
+    use zerocopy::{FromBytes, IntoBytes};
+
+    use super::*;
+
+    fn repo<ObjectID: FsVerityHashValue>(
+        dir: &std::path::Path,
+        algorithm: Algorithm,
+    ) -> Arc<Repository<ObjectID>> {
+        let config = RepositoryConfig::new(algorithm).set_insecure();
+        Arc::new(
+            Repository::init_path(rustix::fs::CWD, dir, config)
+                .unwrap()
+                .0,
+        )
+    }
+
+    /// A pseudo-random sequence of inline runs and references, with repeats, as a layer of
+    /// many files makes.
+    fn pieces<ObjectID: FsVerityHashValue>(n: usize) -> Vec<Result<Vec<u8>, ObjectID>> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut ids: Vec<ObjectID> = Vec::new();
+        (0..n)
+            .map(|_| match next() % 3 {
+                0 => {
+                    let len = (next() % 1500) as usize;
+                    Ok((0..len).map(|_| next() as u8).collect())
+                }
+                1 if !ids.is_empty() && next() % 4 == 0 => {
+                    Err(ids[(next() as usize) % ids.len()].clone())
+                }
+                _ => {
+                    let seed = next().to_le_bytes();
+                    let id: ObjectID = crate::verity::ids::<ObjectID>(&[&seed[..]])[0].clone();
+                    ids.push(id.clone());
+                    Err(id)
+                }
+            })
+            .collect()
+    }
+
+    fn same_bytes_as_composefs<ObjectID: FsVerityHashValue>(algorithm: Algorithm, n: usize) {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo::<ObjectID>(tmp.path(), algorithm);
+        let pieces = pieces::<ObjectID>(n);
+        let mut theirs = repo
+            .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
+            .unwrap();
+        let mut ours = StreamWriter::new(
+            &repo,
+            composefs_oci::LAYER_CONTENT_TYPE,
+            "a test stream".into(),
+        )
+        .unwrap();
+        for p in &pieces {
+            match p {
+                Ok(bytes) => {
+                    theirs.write_inline(bytes);
+                    ours.write_inline(bytes);
+                }
+                Err(id) => {
+                    theirs.add_external_size(4096);
+                    ours.add_external_size(4096);
+                    theirs.write_reference(id.clone()).unwrap();
+                    ours.write_reference(id.clone()).unwrap();
+                }
+            }
+        }
+        let want = theirs.done().unwrap();
+        let got = ours.done().unwrap();
+        assert_eq!(got.to_hex(), want.to_hex(), "{n} pieces");
+    }
+
+    #[test]
+    fn the_stream_is_composefs_own_byte_for_byte() {
+        for n in [0, 1, 7, 5000] {
+            same_bytes_as_composefs::<Sha512HashValue>(Algorithm::SHA512, n);
+        }
+        same_bytes_as_composefs::<Sha256HashValue>(Algorithm::SHA256, 3000);
+    }
+
+    #[test]
+    fn a_shared_prefix_does_not_merge_two_objects() {
+        let table_file = tempfile::tempfile().unwrap();
+        let mut t = RefTable::<Sha256HashValue>::new(table_file);
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        a[31] = 1;
+        b[31] = 2;
+        let (a, b) = (
+            Sha256HashValue::read_from_bytes(&a).unwrap(),
+            Sha256HashValue::read_from_bytes(&b).unwrap(),
+        );
+        // Enough others that the first ones are read back from the file.
+        let others: Vec<Sha256HashValue> = (0..3000u32)
+            .map(|i| crate::verity::ids::<Sha256HashValue>(&[&i.to_le_bytes()[..]])[0].clone())
+            .collect();
+        assert_eq!(t.ensure(&a).unwrap(), 0);
+        for o in &others {
+            t.ensure(o).unwrap();
+        }
+        let ib = t.ensure(&b).unwrap();
+        assert_eq!(ib, 3001);
+        assert_eq!(t.ensure(&a).unwrap(), 0);
+        assert_eq!(t.ensure(&b).unwrap(), ib);
+        assert_eq!(t.ensure(&others[1234]).unwrap(), 1235);
+        let (mut f, len) = t.finish().unwrap();
+        assert_eq!(len, 3002 * 32);
+        let mut all = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut all).unwrap();
+        assert_eq!(&all[..32], a.as_bytes());
+        assert_eq!(&all[3001 * 32..], b.as_bytes());
+    }
+}
