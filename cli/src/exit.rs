@@ -7,6 +7,9 @@ use cstor_proxy_client::protocol::assemble::AssembleError;
 
 /// Something else failed (the message says what).
 pub const OTHER: u8 = 1;
+/// The command line asks for something that cannot be done (clap's own status for bad
+/// arguments; also for combinations only known to be impossible once parsed).
+pub const USAGE: u8 = 2;
 /// The image, layer or tag does not exist, or the reference is invalid, ambiguous or of
 /// another transport.
 pub const NOT_FOUND: u8 = 3;
@@ -39,6 +42,11 @@ Exit status:
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct NotFound(pub String);
+
+/// A command line whose options cannot go together (exit status 2, as clap's own refusals).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
 
 fn broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -98,6 +106,9 @@ pub fn status(e: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<NotFound>().is_some() {
             return NOT_FOUND;
+        }
+        if cause.downcast_ref::<Usage>().is_some() {
+            return USAGE;
         }
     }
     OTHER

@@ -31,6 +31,31 @@ fn bad_command_lines_exit_2_and_say_what_is_allowed() {
         (&["import", "--helper-timeout", "0", "x"], "seconds"),
         (&["mount", "--root", "/x", "tag", "/mnt"], "--root"),
         (&["images", "--progress", "sometimes"], "always"),
+        // A repository service stores files its own way: it cannot be told to copy them,
+        // or to refuse anything but reflinks.
+        (
+            &[
+                "import",
+                "--repo-service",
+                "/nonexistent.sock",
+                "--copy-policy",
+                "copy",
+                "x",
+            ],
+            "cannot be asked of a repository service",
+        ),
+        (
+            &[
+                "import",
+                "--repo-service",
+                "/nonexistent.sock",
+                "--copy-policy",
+                "reflink-only",
+                "x",
+            ],
+            "reflink-only cannot be asked",
+        ),
+        (&["import", "--repo-service", "/s", "--init", "x"], "--init"),
     ] {
         let o = cstor(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));

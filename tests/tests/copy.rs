@@ -5,7 +5,9 @@
 //! objects are rehashed, as upstream's copy does. Layers the destination has are skipped;
 //! an object of the source that is not what its name says fails the copy, naming it, with
 //! nothing named in the destination; on XFS an unprivileged user who can read the source
-//! gets every object reflinked.
+//! gets every object reflinked. Through upstream's repository service (`--from-service`) a
+//! user copies from a repository only root can open, and a damaged object there fails the
+//! copy just the same.
 //!
 //! Upstream is the `cfsctl` 0.9.4 binary, found as `$CSTOR_CFSCTL` or on `$PATH`.
 
@@ -446,4 +448,36 @@ fn a_user_copies_from_a_root_only_repository_through_its_repository_service() {
         String::from_utf8_lossy(&missing.stderr).contains("no image no-such-image"),
         "{missing:?}"
     );
+
+    // A damaged object in the served repository: upstream's service passes its directory
+    // without reading it, and the copy checks every object it opens there against its name.
+    let object = corrupt_largest_object(&src);
+    let fresh = home.join("fresh");
+    let out = user
+        .command(&cstor)
+        .args(["copy", "--init", "--from-service"])
+        .arg(&service.socket)
+        .arg("--from")
+        .arg(&src)
+        .arg("--repo")
+        .arg(&fresh)
+        .arg("features")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "exit 4 (verification): {stderr}"
+    );
+    assert!(
+        stderr.contains(&object),
+        "names the object {object}: {stderr}"
+    );
+    assert!(
+        layer_streams(&fresh).is_empty(),
+        "{:?}",
+        layer_streams(&fresh)
+    );
+    assert!(!fresh.join("streams/refs/oci/features").exists());
 }

@@ -70,14 +70,15 @@ async fn via_service(g: &Global, args: &ImportArgs, socket: &Path, path: &Path) 
         args.copy_policy,
         CopyPolicyArg::Copy | CopyPolicyArg::ReflinkOnly
     ) {
-        anyhow::bail!(
+        return Err(crate::exit::Usage(format!(
             "--copy-policy {} cannot be asked of a repository service: it reflinks, else \
              hardlinks, else copies (docs/copy.md)",
             match args.copy_policy {
                 CopyPolicyArg::Copy => "copy",
                 _ => "reflink-only",
             }
-        );
+        ))
+        .into());
     }
     let zerocopy = false;
     let config = helper_config(g, &args.storage, Some(&args.image))?;

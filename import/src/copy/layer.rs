@@ -81,6 +81,24 @@ pub(super) fn open_stream<S: FsVerityHashValue>(
         .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))
 }
 
+/// The uncompressed size of layer stream `verity` of `source`, from its header alone: for
+/// progress totals before the copy starts. The stream is not checked here (that would read it
+/// all a second time); [`open_stream`] checks it before anything is copied from it.
+pub(super) fn stream_size<S: FsVerityHashValue>(
+    source: &Repository<S>,
+    verity: &S,
+    diff_id: &str,
+) -> Result<u64> {
+    let corrupt = |detail: String| Error::SourceObject {
+        object: format!("layer stream {} of {diff_id}", verity.to_hex()),
+        detail,
+    };
+    let file = open_object(source, verity).map_err(|e| corrupt(format!("cannot open it: {e}")))?;
+    let reader = SplitStreamReader::<S>::new(file, Some(composefs_oci::LAYER_CONTENT_TYPE))
+        .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))?;
+    Ok(reader.total_size)
+}
+
 /// What a layer's copy needs besides its source.
 pub(super) struct Target<'a, D: FsVerityHashValue> {
     pub repo: &'a Arc<Repository<D>>,

@@ -484,7 +484,7 @@ impl<D: FsVerityHashValue> Plan<D> {
                 continue;
             }
             let size = match (source, v) {
-                (Some(source), Some(v)) => layer::open_stream(source, v, d)?.total_size,
+                (Some(source), Some(v)) => layer::stream_size(source, v, d)?,
                 _ => 0,
             };
             match repo
