@@ -5,8 +5,9 @@
 //! more buffer to store it: for a layer of a few hundred thousand files, the largest
 //! allocations of the whole import, growing with the layer. [`StreamWriter`] writes the same
 //! file, byte for byte (a test compares it with composefs' writer), with the compressed
-//! stream and the reference table in anonymous files beside the repository's objects; what
-//! stays in memory is an index of 8-byte id prefixes, a few bytes per distinct object.
+//! stream and the reference table, once they pass a MiB, in anonymous files beside the
+//! repository's objects; what stays in memory is an index of 8-byte id prefixes, a few
+//! bytes per distinct object.
 //!
 //! The layout (composefs 0.9.4's splitstream): a 32-byte header (magic, version 0, flags,
 //! the fs-verity algorithm, log2 block size, the info range), the info block (ranges of the
@@ -43,7 +44,7 @@ pub(crate) struct StreamWriter<ObjectID: FsVerityHashValue> {
     /// What the stream is, for errors ("the splitstream of layer sha256:…").
     what: String,
     content_type: u64,
-    stream: Encoder<'static, BufWriter<File>>,
+    stream: Encoder<'static, Spill>,
     inline: Vec<u8>,
     total_size: u64,
     refs: RefTable<ObjectID>,
@@ -57,11 +58,10 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
         content_type: u64,
         what: String,
     ) -> Result<Self> {
-        let spill = spill_file(repo, &what)?;
-        let stream = Encoder::new(BufWriter::with_capacity(256 << 10, spill), LEVEL)
+        let stream = Encoder::new(Spill::new(spill_maker(repo)), LEVEL)
             .map_err(|e| Error::io(format!("starting the compressor of {what}"), e))?;
         Ok(Self {
-            refs: RefTable::new(spill_file(repo, &what)?),
+            refs: RefTable::new(spill_maker(repo)),
             repo: repo.clone(),
             what,
             content_type,
@@ -106,14 +106,10 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
         let what = std::mem::take(&mut self.what);
         let io = |e| Error::io(format!("writing {what}"), e);
         self.flush_inline().map_err(io)?;
-        let mut stream = self
-            .stream
-            .finish()
-            .map_err(io)?
-            .into_inner()
-            .map_err(|e| io(e.into_error()))?;
-        let stream_len = stream.stream_position().map_err(io)?;
-        let (mut refs, refs_len) = self.refs.finish().map_err(io)?;
+        let stream = self.stream.finish().map_err(io)?;
+        let stream_len = stream.len;
+        let refs = self.refs;
+        let refs_len = refs.byte_len();
         // An empty named-reference table is still one (empty) zstd frame.
         let named = Encoder::new(Vec::new(), LEVEL)
             .and_then(Encoder::finish)
@@ -143,13 +139,11 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
         head.extend_from_slice(&self.total_size.to_le_bytes());
         debug_assert_eq!(head.len() as u64, HEADER_LEN + INFO_LEN);
 
-        let mut copy_into = |out: &mut dyn Write| -> std::io::Result<()> {
+        let copy_into = |out: &mut dyn Write| -> std::io::Result<()> {
             out.write_all(&head)?;
-            refs.seek(SeekFrom::Start(0))?;
-            copy_exact(&mut refs, out, refs_len)?;
+            refs.copy_to(out)?;
             out.write_all(&named)?;
-            stream.seek(SeekFrom::Start(0))?;
-            copy_exact(&mut stream, out, stream_len)
+            stream.copy_to(out)
         };
         match ObjectFile::create(&self.repo)? {
             Some(mut object) => {
@@ -180,16 +174,74 @@ fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::io::Result<
     Ok(())
 }
 
-/// An anonymous file for spilled data: in the objects directory (the repository's
+/// Makes an anonymous file for spilled data: in the objects directory (the repository's
 /// filesystem, not a tmpfs that would hold it in memory after all), else in `$TMPDIR`.
-fn spill_file<ObjectID: FsVerityHashValue>(
-    repo: &Repository<ObjectID>,
-    what: &str,
-) -> Result<File> {
-    match repo.create_object_tmpfile() {
+type SpillMaker = Box<dyn FnMut() -> std::io::Result<File> + Send>;
+
+fn spill_maker<ObjectID: FsVerityHashValue>(repo: &Arc<Repository<ObjectID>>) -> SpillMaker {
+    let repo = repo.clone();
+    Box::new(move || match repo.create_object_tmpfile() {
         Ok(fd) => Ok(File::from(fd)),
-        Err(_) => tempfile::tempfile()
-            .map_err(|e| Error::io(format!("creating a spill file for {what}"), e)),
+        Err(_) => tempfile::tempfile(),
+    })
+}
+
+/// Bytes held in memory up to [`SPILL_AT`], then in an anonymous file: a small layer (most
+/// layers of an image of many) creates no file at all (each costs an inode allocation).
+struct Spill {
+    mem: Vec<u8>,
+    file: Option<BufWriter<File>>,
+    len: u64,
+    make: SpillMaker,
+}
+
+/// Bytes kept in memory before a [`Spill`] goes to a file.
+const SPILL_AT: usize = 1 << 20;
+
+impl Spill {
+    fn new(make: SpillMaker) -> Self {
+        Self {
+            mem: Vec::new(),
+            file: None,
+            len: 0,
+            make,
+        }
+    }
+
+    /// Writes everything written, in order, to `out`.
+    fn copy_to(self, out: &mut dyn Write) -> std::io::Result<()> {
+        match self.file {
+            None => out.write_all(&self.mem),
+            Some(file) => {
+                let mut file = file.into_inner().map_err(|e| e.into_error())?;
+                file.seek(SeekFrom::Start(0))?;
+                copy_exact(&mut file, out, self.len)
+            }
+        }
+    }
+}
+
+impl Write for Spill {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.file.is_none() && self.mem.len() + buf.len() > SPILL_AT {
+            let mut file = BufWriter::with_capacity(256 << 10, (self.make)()?);
+            file.write_all(&self.mem)?;
+            self.mem = Vec::new();
+            self.file = Some(file);
+        }
+        match &mut self.file {
+            Some(file) => file.write_all(buf)?,
+            None => self.mem.extend_from_slice(buf),
+        }
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -197,7 +249,9 @@ fn spill_file<ObjectID: FsVerityHashValue>(
 /// file, and in memory only their 8-byte prefixes (ids are cryptographic digests, so a
 /// prefix shared by two different ids is astronomically rare; it is handled all the same).
 struct RefTable<ObjectID> {
-    file: File,
+    /// Made when the first [`PENDING_MAX`] ids are written out.
+    file: Option<File>,
+    make: SpillMaker,
     /// Ids not written to `file` yet.
     pending: Vec<ObjectID>,
     /// How many ids `file` holds.
@@ -212,9 +266,10 @@ struct RefTable<ObjectID> {
 const PENDING_MAX: usize = 1024;
 
 impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
-    fn new(file: File) -> Self {
+    fn new(make: SpillMaker) -> Self {
         Self {
-            file,
+            file: None,
+            make,
             pending: Vec::with_capacity(PENDING_MAX),
             flushed: 0,
             by_prefix: HashMap::new(),
@@ -270,7 +325,13 @@ impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
             bytes.extend_from_slice(id.as_bytes());
         }
         let at = (self.flushed * size_of::<ObjectID>()) as u64;
-        rustix::io::pwrite(&self.file, &bytes, at)
+        if self.file.is_none() {
+            self.file = Some((self.make)()?);
+        }
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        rustix::io::pwrite(file, &bytes, at)
             .map_err(std::io::Error::from)
             .and_then(|n| {
                 if n == bytes.len() {
@@ -296,18 +357,35 @@ impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
         }
         let len = size_of::<ObjectID>();
         let mut id = ObjectID::EMPTY;
-        let n = rustix::io::pread(&self.file, id.as_mut_bytes(), (i * len) as u64)?;
+        let Some(file) = &self.file else {
+            return Err(std::io::Error::other("a reference index past the table"));
+        };
+        let n = rustix::io::pread(file, id.as_mut_bytes(), (i * len) as u64)?;
         if n != len {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         }
         Ok(id)
     }
 
-    /// The file holding every id, in index order, and its length.
-    fn finish(mut self) -> std::io::Result<(File, u64)> {
-        self.write_pending()?;
-        let len = (self.flushed * size_of::<ObjectID>()) as u64;
-        Ok((self.file, len))
+    /// The table's length in bytes.
+    fn byte_len(&self) -> u64 {
+        u64::from(self.count) * size_of::<ObjectID>() as u64
+    }
+
+    /// Writes every id, in index order, to `out`.
+    fn copy_to(self, out: &mut dyn Write) -> std::io::Result<()> {
+        if let Some(mut file) = self.file {
+            file.seek(SeekFrom::Start(0))?;
+            copy_exact(
+                &mut file,
+                out,
+                (self.flushed * size_of::<ObjectID>()) as u64,
+            )?;
+        }
+        for id in &self.pending {
+            out.write_all(id.as_bytes())?;
+        }
+        Ok(())
     }
 }
 
@@ -402,9 +480,26 @@ mod tests {
     }
 
     #[test]
+    fn a_spill_keeps_small_contents_in_memory_and_large_ones_in_a_file() {
+        let bytes: Vec<u8> = (0..3 * SPILL_AT as u32)
+            .map(|i| ((i * 31) >> 3) as u8)
+            .collect();
+        for len in [0, 100, SPILL_AT, SPILL_AT + 1, bytes.len()] {
+            let mut spill = Spill::new(Box::new(tempfile::tempfile));
+            for chunk in bytes[..len].chunks(70_000) {
+                spill.write_all(chunk).unwrap();
+            }
+            assert_eq!(spill.file.is_some(), len > SPILL_AT, "{len} bytes");
+            assert_eq!(spill.len, len as u64);
+            let mut back = Vec::new();
+            spill.copy_to(&mut back).unwrap();
+            assert!(back == bytes[..len], "{len} bytes come back as written");
+        }
+    }
+
+    #[test]
     fn a_shared_prefix_does_not_merge_two_objects() {
-        let table_file = tempfile::tempfile().unwrap();
-        let mut t = RefTable::<Sha256HashValue>::new(table_file);
+        let mut t = RefTable::<Sha256HashValue>::new(Box::new(tempfile::tempfile));
         let mut a = [0u8; 32];
         let mut b = [0u8; 32];
         a[31] = 1;
@@ -426,11 +521,10 @@ mod tests {
         assert_eq!(t.ensure(&a).unwrap(), 0);
         assert_eq!(t.ensure(&b).unwrap(), ib);
         assert_eq!(t.ensure(&others[1234]).unwrap(), 1235);
-        let (mut f, len) = t.finish().unwrap();
-        assert_eq!(len, 3002 * 32);
+        assert_eq!(t.byte_len(), 3002 * 32);
         let mut all = Vec::new();
-        f.seek(SeekFrom::Start(0)).unwrap();
-        f.read_to_end(&mut all).unwrap();
+        t.copy_to(&mut all).unwrap();
+        assert_eq!(all.len(), 3002 * 32);
         assert_eq!(&all[..32], a.as_bytes());
         assert_eq!(&all[3001 * 32..], b.as_bytes());
     }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use cstor_protocol::ErrorCode;
 use flate2::read::MultiGzDecoder;
 
+use super::open_layer::Lowers;
 use crate::confine;
 use crate::error::{Error, Result};
 use crate::tarsplit::{Entry, TarSplitReader};
@@ -19,8 +20,10 @@ use crate::tarsplit::{Entry, TarSplitReader};
 pub struct LayerSource {
     layer_id: String,
     tar_split: File,
-    /// `diff` of the layer, then of each lower layer, nearest first.
+    /// `diff` of the layer, then of the lower layers opened so far, nearest first.
     dirs: Vec<OwnedFd>,
+    /// The lower layers not opened yet (opened when a file is not found above them).
+    lowers: Lowers,
 }
 
 /// One step of a layer walk.
@@ -81,11 +84,17 @@ pub struct Walker {
 impl LayerSource {
     /// What a walk of layer `layer_id` reads: its tar-split file, and the directories its
     /// content is looked up in, nearest first.
-    pub(super) fn new(layer_id: String, tar_split: File, dirs: Vec<OwnedFd>) -> Self {
+    pub(super) fn new(
+        layer_id: String,
+        tar_split: File,
+        dirs: Vec<OwnedFd>,
+        lowers: Lowers,
+    ) -> Self {
         Self {
             layer_id,
             tar_split,
             dirs,
+            lowers,
         }
     }
 
@@ -117,7 +126,10 @@ impl LayerSource {
     /// `diff`, nearest first), reopened as `O_PATH` descriptors: a process they are passed to
     /// can open files beneath them with its own permissions, but cannot list or read the
     /// directories through them.
-    pub fn dir_fds(&self) -> Result<Vec<OwnedFd>> {
+    pub fn dir_fds(&mut self) -> Result<Vec<OwnedFd>> {
+        while let Some(dir) = self.lowers.next()? {
+            self.dirs.push(dir);
+        }
         self.dirs
             .iter()
             .map(|d| {
@@ -224,9 +236,18 @@ impl Walker {
     }
 
     /// c/storage's getter tries the layer's diff, then each lower diff, first hit wins.
-    fn open_content(&self, rel: &Path, name: &[u8]) -> Result<(File, u64, usize)> {
+    fn open_content(&mut self, rel: &Path, name: &[u8]) -> Result<(File, u64, usize)> {
         let shown = String::from_utf8_lossy(name);
-        for (i, dir) in self.source.dirs.iter().enumerate() {
+        for i in 0.. {
+            if i == self.source.dirs.len() {
+                match self.source.lowers.next()? {
+                    Some(dir) => self.source.dirs.push(dir),
+                    None => break,
+                }
+            }
+            let Some(dir) = self.source.dirs.get(i) else {
+                break;
+            };
             match confine::open_regular_sized(dir.as_fd(), rel) {
                 Ok((f, len)) => return Ok((f, len, i)),
                 // Not in this directory: try the next lower one.

@@ -2,7 +2,7 @@
 //! layer stores' read locks, and gathering what a walk reads (its tar-split file and the
 //! overlay `diff` directories of the layer and its lower layers).
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use cstor_protocol::{ErrorCode, LayerInfo};
@@ -127,18 +127,27 @@ impl Storage {
                 ));
             }
         }
-        let mut dirs = vec![open_diff(dst, id)?];
-        let store_fds: Vec<_> = self.stores.iter().map(|s| (s.fd(), s.path())).collect();
-        for lower in lower_chain(&store_fds, dst.fd(), id)? {
-            let s = self.layer_dir_store(dir_store, &lower).ok_or_else(|| {
-                Error::new(
-                    ErrorCode::CorruptMetadata,
-                    format!("lower layer {lower} of {id} has no directory"),
-                )
-            })?;
-            dirs.push(open_diff(&self.stores[s], &lower)?);
-        }
-        Ok(LayerSource::new(id.to_owned(), tar_split, dirs))
+        let dirs = vec![open_diff(dst, id)?];
+        let links = lower_links(dst.fd(), id)?;
+        let stores = self
+            .stores
+            .iter()
+            .map(|s| {
+                let fd = s
+                    .fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(format!("duplicating {}", s.path().display()), e))?;
+                Ok((fd, s.path().to_owned()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lowers = Lowers {
+            stores,
+            first: dir_store,
+            links: links.into(),
+            link_dirs: Vec::new(),
+            layer_id: id.to_owned(),
+        };
+        Ok(LayerSource::new(id.to_owned(), tar_split, dirs, lowers))
     }
 }
 
@@ -148,14 +157,10 @@ fn open_diff(store: &Store, id: &str) -> Result<OwnedFd> {
         .map_err(|e| Error::io(format!("opening {}", store.path().join(&rel).display()), e))
 }
 
-/// Reads `overlay/<id>/lower` and returns the ids of the lower layers' directories, nearest
-/// first. The file holds `l/<LINK>:l/<LINK>...`; each link is a symlink `../<id>/diff` in some
-/// store's `overlay/l/`. Absent file: no lowers.
-fn lower_chain(
-    stores: &[(BorrowedFd<'_>, &Path)],
-    layer_dir_store: BorrowedFd<'_>,
-    id: &str,
-) -> Result<Vec<String>> {
+/// Reads `overlay/<id>/lower`: the `l/<LINK>` names of the lower layers' directories,
+/// nearest first (each link is a symlink `../<id>/diff` in some store's `overlay/l/`).
+/// Absent file: no lowers.
+fn lower_links(layer_dir_store: BorrowedFd<'_>, id: &str) -> Result<Vec<String>> {
     let rel = PathBuf::from(format!("overlay/{id}/lower"));
     let bytes = match confine::read_small(layer_dir_store, &rel, 1 << 20) {
         Ok(b) => b,
@@ -169,7 +174,7 @@ fn lower_chain(
         )
         .layer(id)
     })?;
-    let mut ids = Vec::new();
+    let mut links = Vec::new();
     for entry in text.trim().split(':').filter(|s| !s.is_empty()) {
         let link = entry.strip_prefix("l/").filter(|l| {
             !l.is_empty() && l.len() <= 64 && l.bytes().all(|b| b.is_ascii_alphanumeric())
@@ -181,29 +186,114 @@ fn lower_chain(
             )
             .layer(id));
         };
-        ids.push(resolve_link(stores, link).map_err(|e| e.layer(id))?);
+        links.push(link.to_owned());
     }
-    Ok(ids)
+    Ok(links)
+}
+
+/// The lower layers of a layer, each opened only when a file is not found in the
+/// directories above it. c/storage looks a file up in the layer's `diff`, then in each lower
+/// `diff`, and the walk does the same; but a layer's tar-split names its own files, so the
+/// lowers are rarely needed. Opening all of them for every layer (a link read, a lookup and
+/// an open each) made the helper's work grow with the square of the layer count: most of an
+/// import of 500 small layers.
+#[derive(Debug)]
+pub(super) struct Lowers {
+    /// Every store's root (duplicated) and path.
+    stores: Vec<(OwnedFd, PathBuf)>,
+    /// The store of the layer's own directory, where its lowers are looked for first.
+    first: usize,
+    /// The links of the lowers not opened yet, nearest first.
+    links: std::collections::VecDeque<String>,
+    /// Each store's `overlay/l`, once opened (see [`LinkDirs`]).
+    link_dirs: Vec<Option<Option<OwnedFd>>>,
+    layer_id: String,
+}
+
+impl Lowers {
+    /// The `diff` of the next lower layer, `None` past the last.
+    pub(super) fn next(&mut self) -> Result<Option<OwnedFd>> {
+        let Some(link) = self.links.pop_front() else {
+            return Ok(None);
+        };
+        let stores: Vec<(BorrowedFd<'_>, &Path)> = self
+            .stores
+            .iter()
+            .map(|(fd, path)| (fd.as_fd(), path.as_path()))
+            .collect();
+        let mut link_dirs = LinkDirs {
+            stores: &stores,
+            opened: std::mem::take(&mut self.link_dirs),
+        };
+        link_dirs.opened.resize_with(stores.len(), || None);
+        let found = resolve_link(&mut link_dirs, &link);
+        self.link_dirs = link_dirs.opened;
+        let lower = found.map_err(|e| e.layer(&self.layer_id))?;
+        let rel = PathBuf::from(format!("overlay/{lower}"));
+        let s = std::iter::once(self.first)
+            .chain(0..stores.len())
+            .find(|&i| {
+                stores
+                    .get(i)
+                    .is_some_and(|(fd, _)| confine::exists(*fd, &rel))
+            })
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::CorruptMetadata,
+                    format!("lower layer {lower} of {} has no directory", self.layer_id),
+                )
+                .layer(&self.layer_id)
+            })?;
+        let (fd, path) = stores[s];
+        let diff = rel.join("diff");
+        confine::open_dir(fd, &diff)
+            .map(Some)
+            .map_err(|e| Error::io(format!("opening {}", path.join(&diff).display()), e))
+    }
+}
+
+/// Each store's `overlay/l`, opened (confined) the first time a link is looked up in it.
+struct LinkDirs<'a> {
+    stores: &'a [(BorrowedFd<'a>, &'a Path)],
+    /// Per store: not tried yet, absent, or open.
+    opened: Vec<Option<Option<OwnedFd>>>,
+}
+
+impl LinkDirs<'_> {
+    /// Store `i`'s link directory, `None` if it has none.
+    fn get(&mut self, i: usize) -> Result<Option<BorrowedFd<'_>>> {
+        let links = Path::new("overlay/l");
+        let (fd, path) = self.stores[i];
+        if self.opened[i].is_none() {
+            let dir = match confine::open_dir(fd, links) {
+                Ok(dir) => Some(dir),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("opening {}", path.join(links).display()),
+                        e,
+                    ));
+                }
+            };
+            self.opened[i] = Some(dir);
+        }
+        Ok(self.opened[i]
+            .as_ref()
+            .and_then(|d| d.as_ref())
+            .map(AsFd::as_fd))
+    }
 }
 
 /// Finds `overlay/l/<link>` in any store and returns the layer id it points to.
-fn resolve_link(stores: &[(BorrowedFd<'_>, &Path)], link: &str) -> Result<String> {
-    let links = Path::new("overlay/l");
-    let rel = links.join(link);
-    for (fd, path) in stores {
-        // The directory is opened confined, and `link` is one checked component: the link
+fn resolve_link(dirs: &mut LinkDirs<'_>, link: &str) -> Result<String> {
+    let rel = Path::new("overlay/l").join(link);
+    for i in 0..dirs.stores.len() {
+        // The directory was opened confined, and `link` is one checked component: the link
         // read cannot be one outside the store.
-        let dir = match confine::open_dir(*fd, links) {
-            Ok(dir) => dir,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("opening {}", path.join(links).display()),
-                    e,
-                ));
-            }
+        let Some(dir) = dirs.get(i)? else {
+            continue;
         };
-        let target = match rustix::fs::readlinkat(&dir, link, Vec::new()) {
+        let target = match rustix::fs::readlinkat(dir, link, Vec::new()) {
             Ok(t) => t,
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => {
@@ -243,32 +333,54 @@ mod tests {
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
+    /// The lowers of `id`, as a walk opens them.
+    fn lowers(root: &Root, path: &Path, id: &str) -> Result<Lowers> {
+        Ok(Lowers {
+            stores: vec![(root.fd().try_clone_to_owned().unwrap(), path.to_owned())],
+            first: 0,
+            links: lower_links(root.fd(), id)?.into(),
+            link_dirs: Vec::new(),
+            layer_id: id.to_owned(),
+        })
+    }
+
     #[test]
-    fn lower_chain_follows_links() {
+    fn lowers_are_opened_through_their_links_and_only_when_asked() {
         let d = tempfile::tempdir().unwrap();
         let o = d.path().join("overlay");
         std::fs::create_dir_all(o.join("l")).unwrap();
         std::fs::create_dir_all(o.join(A).join("diff")).unwrap();
         std::fs::create_dir_all(o.join(B).join("diff")).unwrap();
+        std::fs::write(o.join(A).join("diff/in-a"), b"a").unwrap();
         std::os::unix::fs::symlink(format!("../{A}/diff"), o.join("l/LINKA")).unwrap();
         std::fs::write(o.join(B).join("lower"), "l/LINKA").unwrap();
         let root = Root::open(d.path()).unwrap();
-        let stores = [(root.fd(), d.path())];
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap(),
-            vec![A.to_string()]
+
+        let mut b = lowers(&root, d.path(), B).unwrap();
+        let a_diff = b.next().unwrap().expect("A is B's lower");
+        assert!(confine::exists(a_diff.as_fd(), Path::new("in-a")));
+        assert!(b.next().unwrap().is_none(), "one lower only");
+        assert!(
+            lowers(&root, d.path(), A)
+                .unwrap()
+                .next()
+                .unwrap()
+                .is_none()
         );
-        assert!(lower_chain(&stores, root.fd(), A).unwrap().is_empty());
+
+        // A lower file naming something other than a link, a link that leads out of the
+        // store, a link that does not exist: corrupt metadata, when the lower is needed.
         std::fs::write(o.join(B).join("lower"), "l/../../x").unwrap();
         assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
+            lowers(&root, d.path(), B).unwrap_err().code(),
             ErrorCode::CorruptMetadata
         );
         std::os::unix::fs::symlink("/etc", o.join("l/EVIL")).unwrap();
         std::fs::write(o.join(B).join("lower"), "l/EVIL").unwrap();
-        assert_eq!(
-            lower_chain(&stores, root.fd(), B).unwrap_err().code(),
-            ErrorCode::CorruptMetadata
-        );
+        let mut b = lowers(&root, d.path(), B).unwrap();
+        assert_eq!(b.next().unwrap_err().code(), ErrorCode::CorruptMetadata);
+        std::fs::write(o.join(B).join("lower"), "l/GONE").unwrap();
+        let mut b = lowers(&root, d.path(), B).unwrap();
+        assert_eq!(b.next().unwrap_err().code(), ErrorCode::CorruptMetadata);
     }
 }

@@ -242,7 +242,7 @@ pub async fn get_layer(
 
     let h = helper.clone();
     let w = wanted.clone();
-    let open = tokio::task::spawn_blocking(move || h.storage.open_layer(&w))
+    let mut open = tokio::task::spawn_blocking(move || h.storage.open_layer(&w))
         .await
         .map_err(|e| OciError::internal(format!("a helper task failed: {e}")))?
         .map_err(|e| OciError::from_storage(e, &wanted))?;

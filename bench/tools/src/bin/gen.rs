@@ -253,6 +253,7 @@ fn main() -> Result<()> {
         "manifest": manifest_digest,
         "diff_ids": diff_ids,
     });
-    println!("{report}");
+    // Not println!: a closed stdout (`| head`) is an error to report, not a panic.
+    writeln!(std::io::stdout().lock(), "{report}").context("writing the report to stdout")?;
     Ok(())
 }
