@@ -33,6 +33,9 @@ DESCRIPTIONS = {
     "limit-reflink-cp": "limit: cp -a --reflink=always (1 thread)",
     "protocol-xfs-root": "protocol only (fds, no data), root",
     "protocol-xfs-rootless": "protocol only (fds, no data), rootless",
+    "varlink-protocol-xfs-root": "varlink GetLayer only (opens, no data), root",
+    "varlink-protocol-xfs-rootless": "varlink GetLayer only (opens, no data), rootless",
+    "varlink-import-xfs-root": "upstream drain from cstor-helper --varlink, XFS, root",
     "copy-xfs": "cstor copy, repository to repository, XFS (reflink)",
     "cfsctl-copy-xfs": "upstream cfsctl oci copy, XFS",
     "cfsctl-copy-xfs-zerocopy": "upstream cfsctl oci copy --zerocopy, XFS",
@@ -45,6 +48,16 @@ DESCRIPTIONS = {
 # The ostree cases import the same tree from an ostree repository: they compare with
 # upstream's ostree import only.
 OSTREE_UPSTREAM = "ostree-cfsctl-xfs"
+
+# The varlink producer against the JSON-RPC one, for the same consumer work (bench/README.md):
+# protocol only, each against the JSON-RPC protocol case; the full import (upstream's drain
+# fed by our helper) against upstream's pull, the same drain fed by upstream's producer.
+VARLINK_REF = {
+    "varlink-protocol-xfs-root": "protocol-xfs-root",
+    "varlink-protocol-xfs-rootless": "protocol-xfs-rootless",
+    "varlink-import-xfs-root": "cfsctl-xfs",
+}
+VARLINK_TARGET = 1.3
 
 
 def fs_of(case):
@@ -120,10 +133,18 @@ def main():
             vals = [r["details"][k] for r in ok if isinstance(r["details"].get(k), (int, float))]
             if vals:
                 m["median_" + k] = statistics.median(vals)
+        # The protocol tools' own streaming time (helper start and image lookup left out).
+        vals = [r["details"]["seconds"] for r in ok
+                if isinstance(r["details"].get("seconds"), (int, float))]
+        if vals:
+            m["median_stream_seconds"] = statistics.median(vals)
         medians.setdefault(case, {})[cache] = m
 
     def med(case, cache):
         return medians.get(case, {}).get(cache, {}).get("median_seconds")
+
+    def stream_med(case, cache):
+        return medians.get(case, {}).get(cache, {}).get("median_stream_seconds")
 
     # Limits. Warm, as docs/design.md defines it: hashing every byte and reflinking every file,
     # each spread over all cores, i.e. the two all-core times one after the other. A tighter
@@ -177,7 +198,7 @@ def main():
                 "vs_limit": None,
             }
             is_import = case.startswith(
-                ("cstor-", "cfsctl-", "tar-path", "reimport", "copy-", "push-"))
+                ("cstor-", "cfsctl-", "tar-path", "reimport", "copy-", "push-", "varlink-import"))
             if s is not None and case.startswith("ostree-") and med(up, cache):
                 row["vs_upstream"] = s / med(up, cache)
                 row["upstream_ref"] = up
@@ -189,6 +210,13 @@ def main():
                     row["vs_tar_path"] = s / med(TAR_REF, cache)
                 if limits.get(cache):
                     row["vs_limit"] = s / limits[cache]
+            ref = VARLINK_REF.get(case)
+            if ref and s is not None and med(ref, cache):
+                row["varlink_ref"] = ref
+                row["vs_varlink_ref"] = s / med(ref, cache)
+                st, ref_st = m.get("median_stream_seconds"), stream_med(ref, cache)
+                if case.startswith("varlink-protocol") and st and ref_st:
+                    row["vs_varlink_ref_stream"] = st / ref_st
             rows.append(row)
 
     # The targets of docs/design.md (section 5).
@@ -231,6 +259,23 @@ def main():
            ratio(med("copy-xfs", "warm"), med("limit-reflink-parallel", "warm")), 1.5, "x",
            "limit-reflink-parallel clones the layers' files; a copy also checks every byte")
     target("re-import, XFS root, warm: < 100 ms", med("reimport-xfs-root", "warm"), 0.1, "s")
+    for case, ref in VARLINK_REF.items():
+        for cache in ("warm", "cold"):
+            if med(case, cache) is None:
+                continue
+            if case.startswith("varlink-protocol"):
+                # The streaming time each tool reports: the JSON-RPC tool's wall time also
+                # holds starting its helper, which the varlink service does once.
+                who = case.rsplit("-", 1)[1]
+                target(f"{cache}, {who}: varlink protocol only <= {VARLINK_TARGET}x JSON-RPC", ratio(stream_med(case, cache), stream_med(ref, cache)),
+                       VARLINK_TARGET, "x",
+                       f"streaming seconds of {case} / {ref}, the same consumer work "
+                       "(an fd per named file, no data)")
+            else:
+                target(f"{cache}, XFS root: upstream drain from varlink <= {VARLINK_TARGET}x cfsctl",
+                       ratio(med(case, cache), med(ref, cache)), VARLINK_TARGET, "x",
+                       f"{case} / {ref}: the same consumer (composefs-oci's drain and "
+                       "finalize), the producers differ")
     for r in rss:
         client = r.get("client_vmhwm_kib")
         target(f"peak RSS {r['case']}: client < 100 MB",
@@ -297,6 +342,11 @@ def main():
             extra = f"  {m['median_mb_per_second']:.0f} MB/s"
         if m.get("median_repo_objects_hardlinked"):
             extra += f"  {m['median_repo_objects_hardlinked']:.0f} objects hardlinked"
+        if r.get("vs_varlink_ref_stream") is not None:
+            extra += (f"  {r['vs_varlink_ref_stream']:.2f}x {r['varlink_ref']} streaming "
+                      f"({r['vs_varlink_ref']:.2f}x wall)")
+        elif r.get("vs_varlink_ref") is not None:
+            extra += f"  {r['vs_varlink_ref']:.2f}x {r['varlink_ref']}"
         failed = f" ({r['failed']} FAILED)" if r["failed"] else ""
         spread = "-"
         if m["min_seconds"] is not None:

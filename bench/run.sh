@@ -56,11 +56,13 @@ cleanup() {
     local rc=$?
     trap - ERR
     set +e
-    # The push case's repository service holds a socket on the XFS: it goes first.
+    # The push case's repository service and the varlink helpers hold sockets on the XFS:
+    # they go first.
     if [[ -n ${PUSH_SVC_PID:-} ]]; then
         kill "$PUSH_SVC_PID" 2>/dev/null
         wait "$PUSH_SVC_PID" 2>/dev/null
     fi
+    stop_varlink_helpers
     if [[ -n $CREATED_MOUNT ]]; then
         rm -rf "$CREATED_MOUNT/scratch"
         log "unmounting $CREATED_MOUNT"
@@ -124,14 +126,14 @@ build_binaries() {
         (cd "$SRC_DIR" && cargo build --release --workspace --bins --quiet)
     fi
     local t=$SRC_DIR/target/release
-    for b in cstor cstor-helper cstor-bench-read cstor-bench-protocol; do
+    for b in cstor cstor-helper cstor-bench-read cstor-bench-protocol cstor-bench-varlink; do
         [[ -x $t/$b ]] || die "$t/$b is missing: build with cargo build --release --workspace --bins"
     done
     # A private copy: others may rebuild target/ during the run, and the bench user must be
     # able to run them.
     rm -rf "$BIN"
     mkdir -p "$BIN"
-    cp "$t"/{cstor,cstor-helper,cstor-bench-read,cstor-bench-protocol} "$BIN/"
+    cp "$t"/{cstor,cstor-helper,cstor-bench-read,cstor-bench-protocol,cstor-bench-varlink} "$BIN/"
     chmod 755 "$BIN" "$BIN"/*
 }
 
@@ -662,6 +664,102 @@ push_case() {
     rm -rf "$repo"
 }
 
+# cstor-helper --varlink, one per storage owner (root | user), started once per run outside
+# the timing as a service is, on a socket in the scratch space. The rootless one runs
+# through `podman unshare` as the bench user: its own parent is podman, so it is found (and
+# stopped) by its socket, never by a pid this script holds.
+declare -A VARLINK_SOCK=()
+varlink_helper() { # root|user -> VARLINK_SOCK[$1]
+    local who=$1 dir=$MNT/scratch/varlink-$1
+    local sock=$dir/oci.sock log=$OUT/logs/varlink-helper-$1.log
+    # Still listening (a unix socket is listed while a process holds it).
+    if [[ -n ${VARLINK_SOCK[$who]:-} ]] && awk -v p="$sock" '$8 == p && $6 == "01" { f = 1 } END { exit !f }' /proc/net/unix; then
+        return
+    fi
+    mkdir -p "$dir"
+    rm -f "$sock"
+    if [[ $who == root ]]; then
+        (cd / && exec "$BIN/cstor-helper" --root "$XR" --runroot "$XR_RUN" --storage-driver overlay \
+            --varlink "$sock" </dev/null >/dev/null 2>"$log") &
+    else
+        chown "$USER_NAME:" "$dir"
+        as_user podman unshare "$BIN/cstor-helper" --root "$XU" --runroot "$XU_RUN" --storage-driver overlay \
+            --varlink "$sock" </dev/null >/dev/null 2>"$log" &
+    fi
+    local i
+    for ((i = 0; i < 400; i++)); do
+        if [[ -S $sock ]]; then
+            VARLINK_SOCK[$who]=$sock
+            return
+        fi
+        sleep 0.05
+    done
+    die "cstor-helper --varlink ($who) did not start (see $log)"
+}
+
+# The pids holding a unix socket bound to path $1 (the listener, and any accepted
+# connection): its inodes in /proc/net/unix, then the processes with an fd on one of them.
+pids_serving() {
+    local inodes
+    inodes=$(awk -v p="$1" '$8 == p { print $7 }' /proc/net/unix)
+    [[ -z $inodes ]] && return 0
+    local fd target ino
+    for fd in /proc/[0-9]*/fd/*; do
+        target=$(readlink "$fd" 2>/dev/null) || continue
+        [[ $target == socket:\[*\] ]] || continue
+        ino=${target#socket:[}
+        ino=${ino%]}
+        if grep -qxF "$ino" <<<"$inodes"; then
+            fd=${fd#/proc/}
+            echo "${fd%%/*}"
+        fi
+    done | sort -u
+}
+
+stop_varlink_helpers() {
+    local who pids
+    for who in "${!VARLINK_SOCK[@]}"; do
+        pids=$(pids_serving "${VARLINK_SOCK[$who]}")
+        # shellcheck disable=SC2086 # one pid a word
+        [[ -n $pids ]] && kill $pids 2>/dev/null
+        unset "VARLINK_SOCK[$who]"
+    done
+    return 0
+}
+
+# The reference image's layers read through cstor-helper --varlink by upstream's consumer
+# (cstor-bench-varlink, see bench/README.md): protocol root|user | import (root).
+varlink_case() {
+    local kind=$1 who=${2:-root}
+    varlink_helper "$who"
+    local sock=${VARLINK_SOCK[$who]}
+    if [[ $kind == protocol ]]; then
+        local cmd=("$BIN/cstor-bench-varlink" --socket "$sock" --root "$XR" "$IMAGE")
+        [[ $who == user ]] && cmd=(as_user "$BIN/cstor-bench-varlink" --socket "$sock" --root "$XU" "$IMAGE")
+        timed "${cmd[@]}"
+        if ((CASE_RC == 0)); then
+            CASE_DETAILS=$(jq -c '{fds, entries, inline, inline_bytes, seconds, spawn_seconds,
+                fds_per_second, entries_per_second, metadata_bytes}' "$CASE_OUT.out")
+        fi
+        return
+    fi
+    local repo=$MNT/scratch/varlink-import/repo
+    fresh_repo root "$repo"
+    timed "$BIN/cstor-bench-varlink" --mode import --repo "$repo" --socket "$sock" --root "$XR" "$IMAGE"
+    if ((CASE_RC == 0)); then
+        if ! CASE_DETAILS=$(jq -ce --argjson b "$(repo_stats "$repo")" '{reflinked, copied, hardlinked,
+                present, bytes_reflinked, layers_seconds, finalize_seconds, stream_seconds: .seconds} + $b' \
+            "$CASE_OUT.out"); then
+            CASE_ERR="unreadable report: $(head -c 300 "$CASE_OUT.out")"
+        elif ! jq -e '.reflinked > 0 and .copied == 0 and .hardlinked == 0' <<<"$CASE_DETAILS" >/dev/null; then
+            CASE_ERR="upstream's drain did not reflink everything on XFS: $CASE_DETAILS"
+        elif [[ $("$CFSCTL" --repo "$repo" oci images 2>&1) != *bench* ]]; then
+            CASE_ERR="the tag 'bench' is not in 'cfsctl oci images'"
+        fi
+    fi
+    rm -rf "$repo"
+}
+
 protocol_only() { # root|user
     local cmd
     if [[ $1 == root ]]; then
@@ -676,11 +774,11 @@ protocol_only() { # root|user
 
 # The cases, in the order each round runs them (tools alternate).
 ALL_CASES=(
-    cstor-xfs-root cfsctl-xfs cstor-xfs-rootless tar-path-xfs
+    cstor-xfs-root varlink-import-xfs-root cfsctl-xfs cstor-xfs-rootless tar-path-xfs
     cstor-ext4-root cfsctl-ext4-copy cstor-ext4-rootless cfsctl-ext4-default cstor-ext4-hardlink
     reimport-xfs-root
     limit-hash limit-read limit-reflink-parallel limit-reflink-cp
-    protocol-xfs-root protocol-xfs-rootless
+    protocol-xfs-root varlink-protocol-xfs-root protocol-xfs-rootless varlink-protocol-xfs-rootless
     copy-xfs cfsctl-copy-xfs cfsctl-copy-xfs-zerocopy
     push-xfs
     ostree-cstor-xfs ostree-cfsctl-xfs ostree-reimport-xfs
@@ -703,6 +801,9 @@ run_case() {
     limit-reflink-cp) limit_reflink cp ;;
     protocol-xfs-root) protocol_only root ;;
     protocol-xfs-rootless) protocol_only user ;;
+    varlink-protocol-xfs-root) varlink_case protocol root ;;
+    varlink-protocol-xfs-rootless) varlink_case protocol user ;;
+    varlink-import-xfs-root) varlink_case import ;;
     copy-xfs) copy_case cstor ;;
     cfsctl-copy-xfs) copy_case cfsctl ;;
     cfsctl-copy-xfs-zerocopy) copy_case cfsctl-zerocopy ;;
@@ -894,6 +995,7 @@ if [[ -n $PUSH_SVC_PID ]]; then
     wait "$PUSH_SVC_PID" 2>/dev/null || true
     PUSH_SVC_PID=
 fi
+stop_varlink_helpers
 rm -rf "$MNT/scratch" "$SCRATCH_EXT4"
 # Upstream's hardlinks on ext4 share inodes with podman's files: check the storage still
 # verifies (nothing modified it).

@@ -170,8 +170,20 @@ pub struct Produced {
     pub inline_bytes: u64,
 }
 
+/// Walked items are handed from the walking thread to the writing one this many at a time:
+/// a hand-over per item would cost a wake-up per file.
+const WALK_BATCH: usize = 32;
+/// Batches the walk may be ahead of the writer; each item of a batch may hold an open file.
+const WALK_AHEAD: usize = 4;
+
 /// Writes the stream of `walker` to `out`. `dirs` are the directory fds passed to the
 /// consumer, in the walker's order; a reference names its directory by its index there.
+///
+/// The walk (tar-split parsing and a confined open of every file) runs on a thread of its
+/// own, ahead of this one, which writes the records and closes the files: on one thread the
+/// two made the producer, not the consumer, the slower end of the pipe (the JSON-RPC
+/// producer splits its work the same way, walking on one thread and passing fds on
+/// another).
 ///
 /// On failure (including `cancel` being set) the stream is poisoned, best effort, and the
 /// error returned.
@@ -184,21 +196,54 @@ pub fn produce<W: Write>(
 ) -> Result<Produced> {
     let mut w = RecordWriter::new(BufWriter::with_capacity(256 << 10, out));
     let mut done = Produced::default();
-    let r = (|| {
-        for item in walker {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::new(
-                    ErrorCode::Cancelled,
-                    "the consumer closed its lifetime fd",
-                ));
-            }
-            match item? {
-                Item::Segment(bytes) => w.metadata(&bytes).map_err(write_err)?,
-                Item::File(f) => file(&mut w, dirs, reach, f, &mut done)?,
+    let cancelled = || Error::new(ErrorCode::Cancelled, "the consumer closed its lifetime fd");
+    let r = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Item>>>(WALK_AHEAD);
+        std::thread::Builder::new()
+            .name("layer-walk".into())
+            .spawn_scoped(s, move || {
+                let mut batch = Vec::with_capacity(WALK_BATCH);
+                for item in walker {
+                    // A send fails when the writer stopped (an error): so does the walk.
+                    if cancel.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let failed = item.is_err();
+                    batch.push(item);
+                    if (batch.len() == WALK_BATCH || failed)
+                        && tx
+                            .send(std::mem::replace(
+                                &mut batch,
+                                Vec::with_capacity(WALK_BATCH),
+                            ))
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if failed {
+                        return;
+                    }
+                }
+                let _ = tx.send(batch);
+            })
+            .map_err(|e| Error::io("starting the layer walk", e))?;
+        for batch in rx {
+            for item in batch {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(cancelled());
+                }
+                match item? {
+                    Item::Segment(bytes) => w.metadata(&bytes).map_err(write_err)?,
+                    Item::File(f) => file(&mut w, dirs, reach, f, &mut done)?,
+                }
             }
         }
+        // The walk also stops when cancelled: what was written is then not the whole layer.
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
         w.flush().map_err(write_err)
-    })();
+    });
     match r {
         Ok(()) => Ok(done),
         Err(e) => {
