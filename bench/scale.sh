@@ -370,5 +370,6 @@ for point in $POINTS; do
     log "$name took $(awk -v a="$tp" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"
 done
 log "the series took $(awk -v a="$T_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"
-machine_json >"$OUT/machine.json"
+# Each invocation's machine, versions, settings and load (several may fill one $SCALE_OUT).
+machine_json | tee "$OUT/machine.json" | jq -c . >>"$OUT/invocations.jsonl"
 python3 "$BENCH_DIR/scale_report.py" "$OUT"

@@ -333,9 +333,7 @@ def panel(svg, x0, y0, w, h, series, title, ylabel, ylog, hline=None, failures=(
     if ylog == "auto":
         ylog = min(ys) > 0 and max(ys) / min(ys) > 20
     if ylog:
-        ylo, yhi = min(ys) / 1.5, max(ys) * 1.5
-        ylo = 10 ** math.floor(math.log10(ylo))
-        yhi = 10 ** math.ceil(math.log10(yhi))
+        ylo, yhi = min(ys) / 1.4, max(ys) * 1.4
     else:
         ylo, yhi = 0, max(ys) * 1.15
     fx = lambda x: x0 + (math.log10(x) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * w
@@ -507,6 +505,7 @@ def main():
     if os.path.exists(os.path.join(d, "machine.json")):
         with open(os.path.join(d, "machine.json")) as f:
             machine = json.load(f)
+    invocations = load_jsonl(os.path.join(d, "invocations.jsonl")) or ([machine] if machine else [])
     points = {}
     pdir = os.path.join(d, "points")
     if os.path.isdir(pdir):
@@ -524,7 +523,10 @@ def main():
     if m:
         print(f"machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_kib', 0) // 1048576} GiB, "
               f"kernel {m.get('kernel')}")
-        print(f"load: start {m.get('uptime_start', '').strip()}; end {m.get('uptime_end', '').strip()}")
+    for inv in invocations:
+        im = inv.get("machine", {})
+        print(f"run of {inv.get('settings', {}).get('points')} on {inv.get('settings', {}).get('fs')}: "
+              f"uptime at start: {im.get('uptime_start', '').strip()}; at end: {im.get('uptime_end', '').strip()}")
     print()
     print_table(head, lines)
     print()
@@ -532,7 +534,7 @@ def main():
     for t in tg:
         state = {True: "PASS", False: "FAIL", None: "info" if t["value"] else "n/a "}[t["pass"]]
         print(f"  {state}  {t['target']}: {t['value'] or '-'}{'  (' + t['detail'] + ')' if t['detail'] else ''}")
-    result = {"machine": machine, "points": points, "loads": loads, "rows": rows, "targets": tg,
+    result = {"machine": machine, "invocations": invocations, "points": points, "loads": loads, "rows": rows, "targets": tg,
               "table_markdown": markdown_table(head, lines), "runs": runs}
     with open(os.path.join(d, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
