@@ -5,7 +5,8 @@
 //! 64 bytes (stored inline by composefs), 40% of 100 bytes to 2 KiB, 20% of 2 to 16 KiB; every
 //! tenth file repeats the contents of an earlier file of its layer (deduplicated into one
 //! object). Files sit 500 to a directory under `/scale/lNNN/dNNNN/`, so that directory sizes
-//! stay realistic whatever the count. The contents come from a seeded generator: the same
+//! stay realistic whatever the count; the base layer also has an empty `/usr`, without which
+//! upstream `cfsctl` refuses the image. The contents come from a seeded generator: the same
 //! arguments give the same bytes, hence the same diff ids and image id, on every machine.
 //!
 //! The tar is streamed straight into the blob (hashed on the way), so a million files cost
@@ -140,7 +141,10 @@ fn write_layer(blobs: &Path, layer: u32, files: u64, seed: u64) -> Result<LayerS
     {
         let mut b = tar::Builder::new(&mut w);
         let top = format!("scale/l{layer:03}");
-        for dir in ["scale".to_string(), top.clone()] {
+        // An empty /usr in the base layer: upstream cfsctl (composefs 0.9.4) copies the root
+        // directory's metadata from /usr and refuses an image without one.
+        let usr = (layer == 0).then(|| "usr".to_string());
+        for dir in usr.into_iter().chain(["scale".to_string(), top.clone()]) {
             let h = header(&format!("{dir}/"), tar::EntryType::Directory, 0o755, 0)?;
             b.append(&h, std::io::empty())?;
         }
