@@ -170,6 +170,21 @@ pub fn run_command(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(text.trim_end().to_string())
 }
 
+/// Copies an executable to `dst` (mode 0755) with `install`, in a child process. Copied in
+/// this process, the file would be open for writing while other test threads fork: a child
+/// inherits that fd until it execs, and running the copy meanwhile fails with "Text file
+/// busy" (ETXTBSY). A file written by a child that has exited has no writer left anywhere.
+pub fn copy_executable(src: &Path, dst: &Path) -> Result<()> {
+    run_command(
+        Command::new("install")
+            .args(["-m", "0755", "--"])
+            .arg(src)
+            .arg(dst),
+        &format!("copying {} to {}", src.display(), dst.display()),
+    )
+    .map(drop)
+}
+
 /// Like [`run_command`] but returns stdout as raw bytes, untrimmed.
 pub fn run_command_bytes(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
     let output = cmd

@@ -252,8 +252,7 @@ pub fn public_binaries() -> Result<(tempfile::TempDir, PathBuf, PathBuf)> {
     let mut out = Vec::new();
     for src in [&helper, &cstor] {
         let dst = dir.path().join(src.file_name().context("binary name")?);
-        std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))?;
+        crate::copy_executable(src, &dst)?;
         out.push(dst);
     }
     let cstor = out.pop().context("cstor path")?;

@@ -155,7 +155,7 @@ fn a_packager_stages_cstor_and_it_finds_its_helper() {
 
     let elsewhere = dest.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    std::fs::copy(&cstor, elsewhere.join("cstor")).unwrap();
+    cstor_tests::copy_executable(&cstor, &elsewhere.join("cstor")).unwrap();
     let lost = images_without_help(&elsewhere.join("cstor"), store.path());
     assert_eq!(lost.status.code(), Some(5), "{lost:?}");
     assert!(

@@ -176,7 +176,7 @@ fn a_rootless_user_pushes_its_image_into_a_repository_its_own_service_writes() {
     let (bins, helper, cstor) = public_binaries().unwrap();
     // The user must be able to run upstream's binary too.
     let their_cfsctl = bins.path().join("cfsctl");
-    std::fs::copy(&cfsctl, &their_cfsctl).unwrap();
+    cstor_tests::copy_executable(&cfsctl, &their_cfsctl).unwrap();
     let mine = work.path().join("mine");
     std::fs::create_dir_all(&mine).unwrap();
     user.chown(&mine).unwrap();

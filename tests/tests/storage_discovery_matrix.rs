@@ -862,8 +862,7 @@ fn the_helper_finds_the_storage_podman_uses() {
         .unwrap();
     std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let helper = bin.path().join("cstor-helper");
-    std::fs::copy(cstor_tests::helper_binary().unwrap(), &helper).unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cstor_tests::copy_executable(&cstor_tests::helper_binary().unwrap(), &helper).unwrap();
 
     let user = RootlessUser::ensure(USER).unwrap();
     let root = Subject::root();
