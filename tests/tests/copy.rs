@@ -276,6 +276,12 @@ fn a_corrupt_source_object_fails_the_copy_naming_it_and_nothing_is_named() {
 
     let object = corrupt_largest_object(&src);
     let out = copy(&src, &dst, &["features"]);
+    failed_on_corrupt_object(&out, &object, &dst);
+}
+
+/// A copy of `features` into `dst` that met the damaged `object`: exit 4 naming it, and
+/// nothing of the image named in the destination.
+fn failed_on_corrupt_object(out: &Output, object: &str, dst: &Path) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -283,12 +289,11 @@ fn a_corrupt_source_object_fails_the_copy_naming_it_and_nothing_is_named() {
         "exit 4 (verification): {stderr}"
     );
     assert!(
-        stderr.contains(&object),
+        stderr.contains(object),
         "names the object {object}: {stderr}"
     );
     assert!(stderr.contains("is corrupt"), "{stderr}");
-    // Nothing of the image has a name in the destination.
-    assert!(layer_streams(&dst).is_empty(), "{:?}", layer_streams(&dst));
+    assert!(layer_streams(dst).is_empty(), "{:?}", layer_streams(dst));
     assert!(!dst.join("streams/refs/oci/features").exists());
     let images_dir = dst.join("images");
     assert!(
@@ -464,20 +469,5 @@ fn a_user_copies_from_a_root_only_repository_through_its_repository_service() {
         .arg("features")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "exit 4 (verification): {stderr}"
-    );
-    assert!(
-        stderr.contains(&object),
-        "names the object {object}: {stderr}"
-    );
-    assert!(
-        layer_streams(&fresh).is_empty(),
-        "{:?}",
-        layer_streams(&fresh)
-    );
-    assert!(!fresh.join("streams/refs/oci/features").exists());
+    failed_on_corrupt_object(&out, &object, &fresh);
 }
