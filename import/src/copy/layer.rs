@@ -65,20 +65,7 @@ pub(super) fn open_stream<S: FsVerityHashValue>(
     verity: &S,
     diff_id: &str,
 ) -> Result<SplitStreamReader<S>> {
-    let corrupt = |detail: String| Error::SourceObject {
-        object: format!("layer stream {} of {diff_id}", verity.to_hex()),
-        detail,
-    };
-    let file = open_object(source, verity).map_err(|e| corrupt(format!("cannot open it: {e}")))?;
-    let actual: S = digest_file(&file).map_err(|e| corrupt(format!("cannot read it: {e}")))?;
-    if actual != *verity {
-        return Err(corrupt(format!(
-            "its content has fs-verity digest {}",
-            actual.to_hex()
-        )));
-    }
-    SplitStreamReader::new(file, Some(composefs_oci::LAYER_CONTENT_TYPE))
-        .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))
+    read_stream(source, verity, diff_id, true)
 }
 
 /// The uncompressed size of layer stream `verity` of `source`, from its header alone: for
@@ -89,14 +76,33 @@ pub(super) fn stream_size<S: FsVerityHashValue>(
     verity: &S,
     diff_id: &str,
 ) -> Result<u64> {
+    Ok(read_stream(source, verity, diff_id, false)?.total_size)
+}
+
+/// Opens layer stream `verity` of `source` and reads its header; `check`: first its whole
+/// content against its name.
+fn read_stream<S: FsVerityHashValue>(
+    source: &Repository<S>,
+    verity: &S,
+    diff_id: &str,
+    check: bool,
+) -> Result<SplitStreamReader<S>> {
     let corrupt = |detail: String| Error::SourceObject {
         object: format!("layer stream {} of {diff_id}", verity.to_hex()),
         detail,
     };
     let file = open_object(source, verity).map_err(|e| corrupt(format!("cannot open it: {e}")))?;
-    let reader = SplitStreamReader::<S>::new(file, Some(composefs_oci::LAYER_CONTENT_TYPE))
-        .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))?;
-    Ok(reader.total_size)
+    if check {
+        let actual: S = digest_file(&file).map_err(|e| corrupt(format!("cannot read it: {e}")))?;
+        if actual != *verity {
+            return Err(corrupt(format!(
+                "its content has fs-verity digest {}",
+                actual.to_hex()
+            )));
+        }
+    }
+    SplitStreamReader::new(file, Some(composefs_oci::LAYER_CONTENT_TYPE))
+        .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))
 }
 
 /// What a layer's copy needs besides its source.
