@@ -33,5 +33,35 @@ fi
 echo "== cargo build"
 cargo build --workspace --bins --locked
 echo "== cargo test"
-cargo test --workspace --locked --no-fail-fast -- --test-threads="${CSTOR_TEST_THREADS:-4}"
+# A hung test must not eat the whole CI budget in silence: after CSTOR_TEST_LIMIT_MIN minutes
+# the tests are stopped, and the processes still running are listed first (state, and the
+# kernel function each waits in), so the log says where they hung.
+limit=$(( ${CSTOR_TEST_LIMIT_MIN:-55} * 60 ))
+watch_tests() {
+    local pid=$1 waited=0
+    while kill -0 "$pid" 2>/dev/null; do
+        if (( waited >= limit )); then
+            echo "== cargo test still runs after $(( limit / 60 )) min: stopping it. Running now:"
+            ps -eo pid,ppid,pgid,stat,etime,wchan:32,args --forest || true
+            kill -TERM -- "-$pid" 2>/dev/null || true
+            sleep 20
+            kill -KILL -- "-$pid" 2>/dev/null || true
+            return
+        fi
+        sleep 5
+        waited=$(( waited + 5 ))
+    done
+}
+# In a process group of its own (setsid), so that stopping it reaches the test binaries.
+setsid cargo test --workspace --locked --no-fail-fast -- --test-threads="${CSTOR_TEST_THREADS:-4}" &
+tests=$!
+watch_tests "$tests" &
+watchdog=$!
+rc=0
+wait "$tests" || rc=$?
+wait "$watchdog" || true
+if (( rc != 0 )); then
+    echo "== cargo test failed (exit status $rc)"
+    exit "$rc"
+fi
 echo "== all tests passed in $(( $(date +%s) - start )) s"

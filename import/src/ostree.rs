@@ -49,8 +49,7 @@ use cstor_proxy_client::Client;
 
 use crate::error::{Error, Result, repo_err};
 use crate::objects::{
-    Expected, Source, WORKER_NICE, WorkerState, object_tmpfile_in, placement, store_as,
-    store_filled,
+    Expected, Source, WorkerState, object_tmpfile_in, placement, store_as, store_filled,
 };
 use crate::progress::{ImportEvent, Progress};
 use crate::{CopyPolicy, ImportOptions, ObjectStats};
@@ -736,7 +735,6 @@ impl<ObjectID: FsVerityHashValue> Workers<ObjectID> {
             let thread = std::thread::Builder::new()
                 .name(format!("cstor-ostree-{i}"))
                 .spawn(move || {
-                    crate::sys::lower_thread_priority(WORKER_NICE);
                     loop {
                         // The lock is held only to take one job: the sender never blocks.
                         let job = match queue.lock().unwrap_or_else(|p| p.into_inner()).recv() {

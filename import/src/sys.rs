@@ -1,15 +1,4 @@
-//! What the import asks of its own process: lower priority for its background threads, and
-//! memory figures in its debug log.
-
-/// Lowers the calling thread's scheduling priority by `by` nice steps (to 19 at most). Best
-/// effort: a failure only leaves the thread at its priority. On Linux, `setpriority` on "this
-/// process" changes the calling thread only.
-pub(crate) fn lower_thread_priority(by: i32) {
-    let Ok(now) = rustix::process::getpriority_process(None) else {
-        return;
-    };
-    let _ = rustix::process::setpriority_process(None, now.saturating_add(by).min(19));
-}
+//! What the import reads of its own process: memory figures for its debug log.
 
 /// Logs the process's resident and peak memory at `phase` (debug level, from /proc).
 pub(crate) fn log_memory(phase: &str) {

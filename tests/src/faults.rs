@@ -507,6 +507,9 @@ impl Finished {
     }
 }
 
+/// How long [`Running::finish`] waits for a process's output to end once it has exited.
+const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(30);
+
 /// A command started with its output collected in the background, so that it can be
 /// stopped, killed or waited for at any moment.
 #[derive(Debug)]
@@ -592,10 +595,22 @@ impl Running {
         false
     }
 
-    /// Waits for it to exit, killing it (and failing) after `bound`.
+    /// Waits for it to exit, killing it (and failing) after `bound`. Fails too when its
+    /// output stays open long after it exited: a process it started holds the pipes.
     pub fn finish(mut self, bound: Duration) -> Result<Finished> {
         let waited = crate::session::wait_with_timeout(&mut self.child, bound);
         let elapsed = self.started.elapsed();
+        let exited = Instant::now();
+        while !(self.stdout.is_finished() && self.stderr.is_finished()) {
+            ensure!(
+                exited.elapsed() < OUTPUT_AFTER_EXIT,
+                "{:?} exited ({waited:?}) but its stdout or stderr is still open {:.0?} later: \
+                 a process it started holds them",
+                self.child,
+                OUTPUT_AFTER_EXIT
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let stdout = self.stdout.join().unwrap_or_default();
         let _ = self.stderr.join();
         let stderr = self
@@ -796,6 +811,20 @@ pub fn error_line(stderr: &str) -> &str {
 
 // ---------------------------------------------------------------------------------------
 // Processes.
+
+/// A process that must not outlive the story that faulted it: SIGKILLed when dropped, if
+/// it still runs. A helper left stopped by a failed story would hold its read lock on the
+/// store for ever, and the store's teardown (a podman command) would wait on it.
+#[derive(Debug)]
+pub struct KillOnDrop(pub ProcId);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.alive() {
+            let _ = kill(&self.0);
+        }
+    }
+}
 
 /// A process, told apart from a later one with the same pid by its start time.
 #[derive(Debug, Clone, PartialEq, Eq)]

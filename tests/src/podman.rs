@@ -424,13 +424,22 @@ impl PodmanStore {
     /// leaves behind (while it exists, hardlinks out of layer files fail with
     /// EXDEV) by running a harmless podman command, `podman images -q`.
     /// Failures are reported on stderr only.
+    ///
+    /// Bounded: it runs at teardown too, where a process a failed test left behind may
+    /// hold a lock podman would wait on for ever.
     pub fn settle(&self) {
-        if let Err(e) = self.run(["images", "--quiet"]) {
-            crate::note(&format!(
-                "cstor-tests: settling store {} failed: {e:#}",
-                self.dir.display()
-            ));
-        }
+        let mut cmd = self.podman();
+        cmd.args(["images", "--quiet"])
+            .stdin(std::process::Stdio::null());
+        let failed = match crate::faults::run(&mut cmd, SETTLE_BOUND) {
+            Ok(done) if done.status.success() => return,
+            Ok(done) => format!("{}: {}", done.status, done.stderr.trim()),
+            Err(e) => format!("{e:#}"),
+        };
+        crate::note(&format!(
+            "cstor-tests: settling store {} failed: {failed}",
+            self.dir.display()
+        ));
     }
 
     /// Whether `<root>/overlay` is currently a mount point (the skopeo
@@ -532,6 +541,9 @@ impl PodmanStore {
 
 /// The file in each run root naming the store directory it belongs to.
 const RUNROOT_OWNER_FILE: &str = "cstor-store-dir";
+
+/// How long [`PodmanStore::settle`] lets podman run.
+const SETTLE_BOUND: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Once per process: removes run roots (siblings of `runroot`) whose store
 /// directory no longer exists, e.g. of stores in deleted temporary

@@ -253,6 +253,8 @@ fn fault_the_helper(
         "cstor never connected to its helper"
     );
     let victim = helper_of(&running, helper);
+    // Whatever check fails below, the helper does not stay stopped.
+    let _victim = cstor_tests::faults::KillOnDrop(victim.clone());
     // Over the part of the import after the handshake (most of it, less the process
     // starts and the commit phase, where the helper has nothing left to do).
     let at = Instant::now() + rng.between(Duration::ZERO, duration.mul_f64(0.7));

@@ -28,7 +28,6 @@ mod worker_state;
 
 pub(crate) use naming::link_tmpfile;
 pub use policy::{CopyPolicy, Stored};
-pub(crate) use pool::WORKER_NICE;
 pub use pool::{JobResult, Pool, Submission};
 pub(crate) use source::{Expected, Source, assemble_error, check_crc, read_error, unless_stopped};
 pub(crate) use store::{object_tmpfile_in, store_as, store_filled};

@@ -65,20 +65,6 @@ struct Job<ObjectID> {
     reply: SyncSender<JobResult<ObjectID>>,
 }
 
-/// How much lower than the rest of the import the object workers run (nice increment).
-///
-/// The workers are the last stage of the pipeline (helper -> layer reader -> workers) and the
-/// only one with a deep queue: when they take turns with the layer readers and the helper on
-/// equal terms, a reader woken for its next fds waits for a worker's time slice while the
-/// queue runs dry, and cores idle for moments. Below them the stages that feed them go
-/// first; the workers still get every cycle the feeders do not use. The lowest priority
-/// (+19, nice's cap) works best: a woken feeder then waits least for a worker to leave the
-/// CPU. Nice values weigh threads against the others of the same scheduling group (a
-/// session's autogroup, or a cgroup), so this does not hand the machine's other sessions or
-/// services a larger share; it does mean that a busy thread of a program that imports, in
-/// the same group, gets ahead of the workers.
-pub(crate) const WORKER_NICE: i32 = 19;
-
 /// Jobs a worker takes at once, when that many are queued: their object ids are computed
 /// together (see [`digest_batch`]).
 const BATCH: usize = 16;
@@ -152,7 +138,6 @@ impl<ObjectID: FsVerityHashValue> Pool<ObjectID> {
                 std::thread::Builder::new()
                     .name(format!("cstor-objects-{i}"))
                     .spawn(move || {
-                        crate::sys::lower_thread_priority(WORKER_NICE);
                         let mut buf = vec![0u8; 1 << 20];
                         let mut batch = Vec::with_capacity(BATCH);
                         while queue.pop_batch(i, BATCH, &mut batch) {

@@ -94,10 +94,6 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         let thread = std::thread::Builder::new()
             .name("cstor-tree".into())
             .spawn(move || {
-                // Lowest priority, as the object workers: the layers keep both cores busy
-                // but for the moments the workers sleep on XFS locks, which is when this
-                // runs best (at normal priority it only took turns with them: no faster).
-                crate::sys::lower_thread_priority(19);
                 let mut fs = FileSystem::new(Stat::uninitialized());
                 let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {
