@@ -617,6 +617,65 @@ fn bad_requests_get_upstream_error_names_and_the_helper_keeps_serving() {
     );
 }
 
+/// The methods `description` (varlink's interface language) declares, parsed by zlink's
+/// own parser; fails the test when it does not parse or names another interface.
+fn declared_methods(description: &str, interface: &str) -> Vec<String> {
+    let parsed = zlink_idl::Interface::try_from(description)
+        .unwrap_or_else(|e| panic!("the description of {interface} does not parse: {e}"));
+    assert_eq!(parsed.name(), interface);
+    parsed.methods().map(|m| m.name().to_owned()).collect()
+}
+
+#[test]
+fn a_generic_varlink_tool_can_learn_what_the_helper_serves() {
+    let Some(s) = small("a_generic_varlink_tool_can_learn_what_the_helper_serves") else {
+        return;
+    };
+    let sock = &s.helper.sock;
+    let call = |method: &str, parameters: Value| {
+        let mut bytes =
+            serde_json::to_vec(&json!({"method": method, "parameters": parameters})).unwrap();
+        bytes.push(0);
+        let (mut r, _) = raw(sock, &bytes, 1);
+        assert_eq!(r.len(), 1, "{method}: {r:?}");
+        r.remove(0)
+    };
+    let info = call("org.varlink.service.GetInfo", json!({}));
+    let interfaces: Vec<String> =
+        serde_json::from_value(info["parameters"]["interfaces"].clone()).unwrap();
+    assert_eq!(interfaces, ["org.varlink.service", "org.composefs.Oci"]);
+    for interface in &interfaces {
+        let r = call(
+            "org.varlink.service.GetInterfaceDescription",
+            json!({ "interface": interface }),
+        );
+        let description = r["parameters"]["description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{interface}: {r}"));
+        let methods = declared_methods(description, interface);
+        if interface == "org.composefs.Oci" {
+            // Exactly what answers: what a repository service has besides is not offered.
+            assert_eq!(methods, ["GetInfo", "HasLayer", "GetLayer"]);
+            let absent = format!("sha256:{}", "0".repeat(64));
+            let has = call(
+                "org.composefs.Oci.HasLayer",
+                json!({"handle": 0, "diff_id": absent}),
+            );
+            assert_eq!(has["parameters"]["present"], false, "{has}");
+        } else {
+            assert_eq!(methods, ["GetInfo", "GetInterfaceDescription"]);
+        }
+    }
+    let r = call(
+        "org.varlink.service.GetInterfaceDescription",
+        json!({"interface": "com.example.Nothing"}),
+    );
+    assert_eq!(r["error"], "org.varlink.service.InterfaceNotFound", "{r}");
+    assert_eq!(r["parameters"]["interface"], "com.example.Nothing");
+    let r = call("org.varlink.service.GetInterfaceDescription", json!({}));
+    assert_eq!(r["error"], "org.varlink.service.InvalidParameter", "{r}");
+}
+
 #[test]
 fn podman_waits_until_the_consumer_closes_the_lifetime_fd() {
     let Some(s) = small("podman_waits_until_the_consumer_closes_the_lifetime_fd") else {

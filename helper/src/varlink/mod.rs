@@ -6,8 +6,9 @@
 //! replies, all but the last with `"continues": true`. File descriptors ride on a reply's
 //! bytes with `SCM_RIGHTS`, one batch per reply, which is how zlink (upstream's varlink
 //! crate) reads them back. The interface served is in [`oci`]; the layer stream in
-//! [`stream`]. Besides `org.composefs.Oci`, `org.varlink.service.GetInfo` answers, so that
-//! generic varlink tools can name the service.
+//! [`stream`]. Besides `org.composefs.Oci`, `org.varlink.service.GetInfo` and
+//! `GetInterfaceDescription` answer, so that generic varlink tools can name the service and
+//! show what it serves.
 
 pub mod oci;
 pub mod stream;
@@ -30,6 +31,31 @@ use oci::{GetLayerParams, OciError, Served};
 
 /// The interface of varlink's own service methods and errors.
 const SERVICE: &str = "org.varlink.service";
+
+/// The description of [`SERVICE`], as much of it as this server answers.
+const SERVICE_DESCRIPTION: &str = "\
+# The varlink service interface: what any varlink service says about itself.
+interface org.varlink.service
+
+# The service's vendor, product, version, home page and the interfaces it serves.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# The description of one of the interfaces served, in the varlink interface language.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+error InterfaceNotFound (interface: string)
+error MethodNotFound (method: string)
+error MethodNotImplemented (method: string)
+error InvalidParameter (parameter: string)
+error PermissionDenied ()
+error ExpectedMore ()
+";
 
 /// Serves varlink connections accepted on `listener` until the process ends.
 pub async fn serve(helper: Arc<Helper>, listener: UnixListener) -> std::io::Result<()> {
@@ -277,6 +303,24 @@ async fn dispatch(
                 }),
                 false,
             )]),
+            "org.varlink.service.GetInterfaceDescription" => {
+                let interface: String = param(&p, "interface")?;
+                let description = match interface.as_str() {
+                    SERVICE => SERVICE_DESCRIPTION,
+                    oci::INTERFACE => oci::DESCRIPTION,
+                    _ => {
+                        return Err(Reply::error(
+                            SERVICE,
+                            "InterfaceNotFound",
+                            json!({ "interface": interface }),
+                        ));
+                    }
+                };
+                Ok(vec![Reply::ok(
+                    json!({ "description": description }),
+                    false,
+                )])
+            }
             // PutLayer, FinalizeImage...: a read-only source has no repository to write to.
             m if m.starts_with("org.composefs.Oci.") || m.starts_with("org.varlink.service.") => {
                 Err(Reply::error(

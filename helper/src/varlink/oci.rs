@@ -19,6 +19,45 @@ use crate::server::producer::{CancellableWriter, stream_pipe};
 
 /// The interface name.
 pub const INTERFACE: &str = "org.composefs.Oci";
+/// The description `org.varlink.service.GetInterfaceDescription` gives of [`INTERFACE`]:
+/// the part of composefs' interface a read-only containers-storage source serves, with the
+/// errors it answers. Methods a repository service has besides (`PutLayer`,
+/// `FinalizeImage`...) are left out, as they answer `MethodNotFound` here.
+pub const DESCRIPTION: &str = "\
+# The OCI interface of composefs, as cstor-helper serves it: a read-only source of the
+# layers of containers-storage stores. A layer leaves as a splitdirfdstream with the
+# directories its content is named beneath, and a lifetime fd that keeps it pinned.
+interface org.composefs.Oci
+
+# Where a layer is in a containers-storage store.
+type StorageLocator (storage_path: string, layer_id: string)
+
+# What names the layer wanted: its diff id, its place in a store, or both.
+type GetLayerParams (
+  diff_id: ?string,
+  storage: ?StorageLocator,
+  consumer_has_cap_dac_override: ?bool
+)
+
+# The features of this source: splitdirfdstream-v0, source-containers-storage, read-only.
+method GetInfo() -> (features: []string)
+
+# Whether a complete layer with this diff id can be served. There is no repository here,
+# so layer_verity is always null. The handle is required and ignored.
+method HasLayer(handle: int, diff_id: string) -> (present: bool, layer_verity: ?string)
+
+# A layer. The fds of all replies, in order: the stream (a pipe), dir_count directories
+# (O_PATH), the lifetime fd. With more, at most 240 fds per reply.
+method GetLayer(handle: int, params: GetLayerParams) -> (dir_count: int)
+
+error NoSuchLayer (diff_id: string)
+error InvalidRequest (message: string)
+error InvalidDigest (message: string)
+error RepoNotFound (message: string)
+error InternalError (message: string)
+error FdLimitExceeded (fd_count: int, max_per_frame: int)
+";
+
 /// The stream format we produce, as `GetInfo` names it.
 pub const FEATURE_STREAM: &str = "splitdirfdstream-v0";
 /// The most fds one reply carries (the kernel passes at most 253 per message).
