@@ -170,6 +170,18 @@ pub fn run_command(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(text.trim_end().to_string())
 }
 
+/// Writes a script `text` to `dst` (mode 0755) that tests then run: written beside it first,
+/// then put in place by [`copy_executable`], so that no fd of this process ever had `dst`
+/// open for writing (see there: running it could fail with "Text file busy").
+pub fn write_script(dst: &Path, text: &str) -> Result<()> {
+    let mut draft = dst.as_os_str().to_owned();
+    draft.push(".draft");
+    let draft = PathBuf::from(draft);
+    std::fs::write(&draft, text).with_context(|| format!("writing {}", draft.display()))?;
+    copy_executable(&draft, dst)?;
+    std::fs::remove_file(&draft).with_context(|| format!("removing {}", draft.display()))
+}
+
 /// Copies an executable to `dst` (mode 0755) with `install`, in a child process. Copied in
 /// this process, the file would be open for writing while other test threads fork: a child
 /// inherits that fd until it execs, and running the copy meanwhile fails with "Text file

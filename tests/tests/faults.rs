@@ -442,12 +442,11 @@ fn the_helper_killed_or_frozen_mid_import_as_a_rootless_user() {
     // `Initialize`. The handshake deadline (30 s, not --helper-timeout: a first
     // `podman unshare` is slow) must kill it all the same, although podman is in between.
     let stopper = work.path().join("stopped-helper");
-    std::fs::write(
+    cstor_tests::write_script(
         &stopper,
         "#!/bin/sh\ntrap '' HUP\nkill -STOP $$\nexec sleep 600\n",
     )
     .unwrap();
-    std::fs::set_permissions(&stopper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let repo = repos.join("stopped-before-initialize");
     let mut cmd = user.command(&cstor);
     cmd.args(["--json", "--progress", "never", "import", "--helper"])
@@ -881,12 +880,10 @@ fn a_helper_that_answers_garbage_is_given_up_on_clearly() {
     if !skip::require_tools(story, &["python3"]) {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let bins = Binaries::of_this_build().unwrap();
     let work = tempfile::tempdir().unwrap();
     let fake = work.path().join("lying-helper");
-    std::fs::write(&fake, LYING_HELPER).unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cstor_tests::write_script(&fake, LYING_HELPER).unwrap();
     let mut tally = Tally::new(story);
     // What cstor must say: the helper is the problem (status 5), or its reply did not make
     // sense (status 1); within the reply deadline, and never by hanging.

@@ -297,16 +297,12 @@ fn a_helper_that_hangs_or_dies_at_start_is_reported() {
     let work = tempfile::tempdir().unwrap();
     let hang = work.path().join("hang.sh");
     let die = work.path().join("die.sh");
-    std::fs::write(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
-    std::fs::write(
+    cstor_tests::write_script(&hang, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    cstor_tests::write_script(
         &die,
         "#!/bin/sh\necho 'cannot open the storage: no such thing' >&2\nexit 3\n",
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    for p in [&hang, &die] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
     runtime().block_on(async {
         let mut config = cstor_proxy_client::HelperConfig::default()
             .program(&hang)
