@@ -133,8 +133,9 @@ pub struct HelperConfig {
     /// The storage to serve.
     pub storage: StorageSelection,
     /// The storage root as an already open directory (e.g. by a caller that resolved it
-    /// itself); overrides `storage.graphroot`. The helper inherits it and opens it as
-    /// `/proc/self/fd/N`, directly or through `podman unshare`.
+    /// itself); overrides `storage.graphroot`. The helper gets it as its stdout and opens it
+    /// as `/proc/self/fd/1`, directly or through `podman unshare`; no other process this
+    /// program starts inherits it.
     pub graphroot_fd: Option<std::sync::Arc<OwnedFd>>,
     /// How to run it.
     pub privilege: Privilege,
@@ -312,24 +313,26 @@ impl HelperProcess {
             std::os::unix::process::CommandExt::process_group(&mut c, 0);
             c
         };
-        // dup() without O_CLOEXEC: the child inherits it under the same number. Closed
-        // again right after the spawn.
-        let inherited = match &config.graphroot_fd {
-            Some(fd) => Some(
-                rustix::io::dup(fd)
-                    .map_err(|e| Error::io("passing the storage root fd", e.into()))?,
-            ),
-            None => None,
-        };
+        // The storage root fd becomes the helper's stdout, which it does not write to when
+        // it serves a socket. std puts it there in the child (dup2, whose copy has no
+        // O_CLOEXEC) from a copy of ours that keeps O_CLOEXEC: a process another thread of
+        // this program starts meanwhile does not inherit it, as it would an fd duplicated
+        // without O_CLOEXEC for the child to find under its own number.
         let mut storage = config.storage.clone();
-        if let Some(fd) = &inherited {
-            use std::os::fd::AsRawFd;
-            storage.graphroot = Some(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
-        }
+        let stdout = match &config.graphroot_fd {
+            Some(fd) => {
+                storage.graphroot = Some(PathBuf::from("/proc/self/fd/1"));
+                Stdio::from(
+                    fd.try_clone()
+                        .map_err(|e| Error::io("passing the storage root fd", e))?,
+                )
+            }
+            None => Stdio::null(),
+        };
         cmd.args(storage.to_args())
             .args(&config.extra_args)
             .stdin(Stdio::from(socket))
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         tracing::debug!(?cmd, "starting the helper");
         let shown = if direct {
@@ -341,7 +344,6 @@ impl HelperProcess {
             program: shown,
             cause,
         })?;
-        drop(inherited);
         let pid = child.id();
         // Opened before anyone can reap the child, so it always names this process.
         let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
