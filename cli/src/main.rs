@@ -26,6 +26,9 @@ fn main() -> ExitCode {
     // While this is the only thread (see reserve_fd_table): an import of two layers holds
     // about 1,200 fds.
     cstor_proxy_client::reserve_fd_table(4096);
+    // An import's streaming buffers, once freed, must not stay resident beside the image's
+    // tree (glibc's dynamic thresholds would keep tens of MB of them).
+    cstor_sys::memory::limit_retained_memory();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -39,7 +39,13 @@ pub(crate) struct Node<'a, ObjectID: FsVerityHashValue> {
     /// indexes).
     pub data_blocks: u32,
     /// Bytes stored right after the inode (file tail, symlink target, chunk indexes).
-    pub tail: usize,
+    pub tail: u32,
+    /// Bytes of the inode's own xattr area (set by the emitter's layout decisions, like the
+    /// two fields above after it promotes a tail to a block, and `compact`). Kept in the node
+    /// rather than in tables beside it: at a million files every byte per node is a MB.
+    pub xattr_size: u32,
+    /// Whether the inode fits the 32-byte compact header.
+    pub compact: bool,
 }
 
 #[derive(Debug)]
@@ -93,16 +99,40 @@ pub(crate) enum Target {
     Deferred(u32),
 }
 
+/// One directory entry: 24 bytes, as there is one per file ([`Target`] is unpacked into a
+/// number and a flag, which saves a quarter).
 #[derive(Debug)]
 pub(crate) struct Entry<'a> {
     pub name: &'a [u8],
-    pub target: Target,
+    target: u32,
+    deferred: bool,
     pub file_type: FileType,
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
+    pub fn new(name: &'a [u8], target: Target, file_type: FileType) -> Self {
+        let (target, deferred) = match target {
+            Target::Known(i) => (i, false),
+            Target::Deferred(id) => (id, true),
+        };
+        Entry {
+            name,
+            target,
+            deferred,
+            file_type,
+        }
+    }
+
+    pub fn target(&self) -> Target {
+        if self.deferred {
+            Target::Deferred(self.target)
+        } else {
+            Target::Known(self.target)
+        }
+    }
+
     pub fn inode(&self) -> Result<usize, Error> {
-        match self.target {
+        match self.target() {
             Target::Known(i) => Ok(i as usize),
             Target::Deferred(_) => Err(Error::Internal("unresolved hardlink".into())),
         }
@@ -222,16 +252,12 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
 
     while let Some((dir, parent, me)) = queue.pop_front() {
         let start = entries.len();
-        entries.push(Entry {
-            name: b".",
-            target: Target::Known(me),
-            file_type: FileType::Directory,
-        });
-        entries.push(Entry {
-            name: b"..",
-            target: Target::Known(parent),
-            file_type: FileType::Directory,
-        });
+        entries.push(Entry::new(b".", Target::Known(me), FileType::Directory));
+        entries.push(Entry::new(
+            b"..",
+            Target::Known(parent),
+            FileType::Directory,
+        ));
         children.clear();
         children.extend(dir.sorted_entries().map(|(name, inode)| {
             let child = match inode {
@@ -256,19 +282,11 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
                 Child::Dir(sub) => {
                     let idx = c.push(&sub.stat, Kind::Dir(Box::default()), 0);
                     queue.push_back((sub, me, idx));
-                    Entry {
-                        name,
-                        target: Target::Known(idx),
-                        file_type: FileType::Directory,
-                    }
+                    Entry::new(name, Target::Known(idx), FileType::Directory)
                 }
                 Child::Stub => {
-                    let idx = c.push_leaf(c.stub, 1);
-                    Entry {
-                        name,
-                        target: Target::Known(idx),
-                        file_type: FileType::CharacterDevice,
-                    }
+                    let idx = c.push_leaf(c.stub, 1)?;
+                    Entry::new(name, Target::Known(idx), FileType::CharacterDevice)
                 }
                 Child::Leaf(id) => {
                     let (target, escaped) = c.link(dir, me == root, name, id)?;
@@ -277,11 +295,7 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
                         Target::Known(i) => c.nodes[i as usize].file_type(),
                         Target::Deferred(_) => FileType::RegularFile,
                     };
-                    Entry {
-                        name,
-                        target,
-                        file_type,
-                    }
+                    Entry::new(name, target, file_type)
                 }
             };
             entries.push(entry);
@@ -293,13 +307,16 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
     }
 
     for entry in &mut entries {
-        if let Target::Deferred(id) = entry.target {
+        if let Target::Deferred(id) = entry.target() {
             let idx = *c
                 .linked
                 .get(&(id as usize))
                 .ok_or_else(|| Error::InvalidTree(format!("leaf {id} has no canonical link")))?;
-            entry.target = Target::Known(idx);
-            entry.file_type = c.nodes[idx as usize].file_type();
+            *entry = Entry::new(
+                entry.name,
+                Target::Known(idx),
+                c.nodes[idx as usize].file_type(),
+            );
         }
     }
     for (me, span) in dirs {
@@ -324,11 +341,13 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
             holds_whiteouts: false,
             data_blocks: 0,
             tail: 0,
+            xattr_size: 0,
+            compact: false,
         });
         (self.nodes.len() - 1) as u32
     }
 
-    fn push_leaf(&mut self, leaf: &'a Leaf<ObjectID>, nlink: u32) -> u32 {
+    fn push_leaf(&mut self, leaf: &'a Leaf<ObjectID>, nlink: u32) -> Result<u32, Error> {
         let (data_blocks, tail) = match &leaf.content {
             LeafContent::Regular(RegularFile::Inline(data)) if !data.is_empty() => {
                 let (blocks, tail) = (data.len() / BLOCK, data.len() % BLOCK);
@@ -349,9 +368,11 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
         };
         let idx = self.push(&leaf.stat, Kind::Leaf(&leaf.content), nlink);
         let node = &mut self.nodes[idx as usize];
-        node.data_blocks = data_blocks as u32;
-        node.tail = tail;
-        idx
+        node.data_blocks = u32::try_from(data_blocks)
+            .map_err(|_| Error::Unrepresentable("a file of more than 2^32 blocks".into()))?;
+        node.tail = u32::try_from(tail)
+            .map_err(|_| Error::Unrepresentable(format!("{tail} bytes after one inode")))?;
+        Ok(idx)
     }
 
     /// The target of one link to leaf `id` found in `dir`, and whether it escaped a whiteout.
@@ -387,7 +408,7 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
         let idx = match self.linked.get(&id.0) {
             Some(&idx) if nlink > 1 => idx,
             _ => {
-                let idx = self.push_leaf(leaf, nlink);
+                let idx = self.push_leaf(leaf, nlink)?;
                 if nlink > 1 {
                     self.linked.insert(id.0, idx);
                 }
@@ -509,3 +530,11 @@ pub(crate) fn chunk_bits(size: u64) -> u32 {
 pub(crate) fn chunk_count(size: u64) -> u64 {
     size.div_ceil(1u64 << chunk_bits(size))
 }
+
+// What a file costs in the layout: checked, as a field added carelessly costs a MB per
+// million files.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(size_of::<Entry<'static>>() == 24);
+    assert!(size_of::<Node<'static, composefs::fsverity::Sha512HashValue>>() == 48);
+};

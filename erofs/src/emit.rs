@@ -31,18 +31,13 @@ const NULL_CHUNK: [u8; 4] = [0xff; 4];
 /// Where things land, recorded by the layout pass.
 #[derive(Debug, Default)]
 struct Layout {
-    inodes: Vec<u64>,
+    /// Each inode's number (its offset in 32-byte slots): 4 bytes a file, not 8.
+    inodes: Vec<u32>,
     inodes_end: u64,
     xattrs: Vec<u64>,
-    blocks: Vec<u64>,
+    /// Each inode's first data block.
+    blocks: Vec<u32>,
     end: u64,
-}
-
-/// Per-inode decisions that need the whole tree: header size and xattr block size.
-#[derive(Debug, Clone, Copy)]
-struct Shape {
-    compact: bool,
-    xattr_size: usize,
 }
 
 trait Sink {
@@ -102,53 +97,53 @@ fn to_block_end(pos: u64) -> Option<u64> {
 }
 
 pub(crate) fn write<ObjectID: FsVerityHashValue>(
-    tree: &Tree<'_, ObjectID>,
+    tree: &mut Tree<'_, ObjectID>,
     shared: &Shared<'_, ObjectID>,
     out: impl Write,
 ) -> Result<u64, Error> {
-    let mut data: Vec<(u32, usize)> = tree.nodes.iter().map(|n| (n.data_blocks, n.tail)).collect();
     let min_mtime = tree
         .nodes
         .iter()
         .map(|n| (n.stat.st_mtim_sec as u64, n.stat.st_mtim_nsec))
         .min()
         .unwrap_or((0, 0));
-    let mut shapes = Vec::with_capacity(tree.nodes.len());
-    for (idx, node) in tree.nodes.iter().enumerate() {
+    for idx in 0..tree.nodes.len() {
         let xattr_size = InodeXAttrs::new(tree, shared, idx).size();
-        let (blocks, tail) = &mut data[idx];
+        let node = &mut tree.nodes[idx];
+        node.xattr_size = u32::try_from(xattr_size)
+            .map_err(|_| Error::Unrepresentable(format!("{xattr_size} bytes of xattrs")))?;
+        let tail = node.tail as usize;
         // Symlinks whose inode would not fit a block, and chunk indexes that would cross one,
         // move to a data block of their own.
-        if *tail > 0 {
+        if tail > 0 {
             if let Kind::Leaf(LeafContent::Symlink(_)) = node.kind {
-                let header = if fits_compact(node, min_mtime, *tail as u64, node.nlink) {
+                let header = if fits_compact(node, min_mtime, tail as u64, node.nlink) {
                     COMPACT_SIZE
                 } else {
                     EXTENDED_SIZE
                 };
-                if header + xattr_size + *tail >= BLOCK as usize {
-                    *blocks += 1;
-                    *tail = 0;
+                if header + xattr_size + tail >= BLOCK as usize {
+                    node.data_blocks += 1;
+                    node.tail = 0;
                 }
-            } else if is_chunked(node) && *tail + xattr_size % SLOT as usize > BLOCK as usize {
-                *blocks = 1;
-                *tail = 0;
+            } else if is_chunked(node) && tail + xattr_size % SLOT as usize > BLOCK as usize {
+                node.data_blocks = 1;
+                node.tail = 0;
             }
         }
         let (size, nlink) = size_nlink(node);
-        shapes.push(Shape {
-            compact: fits_compact(node, min_mtime, size, nlink),
-            xattr_size,
-        });
+        node.compact = fits_compact(node, min_mtime, size, nlink);
     }
     let ctx = Ctx {
         tree,
         shared,
-        shapes,
-        data,
         min_mtime,
     };
-    let mut layout = Layout::default();
+    let mut layout = Layout {
+        inodes: Vec::with_capacity(tree.nodes.len()),
+        blocks: Vec::with_capacity(tree.nodes.len()),
+        ..Layout::default()
+    };
     ctx.emit(&mut Counter(0), &mut layout, true)?;
     let mut sink = Out { w: out, pos: 0 };
     ctx.emit(&mut sink, &mut layout, false)?;
@@ -201,9 +196,6 @@ fn fits_compact<ObjectID: FsVerityHashValue>(
 struct Ctx<'t, 'a, ObjectID: FsVerityHashValue> {
     tree: &'t Tree<'a, ObjectID>,
     shared: &'t Shared<'a, ObjectID>,
-    shapes: Vec<Shape>,
-    /// Data blocks and inline tail per inode, after promotions.
-    data: Vec<(u32, usize)>,
     min_mtime: (u64, u32),
 }
 
@@ -223,7 +215,7 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
         };
         s.put(header.as_bytes())?;
         s.pad(COMPOSEFS_HEADER_AREA)?;
-        let root_nid = if first { 0 } else { layout.inodes[0] / SLOT };
+        let root_nid = if first { 0 } else { layout.inodes[0] };
         let superblock = Superblock {
             magic: format::MAGIC_V1,
             blkszbits: format::BLOCK_BITS,
@@ -252,7 +244,7 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
         }
         s.pad(BLOCK)?;
         for idx in 0..nodes.len() {
-            record_at(s, first, &mut layout.blocks, idx, "data block")?;
+            record_unit(s, first, &mut layout.blocks, idx, BLOCK, "data block")?;
             self.blocks(s, layout, first, idx)?;
         }
         record(s, first, &mut layout.end, "end of image")
@@ -266,16 +258,9 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
         idx: usize,
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
-        let Shape {
-            compact,
-            xattr_size,
-        } = self.shapes[idx];
-        let (data_blocks, tail) = self.data[idx];
-        let blkaddr = if first {
-            0
-        } else {
-            to_u32(layout.blocks[idx] / BLOCK, "block address")?
-        };
+        let (compact, xattr_size) = (node.compact, node.xattr_size as usize);
+        let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
+        let blkaddr = if first { 0 } else { layout.blocks[idx] };
         let (data_layout, u) = self.data_layout(node, data_blocks, tail, blkaddr)?;
         let (size, nlink) = size_nlink(node);
         let header = (if compact { COMPACT_SIZE } else { EXTENDED_SIZE }) as u64;
@@ -313,7 +298,7 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
                 self.pad_tail(s, meta, inline)?;
             }
         }
-        record_at(s, first, &mut layout.inodes, idx, "inode")?;
+        record_unit(s, first, &mut layout.inodes, idx, SLOT, "inode")?;
 
         let xattr_icount = match xattr_size {
             0 => 0,
@@ -491,7 +476,7 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
         idx: usize,
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
-        let (data_blocks, _) = self.data[idx];
+        let data_blocks = node.data_blocks;
         match node.kind {
             Kind::Dir(ref d) => {
                 for block in d.blocks() {
@@ -536,7 +521,7 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
             let nid = if first {
                 0
             } else {
-                layout.inodes[e.inode()?] / SLOT
+                u64::from(layout.inodes[e.inode()?])
             };
             s.put(
                 DirectoryEntryHeader {
@@ -606,6 +591,34 @@ fn record_at(
     }
     match slots.get(i) {
         Some(&p) if p == s.pos() => Ok(()),
+        _ => Err(Error::Internal(format!(
+            "{what} {i} moved between the layout and emit passes"
+        ))),
+    }
+}
+
+/// [`record_at`] for positions kept in `unit`s (inode slots, blocks) in 32 bits: the layout
+/// pass checks that each is aligned and fits.
+fn record_unit(
+    s: &impl Sink,
+    first: bool,
+    slots: &mut Vec<u32>,
+    i: usize,
+    unit: u64,
+    what: &str,
+) -> Result<(), Error> {
+    let pos = s.pos();
+    if first {
+        if !pos.is_multiple_of(unit) {
+            return Err(Error::Internal(format!(
+                "{what} {i} at {pos}, not a multiple of {unit}"
+            )));
+        }
+        slots.push(to_u32(pos / unit, what)?);
+        return Ok(());
+    }
+    match slots.get(i) {
+        Some(&p) if u64::from(p) * unit == pos => Ok(()),
         _ => Err(Error::Internal(format!(
             "{what} {i} moved between the layout and emit passes"
         ))),

@@ -93,9 +93,9 @@ pub fn write_image<ObjectID: FsVerityHashValue>(
     }
     fs.fsck().map_err(|e| Error::InvalidTree(e.to_string()))?;
     let stub = collect::whiteout_stub(fs);
-    let tree = collect::collect(fs, &stub)?;
+    let mut tree = collect::collect(fs, &stub)?;
     let shared = xattr::Shared::count(&tree);
-    emit::write(&tree, &shared, out)
+    emit::write(&mut tree, &shared, out)
 }
 
 #[cfg(test)]

@@ -130,8 +130,11 @@ async fn import<ObjectID: FsVerityHashValue>(
 
     progress.send(ImportEvent::Finalizing);
     // Building the EROFS image holds the whole tree in memory: give the streaming phase's
-    // buffers back to the system first so that the two peaks do not add up.
+    // buffers back to the system first so that the two peaks do not add up (the workers'
+    // arenas keep what they freed otherwise, and the tree is built on another thread).
     sys::log_memory("layers done");
+    cstor_sys::memory::release_free_memory();
+    sys::log_memory("streaming memory released");
     let fin = finalize_image(
         repo,
         &img,

@@ -19,6 +19,7 @@ pub(crate) fn log_memory(phase: &str) {
     tracing::debug!(
         phase,
         rss_kib = field("VmRSS:"),
+        anon_kib = field("RssAnon:"),
         peak_kib = field("VmHWM:"),
         "memory"
     );

@@ -1,0 +1,105 @@
+//! Giving freed heap memory back to the kernel between the phases of an import.
+//!
+//! glibc's allocator keeps one arena per thread that allocated, and keeps what is freed in an
+//! arena for that arena's next allocations. An import streams its layers on worker threads
+//! (tens of MB of buffers at a time) and then builds the image's tree and EROFS layout on
+//! another: the workers' freed buffers stay resident, unused, beside the tree, and count in
+//! the process' peak RSS.
+//!
+//! Two things are needed to give them back. `malloc_trim(0)` returns the free pages inside
+//! every arena, but not the free space at the top of a thread's arena, which glibc returns
+//! only when it exceeds the trim threshold; and that threshold grows (up to 64 MiB) each time
+//! a large block is freed, so after the first few buffers of a layer it is never reached.
+//! [`limit_retained_memory`] fixes the thresholds instead.
+
+/// Makes glibc give the free top of any arena back once it exceeds 8 MiB, and keeps blocks
+/// under 32 MiB in the arenas; returns whether both settings were taken.
+///
+/// Process-wide, so it is for programs (the `cstor` CLI calls it first thing), not for
+/// libraries to call behind their caller's back; a program embedding the importer may call
+/// it too. With glibc's default, dynamic thresholds, the freed buffers of an import's
+/// streaming phase (up to tens of MB) stay resident beside the EROFS image's tree. The fixed
+/// mmap threshold is the value the dynamic one reaches anyway, so large buffers are not
+/// mapped and unmapped one by one. Does nothing (returns false) where the C library is not
+/// glibc.
+///
+/// ```
+/// assert_eq!(
+///     cstor_sys::memory::limit_retained_memory(),
+///     cfg!(all(target_os = "linux", target_env = "gnu"))
+/// );
+/// ```
+pub fn limit_retained_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const TRIM_THRESHOLD: libc::c_int = 8 << 20;
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        // SAFETY: mallopt takes two integers and no pointers; glibc applies each setting under
+        // the main arena's lock, so it may be called while other threads allocate.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Returns the allocator's free memory to the kernel; true when some was released.
+///
+/// Cheap against the phases it sits between (it walks the free lists once), so it is called
+/// at phase boundaries, never per file. Does nothing (returns false) where the C library is
+/// not glibc.
+///
+/// ```
+/// let _released: bool = cstor_sys::memory::release_free_memory();
+/// ```
+pub fn release_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointers and has no preconditions: it locks each arena
+        // in turn, so it may run while other threads allocate and free.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// What the import relies on: buffers a worker thread allocated and freed do not stay
+    /// resident once the worker is done.
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn memory_a_finished_worker_freed_is_given_back() {
+        assert!(super::limit_retained_memory());
+        let before = anon_kib();
+        std::thread::spawn(|| {
+            // As an import's layer reader does: a large buffer freed (with glibc's default
+            // thresholds, this raises the trim threshold to 60 MiB), then 48 MiB of smaller
+            // ones, which live in this thread's arena.
+            drop(std::hint::black_box(vec![1u8; 30 << 20]));
+            let blocks: Vec<Vec<u8>> = (0..192).map(|i| vec![i as u8; 256 << 10]).collect();
+            std::hint::black_box(&blocks);
+        })
+        .join()
+        .unwrap();
+        super::release_free_memory();
+        let after = anon_kib();
+        // Other tests of this binary may allocate meanwhile; 48 MiB kept would show anyway.
+        assert!(
+            after < before + 24 * 1024,
+            "{before} KiB anonymous memory before, {after} KiB after the worker freed 48 MiB"
+        );
+    }
+}
