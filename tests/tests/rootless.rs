@@ -116,3 +116,84 @@ fn a_rootless_user_exports_its_private_files_bit_exactly() {
     let outside = stdio(false);
     assert_eq!(outside["error"]["data"]["errno"], json!(13), "{outside}");
 }
+
+/// Set in the environment of this test binary when the story below runs it again as the
+/// rootless user: what the child needs, as JSON.
+const OPEN_STORAGE_CHILD: &str = "CSTOR_TEST_OPEN_STORAGE_CHILD";
+const OPEN_STORAGE_STORY: &str =
+    "a_rootless_user_hands_the_helper_its_storage_as_an_open_directory";
+
+/// Story: a program embedding the client (bootc, say) holds the user's storage open already
+/// and hands the helper that directory, not a path, through `podman unshare`: the helper
+/// finds the image in it and every layer comes back matching its diff id. The program is
+/// this test binary, run again as the user.
+#[test]
+fn a_rootless_user_hands_the_helper_its_storage_as_an_open_directory() {
+    if let Ok(child) = std::env::var(OPEN_STORAGE_CHILD) {
+        open_storage_child(&child);
+        return;
+    }
+    let Some(user) = rootless_user_or_skip(OPEN_STORAGE_STORY) else {
+        return;
+    };
+    let work = tempfile::tempdir_in("/tmp").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = rootless_feature_image(&user, &work.path().join("build")).unwrap();
+    let (bins, helper, _cstor) = public_binaries().unwrap();
+    let me = bins.path().join("rootless-tests");
+    cstor_tests::copy_executable(&std::env::current_exe().unwrap(), &me).unwrap();
+    let child = json!({
+        "helper": helper,
+        "graphroot": user.graphroot(),
+        "image": ROOTLESS_IMAGE_NAME,
+    });
+    let out = run_command(
+        user.command(&me)
+            .args([
+                "--exact",
+                OPEN_STORAGE_STORY,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(OPEN_STORAGE_CHILD, child.to_string()),
+        "the embedding program as the rootless user",
+    )
+    .unwrap();
+    let line = out
+        .lines()
+        // The harness' "test NAME ... " precedes the child's line on the same line.
+        .find_map(|l| l.split_once("OPEN-STORAGE ").map(|(_, report)| report))
+        .unwrap_or_else(|| panic!("the child reported nothing: {out}"));
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["image"], json!(image.id));
+    assert!(v["layers"].as_u64().unwrap() > 0, "{v}");
+}
+
+/// The embedding program: opens the storage, spawns the helper through `podman unshare`
+/// with that directory, reads the image and every layer (each checked against its diff id
+/// by the client), and prints what it saw.
+fn open_storage_child(child: &str) {
+    let v: Value = serde_json::from_str(child).unwrap();
+    let path = |k: &str| std::path::PathBuf::from(v[k].as_str().unwrap());
+    let dir = std::fs::File::open(path("graphroot")).unwrap();
+    let mut config = cstor_proxy_client::HelperConfig::default()
+        .program(path("helper"))
+        .privilege(cstor_proxy_client::Privilege::PodmanUnshare);
+    config.graphroot_fd = Some(std::sync::Arc::new(dir.into()));
+    let report = cstor_tests::session::runtime().block_on(async {
+        let client = cstor_proxy_client::Client::spawn(&config).await.unwrap();
+        let graphroot = client.info().storage.graphroot.clone();
+        let img = client
+            .get_image(v["image"].as_str().unwrap())
+            .await
+            .unwrap();
+        for layer in &img.layers {
+            let l = client.open_layer(&layer.id).await.unwrap();
+            l.write_tar(std::io::sink()).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        json!({"image": img.id, "layers": img.layers.len(), "graphroot": graphroot})
+    });
+    println!("OPEN-STORAGE {report}");
+}
