@@ -402,6 +402,8 @@ async fn copy<S: FsVerityHashValue, D: FsVerityHashValue>(
 
     progress.send(ImportEvent::Finalizing);
     sys::log_memory("layers copied");
+    // As after an import's layers: the tree and the EROFS layout come next.
+    cstor_sys::memory::release_free_memory();
     let refs: Vec<(OciDigest, D)> = layers
         .iter()
         .map(|l| {
