@@ -11,8 +11,15 @@ use cstor_tests::session::public_binaries;
 use cstor_tests::{rootless_feature_image, rootless_user_or_skip, run_command};
 use serde_json::{Value, json};
 
+/// The stories of this file build the same image for the same user
+/// (`rootless_feature_image` removes the earlier one first): one at a time.
+static ONE_STORY_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_rootless_user_exports_its_private_files_bit_exactly() {
+    let _alone = ONE_STORY_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(user) = rootless_user_or_skip("a_rootless_user_exports_its_private_files_bit_exactly")
     else {
         return;
@@ -133,6 +140,9 @@ fn a_rootless_user_hands_the_helper_its_storage_as_an_open_directory() {
         open_storage_child(&child);
         return;
     }
+    let _alone = ONE_STORY_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(user) = rootless_user_or_skip(OPEN_STORAGE_STORY) else {
         return;
     };
