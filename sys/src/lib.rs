@@ -7,8 +7,8 @@
 //! - [`sha512x8`]: SHA-512 of eight 4 KiB blocks at once with AVX-512 intrinsics (the
 //!   fs-verity hot path of an import); the intrinsics take raw pointers and are `unsafe` to
 //!   call without proof that the CPU has the instructions.
-//! - [`memory`]: glibc's `malloc_trim`, to give the memory freed by one phase of an import
-//!   back before the next one peaks.
+//! - [`memory`]: glibc's `mallopt` and `malloc_trim`, to give the memory freed by one phase
+//!   of an import back before the next one peaks; no safe binding offers them.
 //! - [`xfs`]: the geometry of an XFS filesystem (`XFS_IOC_FSGEOMETRY_V1`), which no safe
 //!   binding offers.
 //!

@@ -824,14 +824,14 @@ fn four_imports_at_once_into_one_repository() {
     tally.print();
 }
 
-/// A stand-in for `cstor-helper` that answers `Initialize` as the real one does, and then
-/// misbehaves as its `--storage-opt` says.
 /// `--helper-timeout` for the lying helper. Its first answer (to `Initialize`) counts against
 /// the deadline too, and a Python interpreter started beside a loaded CI run's other tests
 /// can take seconds to get there: with the 3 s of the other stories, a slow start was
 /// reported as "did not answer Initialize" instead of the lie the story is about.
 const LYING_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A stand-in for `cstor-helper` that answers `Initialize` as the real one does, and then
+/// misbehaves as its `--storage-opt` says.
 const LYING_HELPER: &str = r#"#!/usr/bin/env python3
 import json, os, socket, sys
 mode = sys.argv[sys.argv.index("--storage-opt") + 1]

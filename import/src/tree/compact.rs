@@ -661,6 +661,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tree::dump;
     use composefs::fsverity::Sha256HashValue;
     use std::path::PathBuf;
     use zerocopy::IntoBytes;
@@ -775,12 +776,6 @@ mod tests {
             path,
             item,
         }
-    }
-
-    fn dump(fs: &FileSystem<Id>) -> String {
-        let mut out = Vec::new();
-        composefs::dumpfile::write_dumpfile(&mut out, fs).unwrap();
-        String::from_utf8(out).unwrap()
     }
 
     #[test]

@@ -172,6 +172,14 @@ pub fn apply_stored<ObjectID: FsVerityHashValue>(
     Ok(entries)
 }
 
+/// composefs' dumpfile of `fs`: how the tests compare trees built different ways.
+#[cfg(test)]
+pub(crate) fn dump<ObjectID: FsVerityHashValue>(fs: &FileSystem<ObjectID>) -> String {
+    let mut out = Vec::new();
+    composefs::dumpfile::write_dumpfile(&mut out, fs).expect("dumping a tree to memory");
+    String::from_utf8(out).expect("a dumpfile is UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;
@@ -342,12 +350,6 @@ mod tests {
                 _ => unreachable!(),
             }
         }
-    }
-
-    fn dump(fs: &FileSystem<Id>) -> String {
-        let mut out = Vec::new();
-        composefs::dumpfile::write_dumpfile(&mut out, fs).unwrap();
-        String::from_utf8(out).unwrap()
     }
 
     /// The tree built from fed pieces (a stored layer below, fed layers above, in PAX and
