@@ -6,17 +6,15 @@
 //! xattrs. A file with several links gets its inode at the link that comes first in a
 //! depth-first walk in name order, which is where C mkcomposefs meets it in a dumpfile.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::ops::Range;
-use std::os::unix::ffi::OsStrExt;
 
 use composefs::erofs::format::{BLOCK_SIZE, FileType};
-use composefs::fsverity::FsVerityHashValue;
-use composefs::generic_tree::LeafId;
-use composefs::tree::{Directory, FileSystem, Inode, Leaf, LeafContent, RegularFile, Stat};
+use composefs::tree::Stat;
 
 use crate::Error;
+use crate::view::{Child, Content, TreeView};
 
 const BLOCK: usize = BLOCK_SIZE as usize;
 /// Size of an on-disk directory entry header.
@@ -26,9 +24,9 @@ const MAX_INLINE_DIR_TAIL: usize = BLOCK / 2;
 
 /// One EROFS inode.
 #[derive(Debug)]
-pub(crate) struct Node<'a, ObjectID: FsVerityHashValue> {
+pub(crate) struct Node<'a> {
     pub stat: &'a Stat,
-    pub kind: Kind<'a, ObjectID>,
+    pub kind: Kind,
     /// Directory entries that point at this inode (for directories: 2 + subdirectories).
     pub nlink: u32,
     /// A user whiteout written as a regular file with `overlay.whiteout` xattrs.
@@ -49,10 +47,13 @@ pub(crate) struct Node<'a, ObjectID: FsVerityHashValue> {
 }
 
 #[derive(Debug)]
-pub(crate) enum Kind<'a, ObjectID: FsVerityHashValue> {
+pub(crate) enum Kind {
     /// Boxed: directories are few, and an unboxed layout made every node 24 bytes longer.
     Dir(Box<DirLayout>),
-    Leaf(&'a LeafContent<ObjectID>),
+    /// A leaf of the view, by number (its content is asked for when needed, not copied).
+    Leaf(u32),
+    /// One of the root's whiteout stubs `00`..`ff`.
+    Stub,
 }
 
 /// A directory's entries (a range of [`Tree::entries`], sorted by name, `.` and `..`
@@ -95,7 +96,7 @@ impl DirLayout {
 pub(crate) enum Target {
     Known(u32),
     /// A further link of a file whose inode comes from a directory visited later (the leaf's
-    /// index, kept to 32 bits as every entry carries one).
+    /// number, kept to 32 bits as every entry carries one).
     Deferred(u32),
 }
 
@@ -140,36 +141,55 @@ impl<'a> Entry<'a> {
 }
 
 #[derive(Debug)]
-pub(crate) struct Tree<'a, ObjectID: FsVerityHashValue> {
-    pub nodes: Vec<Node<'a, ObjectID>>,
+pub(crate) struct Tree<'a, V: TreeView> {
+    pub view: &'a V,
+    pub nodes: Vec<Node<'a>>,
     pub entries: Vec<Entry<'a>>,
 }
 
-impl<ObjectID: FsVerityHashValue> Node<'_, ObjectID> {
-    pub fn file_type(&self) -> FileType {
-        if self.escaped_whiteout {
-            return FileType::RegularFile;
-        }
-        match self.kind {
-            Kind::Dir(_) => FileType::Directory,
-            Kind::Leaf(content) => match content {
-                LeafContent::Regular(_) => FileType::RegularFile,
-                LeafContent::CharacterDevice(_) => FileType::CharacterDevice,
-                LeafContent::BlockDevice(_) => FileType::BlockDevice,
-                LeafContent::Fifo => FileType::Fifo,
-                LeafContent::Socket => FileType::Socket,
-                LeafContent::Symlink(_) => FileType::Symlink,
-            },
-        }
+impl<'a, V: TreeView> Tree<'a, V> {
+    /// A leaf's content; `None` for a directory.
+    pub fn content(&self, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
+        content(self.view, node)
+    }
+
+    pub fn file_type(&self, node: &Node<'_>) -> FileType {
+        file_type(self.view, node)
     }
 }
 
-/// The leaf the V1 format puts at `/00`..`/ff` unless the root already has that name: a
-/// whiteout with the root's owner and mtime, mode 0644 and only the root's SELinux label.
-pub(crate) fn whiteout_stub<ObjectID: FsVerityHashValue>(
-    fs: &FileSystem<ObjectID>,
-) -> Leaf<ObjectID> {
-    let root = &fs.root.stat;
+fn content<'a, V: TreeView>(view: &'a V, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
+    match node.kind {
+        Kind::Dir(_) => None,
+        Kind::Leaf(leaf) => Some(view.leaf_content(leaf as usize)),
+        Kind::Stub => Some(Content::CharacterDevice(0)),
+    }
+}
+
+fn file_type<V: TreeView>(view: &V, node: &Node<'_>) -> FileType {
+    if node.escaped_whiteout {
+        return FileType::RegularFile;
+    }
+    match content(view, node) {
+        None => FileType::Directory,
+        Some(content) => match content {
+            Content::Inline(_)
+            | Content::External(..)
+            | Content::ExternalNoVerity(..)
+            | Content::Sparse(_) => FileType::RegularFile,
+            Content::CharacterDevice(_) => FileType::CharacterDevice,
+            Content::BlockDevice(_) => FileType::BlockDevice,
+            Content::Fifo => FileType::Fifo,
+            Content::Socket => FileType::Socket,
+            Content::Symlink(_) => FileType::Symlink,
+        },
+    }
+}
+
+/// The stat of the leaf the V1 format puts at `/00`..`/ff` unless the root already has that
+/// name: a whiteout with the root's owner and mtime, mode 0644 and only the root's SELinux
+/// label.
+pub(crate) fn whiteout_stub(root: &Stat) -> Stat {
     let mut stat = Stat {
         st_mode: 0o644,
         st_uid: root.st_uid,
@@ -182,10 +202,7 @@ pub(crate) fn whiteout_stub<ObjectID: FsVerityHashValue>(
     if let Some(label) = root.xattrs.get(selinux) {
         stat.xattrs.insert(Box::from(selinux), label.clone());
     }
-    Leaf {
-        stat,
-        content: LeafContent::CharacterDevice(0),
-    }
+    stat
 }
 
 /// `00`..`ff`.
@@ -200,55 +217,126 @@ static STUB_NAMES: [[u8; 2]; 256] = {
     names
 };
 
-enum Child<'a, ObjectID: FsVerityHashValue> {
-    Dir(&'a Directory<ObjectID>),
-    Leaf(LeafId),
+enum Slot<D> {
+    Child(Child<D>),
     Stub,
 }
 
-struct Collector<'a, ObjectID: FsVerityHashValue> {
-    fs: &'a FileSystem<ObjectID>,
-    stub: &'a Leaf<ObjectID>,
+struct Collector<'a, V: TreeView + 'a> {
+    view: &'a V,
+    stub: &'a Stat,
     nlinks: Vec<u32>,
     /// For files with several links: the directory of the link that owns the inode.
-    canonical: HashMap<usize, *const Directory<ObjectID>>,
+    canonical: HashMap<usize, V::Dir<'a>>,
     /// Inodes already given to files with several links.
     linked: HashMap<usize, u32>,
-    nodes: Vec<Node<'a, ObjectID>>,
+    nodes: Vec<Node<'a>>,
 }
 
-pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
-    fs: &'a FileSystem<ObjectID>,
-    stub: &'a Leaf<ObjectID>,
-) -> Result<Tree<'a, ObjectID>, Error> {
-    let nlinks = fs.nlinks();
-    for (leaf, n) in fs.leaves.iter().zip(&nlinks) {
-        if matches!(leaf.content, LeafContent::CharacterDevice(0)) && *n > 1 {
+/// What one walk of the whole tree finds out before the inodes are numbered.
+struct Census<'a, V: TreeView + 'a> {
+    /// Links to each leaf (0 for an orphan, which the image leaves out).
+    nlinks: Vec<u32>,
+    dirs: usize,
+    /// Entries that are not directories.
+    links: usize,
+    canonical: HashMap<usize, V::Dir<'a>>,
+}
+
+/// Depth first, in name order (where C mkcomposefs meets a file's links in a dumpfile):
+/// link counts, sizes, and the directory of the first link of every multi-link leaf. A
+/// loop instead of recursion: a tree can be as deep as the paths in a tar stream allow.
+fn census<'a, V: TreeView>(view: &'a V) -> Result<Census<'a, V>, Error> {
+    let leaf_count = view.leaf_count();
+    let mut nlinks = vec![0u32; leaf_count];
+    let (mut dirs, mut links) = (1usize, 0usize);
+    let mut seen = HashSet::new();
+    let root = view.root();
+    seen.insert(root);
+    let mut stack = vec![view.entries(root)];
+    while let Some(entries) = stack.last_mut() {
+        match entries.next() {
+            None => {
+                stack.pop();
+            }
+            Some((_, Child::Dir(d))) => {
+                if !seen.insert(d) {
+                    return Err(Error::InvalidTree("a directory is reached twice".into()));
+                }
+                dirs += 1;
+                stack.push(view.entries(d));
+            }
+            Some((_, Child::Leaf(id))) => {
+                let n = nlinks
+                    .get_mut(id)
+                    .ok_or_else(|| Error::InvalidTree(format!("dangling leaf {id}")))?;
+                *n = n.saturating_add(1);
+                links += 1;
+            }
+        }
+    }
+    drop(seen);
+    let mut canonical = HashMap::new();
+    if nlinks.iter().any(|&n| n > 1) {
+        let mut stack = vec![(root, view.entries(root))];
+        while let Some((dir, entries)) = stack.last_mut() {
+            let dir = *dir;
+            match entries.next() {
+                None => {
+                    stack.pop();
+                }
+                Some((_, Child::Dir(d))) => stack.push((d, view.entries(d))),
+                Some((_, Child::Leaf(id))) => {
+                    if nlinks[id] > 1 {
+                        canonical.entry(id).or_insert(dir);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Census {
+        nlinks,
+        dirs,
+        links,
+        canonical,
+    })
+}
+
+pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tree<'a, V>, Error> {
+    let census = census(view)?;
+    for (leaf, &n) in census.nlinks.iter().enumerate() {
+        if n > 1 && matches!(view.leaf_content(leaf), Content::CharacterDevice(0)) {
             return Err(Error::InvalidTree(
                 "a whiteout has more than one link".into(),
             ));
         }
     }
-    let mut canonical = HashMap::new();
-    find_canonical(&fs.root, &nlinks, &mut canonical);
+    let Census {
+        nlinks,
+        dirs,
+        links,
+        canonical,
+    } = census;
+    let files = nlinks.iter().filter(|&&n| n > 0).count();
     // Both tables are allocated at their final size: grown by doubling, they held up to twice
     // what they need, at the moment the image's tree and layout are all in memory.
-    let (dirs, links) = count(&fs.root);
     let mut c = Collector {
-        fs,
+        view,
         stub,
         nlinks,
         canonical,
         linked: HashMap::new(),
-        nodes: Vec::with_capacity(dirs + fs.leaves.len() + STUB_NAMES.len()),
+        nodes: Vec::with_capacity(dirs + files + STUB_NAMES.len()),
     };
     let mut entries: Vec<Entry<'a>> =
         Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
-    let mut dirs: Vec<(u32, Range<usize>)> = Vec::new();
+    let mut dir_spans: Vec<(u32, Range<usize>)> = Vec::with_capacity(dirs);
     let mut queue = VecDeque::new();
-    let root = c.push(&fs.root.stat, Kind::Dir(Box::default()), 0);
-    queue.push_back((&fs.root, root, root));
-    let mut children = Vec::new();
+    let root_dir = view.root();
+    let root_stat = view.dir_stat(root_dir);
+    let root = c.push(root_stat, Kind::Dir(Box::default()), 0);
+    queue.push_back((root_dir, root, root));
+    let mut children: Vec<(&'a [u8], Slot<V::Dir<'a>>)> = Vec::new();
 
     while let Some((dir, parent, me)) = queue.pop_front() {
         let start = entries.len();
@@ -259,19 +347,15 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
             FileType::Directory,
         ));
         children.clear();
-        children.extend(dir.sorted_entries().map(|(name, inode)| {
-            let child = match inode {
-                Inode::Directory(d) => Child::Dir(&**d),
-                Inode::Leaf(id, _) => Child::Leaf(*id),
-            };
-            (name.as_bytes(), child)
-        }));
+        children.extend(
+            view.entries(dir)
+                .map(|(name, child)| (name, Slot::Child(child))),
+        );
         if me == root {
-            let existing: std::collections::HashSet<&[u8]> =
-                children.iter().map(|(n, _)| *n).collect();
+            let existing: HashSet<&[u8]> = children.iter().map(|(n, _)| *n).collect();
             for name in &STUB_NAMES {
                 if !existing.contains(&name[..]) {
-                    children.push((&name[..], Child::Stub));
+                    children.push((&name[..], Slot::Stub));
                 }
             }
             children.sort_by(|a, b| a.0.cmp(b.0));
@@ -279,20 +363,20 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
         let mut holds_whiteouts = false;
         for (name, child) in children.drain(..) {
             let entry = match child {
-                Child::Dir(sub) => {
-                    let idx = c.push(&sub.stat, Kind::Dir(Box::default()), 0);
+                Slot::Child(Child::Dir(sub)) => {
+                    let idx = c.push(view.dir_stat(sub), Kind::Dir(Box::default()), 0);
                     queue.push_back((sub, me, idx));
                     Entry::new(name, Target::Known(idx), FileType::Directory)
                 }
-                Child::Stub => {
-                    let idx = c.push_leaf(c.stub, 1)?;
+                Slot::Stub => {
+                    let idx = c.push(c.stub, Kind::Stub, 1);
                     Entry::new(name, Target::Known(idx), FileType::CharacterDevice)
                 }
-                Child::Leaf(id) => {
-                    let (target, escaped) = c.link(dir, me == root, name, id)?;
+                Slot::Child(Child::Leaf(id)) => {
+                    let (target, escaped) = c.link(dir, me == root, name, id, root_stat)?;
                     holds_whiteouts |= escaped;
                     let file_type = match target {
-                        Target::Known(i) => c.nodes[i as usize].file_type(),
+                        Target::Known(i) => file_type(view, &c.nodes[i as usize]),
                         Target::Deferred(_) => FileType::RegularFile,
                     };
                     Entry::new(name, target, file_type)
@@ -303,7 +387,7 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
         let span = start..entries.len();
         entries[span.clone()].sort_unstable_by(|a, b| a.name.cmp(b.name));
         c.nodes[me as usize].holds_whiteouts = holds_whiteouts;
-        dirs.push((me, span));
+        dir_spans.push((me, span));
     }
 
     for entry in &mut entries {
@@ -315,24 +399,25 @@ pub(crate) fn collect<'a, ObjectID: FsVerityHashValue>(
             *entry = Entry::new(
                 entry.name,
                 Target::Known(idx),
-                c.nodes[idx as usize].file_type(),
+                file_type(view, &c.nodes[idx as usize]),
             );
         }
     }
-    for (me, span) in dirs {
+    for (me, span) in dir_spans {
         let (layout, nlink) = split_dir(&entries[span.clone()], span)?;
         let node = &mut c.nodes[me as usize];
         node.kind = Kind::Dir(Box::new(layout));
         node.nlink = nlink;
     }
     Ok(Tree {
+        view,
         nodes: c.nodes,
         entries,
     })
 }
 
-impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
-    fn push(&mut self, stat: &'a Stat, kind: Kind<'a, ObjectID>, nlink: u32) -> u32 {
+impl<'a, V: TreeView> Collector<'a, V> {
+    fn push(&mut self, stat: &'a Stat, kind: Kind, nlink: u32) -> u32 {
         self.nodes.push(Node {
             stat,
             kind,
@@ -347,9 +432,9 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
         (self.nodes.len() - 1) as u32
     }
 
-    fn push_leaf(&mut self, leaf: &'a Leaf<ObjectID>, nlink: u32) -> Result<u32, Error> {
-        let (data_blocks, tail) = match &leaf.content {
-            LeafContent::Regular(RegularFile::Inline(data)) if !data.is_empty() => {
+    fn push_leaf(&mut self, id: usize, nlink: u32) -> Result<u32, Error> {
+        let (data_blocks, tail) = match self.view.leaf_content(id) {
+            Content::Inline(data) if !data.is_empty() => {
                 let (blocks, tail) = (data.len() / BLOCK, data.len() % BLOCK);
                 // A tail over half a block is cheaper as a block of its own.
                 if tail > BLOCK / 2 {
@@ -358,15 +443,19 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
                     (blocks, tail)
                 }
             }
-            LeafContent::Symlink(target) => (0, target.len()),
-            LeafContent::Regular(
-                RegularFile::External(_, size)
-                | RegularFile::ExternalNoVerity(_, size)
-                | RegularFile::Sparse(size),
-            ) if *size > 0 => (0, chunk_count(*size) as usize * 4),
+            Content::Symlink(target) => (0, target.len()),
+            Content::External(_, size)
+            | Content::ExternalNoVerity(_, size)
+            | Content::Sparse(size)
+                if size > 0 =>
+            {
+                (0, chunk_count(size) as usize * 4)
+            }
             _ => (0, 0),
         };
-        let idx = self.push(&leaf.stat, Kind::Leaf(&leaf.content), nlink);
+        let number = u32::try_from(id)
+            .map_err(|_| Error::Unrepresentable(format!("more than 2^32 files (leaf {id})")))?;
+        let idx = self.push(self.view.leaf_stat(id), Kind::Leaf(number), nlink);
         let node = &mut self.nodes[idx as usize];
         node.data_blocks = u32::try_from(data_blocks)
             .map_err(|_| Error::Unrepresentable("a file of more than 2^32 blocks".into()))?;
@@ -378,47 +467,41 @@ impl<'a, ObjectID: FsVerityHashValue> Collector<'a, ObjectID> {
     /// The target of one link to leaf `id` found in `dir`, and whether it escaped a whiteout.
     fn link(
         &mut self,
-        dir: &Directory<ObjectID>,
+        dir: V::Dir<'a>,
         in_root: bool,
         name: &[u8],
-        id: LeafId,
+        id: usize,
+        root: &Stat,
     ) -> Result<(Target, bool), Error> {
-        let fs = self.fs;
-        let leaf = fs
-            .leaves
-            .get(id.0)
-            .ok_or_else(|| Error::InvalidTree(format!("dangling leaf {}", id.0)))?;
-        let nlink = self.nlinks.get(id.0).copied().unwrap_or(1);
-        let canonical = nlink <= 1
-            || self
-                .canonical
-                .get(&id.0)
-                .is_some_and(|&d| std::ptr::eq(d, dir));
+        // The census counted every link, so a leaf met here has a count of at least one.
+        let nlink = self.nlinks.get(id).copied().unwrap_or(1);
+        let canonical = nlink <= 1 || self.canonical.get(&id) == Some(&dir);
         if !canonical {
             return Ok((
-                match self.linked.get(&id.0) {
+                match self.linked.get(&id) {
                     Some(&idx) => Target::Known(idx),
-                    None => Target::Deferred(u32::try_from(id.0).map_err(|_| {
-                        Error::Unrepresentable(format!("more than 2^32 files (leaf {})", id.0))
+                    None => Target::Deferred(u32::try_from(id).map_err(|_| {
+                        Error::Unrepresentable(format!("more than 2^32 files (leaf {id})"))
                     })?),
                 },
                 false,
             ));
         }
-        let idx = match self.linked.get(&id.0) {
+        let idx = match self.linked.get(&id) {
             Some(&idx) if nlink > 1 => idx,
             _ => {
-                let idx = self.push_leaf(leaf, nlink)?;
+                let idx = self.push_leaf(id, nlink)?;
                 if nlink > 1 {
-                    self.linked.insert(id.0, idx);
+                    self.linked.insert(id, idx);
                 }
                 idx
             }
         };
+        let whiteout = matches!(self.view.leaf_content(id), Content::CharacterDevice(0));
         let node = &mut self.nodes[idx as usize];
-        let escape = matches!(leaf.content, LeafContent::CharacterDevice(0))
+        let escape = whiteout
             && !node.escaped_whiteout
-            && !(in_root && looks_like_stub(name, &leaf.stat, &fs.root.stat));
+            && !(in_root && looks_like_stub(name, node.stat, root));
         if escape {
             node.escaped_whiteout = true;
         }
@@ -443,40 +526,6 @@ fn looks_like_stub(name: &[u8], leaf: &Stat, root: &Stat) -> bool {
         && leaf.st_mtim_sec == root.st_mtim_sec
         && leaf.st_mtim_nsec == root.st_mtim_nsec
         && xattrs_match
-}
-
-/// The directories under and including `dir`, and the entries that are not directories.
-fn count<ObjectID: FsVerityHashValue>(dir: &Directory<ObjectID>) -> (usize, usize) {
-    let (mut dirs, mut links) = (1, 0);
-    for (_, inode) in dir.entries() {
-        match inode {
-            Inode::Directory(sub) => {
-                let (d, l) = count(sub);
-                dirs += d;
-                links += l;
-            }
-            Inode::Leaf(..) => links += 1,
-        }
-    }
-    (dirs, links)
-}
-
-/// Depth-first in name order: the directory of the first link of every multi-link leaf.
-fn find_canonical<ObjectID: FsVerityHashValue>(
-    dir: &Directory<ObjectID>,
-    nlinks: &[u32],
-    out: &mut HashMap<usize, *const Directory<ObjectID>>,
-) {
-    for (_, inode) in dir.sorted_entries() {
-        match inode {
-            Inode::Directory(sub) => find_canonical(sub, nlinks, out),
-            Inode::Leaf(id, _) => {
-                if nlinks.get(id.0).is_some_and(|&n| n > 1) {
-                    out.entry(id.0).or_insert(dir as *const _);
-                }
-            }
-        }
-    }
 }
 
 /// Splits sorted entries into full blocks and an inline tail (at most half a block).
@@ -536,5 +585,5 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(size_of::<Entry<'static>>() == 24);
-    assert!(size_of::<Node<'static, composefs::fsverity::Sha512HashValue>>() == 48);
+    assert!(size_of::<Node<'static>>() == 48);
 };

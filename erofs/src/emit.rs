@@ -13,11 +13,11 @@ use composefs::erofs::format::{
     XAttrHeader,
 };
 use composefs::fsverity::FsVerityHashValue;
-use composefs::tree::{LeafContent, RegularFile};
 use zerocopy::IntoBytes;
 
 use crate::Error;
 use crate::collect::{DIRENT_SIZE, Kind, Node, Tree, chunk_bits};
+use crate::view::{Content, TreeView};
 use crate::xattr::{InodeXAttrs, Shared, XAttr};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
@@ -96,9 +96,9 @@ fn to_block_end(pos: u64) -> Option<u64> {
     }
 }
 
-pub(crate) fn write<ObjectID: FsVerityHashValue>(
-    tree: &mut Tree<'_, ObjectID>,
-    shared: &Shared<'_, ObjectID>,
+pub(crate) fn write<V: TreeView>(
+    tree: &mut Tree<'_, V>,
+    shared: &Shared<'_, V::ObjectID>,
     out: impl Write,
 ) -> Result<u64, Error> {
     let min_mtime = tree
@@ -109,6 +109,7 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
         .unwrap_or((0, 0));
     for idx in 0..tree.nodes.len() {
         let xattr_size = InodeXAttrs::new(tree, shared, idx).size();
+        let content = tree.content(&tree.nodes[idx]);
         let node = &mut tree.nodes[idx];
         node.xattr_size = u32::try_from(xattr_size)
             .map_err(|_| Error::Unrepresentable(format!("{xattr_size} bytes of xattrs")))?;
@@ -116,7 +117,7 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
         // Symlinks whose inode would not fit a block, and chunk indexes that would cross one,
         // move to a data block of their own.
         if tail > 0 {
-            if let Kind::Leaf(LeafContent::Symlink(_)) = node.kind {
+            if let Some(Content::Symlink(_)) = content {
                 let header = if fits_compact(node, min_mtime, tail as u64, node.nlink) {
                     COMPACT_SIZE
                 } else {
@@ -126,12 +127,12 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
                     node.data_blocks += 1;
                     node.tail = 0;
                 }
-            } else if is_chunked(node) && tail + xattr_size % SLOT as usize > BLOCK as usize {
+            } else if is_chunked(content) && tail + xattr_size % SLOT as usize > BLOCK as usize {
                 node.data_blocks = 1;
                 node.tail = 0;
             }
         }
-        let (size, nlink) = size_nlink(node);
+        let (size, nlink) = size_nlink(node, content);
         node.compact = fits_compact(node, min_mtime, size, nlink);
     }
     let ctx = Ctx {
@@ -151,41 +152,35 @@ pub(crate) fn write<ObjectID: FsVerityHashValue>(
     Ok(sink.pos)
 }
 
-fn is_chunked<ObjectID: FsVerityHashValue>(node: &Node<'_, ObjectID>) -> bool {
+fn is_chunked<ObjectID>(content: Option<Content<'_, ObjectID>>) -> bool {
     matches!(
-        node.kind,
-        Kind::Leaf(LeafContent::Regular(
-            RegularFile::External(..) | RegularFile::ExternalNoVerity(..) | RegularFile::Sparse(_)
-        ))
+        content,
+        Some(Content::External(..) | Content::ExternalNoVerity(..) | Content::Sparse(_))
     )
 }
 
-/// The inode's `size` and `nlink` fields.
-fn size_nlink<ObjectID: FsVerityHashValue>(node: &Node<'_, ObjectID>) -> (u64, u32) {
-    let size = match node.kind {
-        Kind::Dir(ref d) => d.size(),
-        Kind::Leaf(content) => match content {
-            LeafContent::Regular(RegularFile::Inline(data)) => data.len() as u64,
-            LeafContent::Regular(
-                RegularFile::External(_, size)
-                | RegularFile::ExternalNoVerity(_, size)
-                | RegularFile::Sparse(size),
-            ) => *size,
-            LeafContent::Symlink(target) => target.len() as u64,
-            _ => 0,
-        },
+/// The inode's `size` and `nlink` fields (`content` is the node's, `None` for a directory).
+fn size_nlink<ObjectID>(node: &Node<'_>, content: Option<Content<'_, ObjectID>>) -> (u64, u32) {
+    let size = match (&node.kind, content) {
+        (Kind::Dir(d), _) => d.size(),
+        (_, Some(Content::Inline(data))) => data.len() as u64,
+        (
+            _,
+            Some(
+                Content::External(_, size)
+                | Content::ExternalNoVerity(_, size)
+                | Content::Sparse(size),
+            ),
+        ) => size,
+        (_, Some(Content::Symlink(target))) => target.len() as u64,
+        _ => 0,
     };
     (size, node.nlink)
 }
 
 /// A compact (32-byte) inode has no mtime of its own (it uses the superblock's build time)
 /// and 16/32-bit owner, link count and size fields.
-fn fits_compact<ObjectID: FsVerityHashValue>(
-    node: &Node<'_, ObjectID>,
-    min_mtime: (u64, u32),
-    size: u64,
-    nlink: u32,
-) -> bool {
+fn fits_compact(node: &Node<'_>, min_mtime: (u64, u32), size: u64, nlink: u32) -> bool {
     (node.stat.st_mtim_sec as u64, node.stat.st_mtim_nsec) == min_mtime
         && nlink <= u32::from(u16::MAX)
         && node.stat.st_uid <= u32::from(u16::MAX)
@@ -193,13 +188,13 @@ fn fits_compact<ObjectID: FsVerityHashValue>(
         && size <= u64::from(u32::MAX)
 }
 
-struct Ctx<'t, 'a, ObjectID: FsVerityHashValue> {
-    tree: &'t Tree<'a, ObjectID>,
-    shared: &'t Shared<'a, ObjectID>,
+struct Ctx<'t, 'a, V: TreeView> {
+    tree: &'t Tree<'a, V>,
+    shared: &'t Shared<'a, V::ObjectID>,
     min_mtime: (u64, u32),
 }
 
-impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
+impl<V: TreeView> Ctx<'_, '_, V> {
     fn emit(&self, s: &mut impl Sink, layout: &mut Layout, first: bool) -> Result<(), Error> {
         let nodes = &self.tree.nodes;
         let header = ComposefsHeader {
@@ -258,14 +253,15 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
         idx: usize,
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
+        let content = self.tree.content(node);
         let (compact, xattr_size) = (node.compact, node.xattr_size as usize);
         let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
         let blkaddr = if first { 0 } else { layout.blocks[idx] };
-        let (data_layout, u) = self.data_layout(node, data_blocks, tail, blkaddr)?;
-        let (size, nlink) = size_nlink(node);
+        let (data_layout, u) = self.data_layout(node, content, data_blocks, tail, blkaddr)?;
+        let (size, nlink) = size_nlink(node, content);
         let header = (if compact { COMPACT_SIZE } else { EXTENDED_SIZE }) as u64;
         let meta = header + xattr_size as u64;
-        let file_type = node.file_type();
+        let file_type = self.tree.file_type(node);
         let is_symlink = matches!(file_type, FileType::Symlink);
 
         s.pad(SLOT)?;
@@ -374,22 +370,16 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
             }
         }
 
-        match node.kind {
-            Kind::Dir(ref d) => self.dirents(s, layout, first, d.inline())?,
-            Kind::Leaf(content) => match content {
-                LeafContent::Regular(RegularFile::Inline(data)) => {
-                    s.put(&data[data.len() - tail..])?
+        match (&node.kind, content) {
+            (Kind::Dir(d), _) => self.dirents(s, layout, first, d.inline())?,
+            (_, Some(Content::Inline(data))) => s.put(&data[data.len() - tail..])?,
+            (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(target)?,
+            _ if chunked => {
+                for _ in 0..tail / 4 {
+                    s.put(&NULL_CHUNK)?;
                 }
-                LeafContent::Symlink(target) if data_blocks == 0 => {
-                    s.put(std::os::unix::ffi::OsStrExt::as_bytes(&**target))?
-                }
-                _ if chunked => {
-                    for _ in 0..tail / 4 {
-                        s.put(&NULL_CHUNK)?;
-                    }
-                }
-                _ => {}
-            },
+            }
+            _ => {}
         }
         s.pad(SLOT)
     }
@@ -408,63 +398,63 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
     /// The inode's data layout and its `u` field.
     fn data_layout(
         &self,
-        node: &Node<'_, ObjectID>,
+        node: &Node<'_>,
+        content: Option<Content<'_, V::ObjectID>>,
         data_blocks: u32,
         tail: usize,
         blkaddr: u32,
     ) -> Result<(DataLayout, u32), Error> {
-        Ok(match node.kind {
-            Kind::Dir(ref d) => {
-                if d.inline().is_empty() {
-                    (DataLayout::FlatPlain, blkaddr)
-                } else if !d.block_ends.is_empty() {
-                    (DataLayout::FlatInline, blkaddr)
+        let Some(content) = content else {
+            let Kind::Dir(d) = &node.kind else {
+                return Err(Error::Internal("a leaf without content".into()));
+            };
+            return Ok(if d.inline().is_empty() {
+                (DataLayout::FlatPlain, blkaddr)
+            } else if !d.block_ends.is_empty() {
+                (DataLayout::FlatInline, blkaddr)
+            } else {
+                (DataLayout::FlatInline, 0)
+            });
+        };
+        Ok(match content {
+            Content::Inline(data) => {
+                if data.is_empty() {
+                    (DataLayout::FlatPlain, 0)
+                } else if data_blocks > 0 {
+                    let l = if tail > 0 {
+                        DataLayout::FlatInline
+                    } else {
+                        DataLayout::FlatPlain
+                    };
+                    (l, blkaddr)
                 } else {
                     (DataLayout::FlatInline, 0)
                 }
             }
-            Kind::Leaf(content) => match content {
-                LeafContent::Regular(RegularFile::Inline(data)) => {
-                    if data.is_empty() {
-                        (DataLayout::FlatPlain, 0)
-                    } else if data_blocks > 0 {
-                        let l = if tail > 0 {
-                            DataLayout::FlatInline
-                        } else {
-                            DataLayout::FlatPlain
-                        };
-                        (l, blkaddr)
-                    } else {
-                        (DataLayout::FlatInline, 0)
-                    }
+            Content::External(_, size)
+            | Content::ExternalNoVerity(_, size)
+            | Content::Sparse(size) => {
+                let chunk_format = chunk_bits(size) - u32::from(format::BLOCK_BITS);
+                let u = if data_blocks > 0 {
+                    (blkaddr & 0xFFFF_0000) | chunk_format
+                } else {
+                    chunk_format
+                };
+                (DataLayout::ChunkBased, u)
+            }
+            Content::CharacterDevice(rdev) | Content::BlockDevice(rdev) => (
+                DataLayout::FlatPlain,
+                u32::try_from(rdev)
+                    .map_err(|_| Error::Unrepresentable(format!("device number {rdev:#x}")))?,
+            ),
+            Content::Fifo | Content::Socket => (DataLayout::FlatPlain, 0),
+            Content::Symlink(_) => {
+                if data_blocks > 0 {
+                    (DataLayout::FlatPlain, blkaddr)
+                } else {
+                    (DataLayout::FlatInline, 0)
                 }
-                LeafContent::Regular(
-                    RegularFile::External(_, size)
-                    | RegularFile::ExternalNoVerity(_, size)
-                    | RegularFile::Sparse(size),
-                ) => {
-                    let chunk_format = chunk_bits(*size) - u32::from(format::BLOCK_BITS);
-                    let u = if data_blocks > 0 {
-                        (blkaddr & 0xFFFF_0000) | chunk_format
-                    } else {
-                        chunk_format
-                    };
-                    (DataLayout::ChunkBased, u)
-                }
-                LeafContent::CharacterDevice(rdev) | LeafContent::BlockDevice(rdev) => (
-                    DataLayout::FlatPlain,
-                    u32::try_from(*rdev)
-                        .map_err(|_| Error::Unrepresentable(format!("device number {rdev:#x}")))?,
-                ),
-                LeafContent::Fifo | LeafContent::Socket => (DataLayout::FlatPlain, 0),
-                LeafContent::Symlink(_) => {
-                    if data_blocks > 0 {
-                        (DataLayout::FlatPlain, blkaddr)
-                    } else {
-                        (DataLayout::FlatInline, 0)
-                    }
-                }
-            },
+            }
         })
     }
 
@@ -477,33 +467,33 @@ impl<ObjectID: FsVerityHashValue> Ctx<'_, '_, ObjectID> {
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
         let data_blocks = node.data_blocks;
-        match node.kind {
-            Kind::Dir(ref d) => {
-                for block in d.blocks() {
-                    self.dirents(s, layout, first, block)?;
+        if let Kind::Dir(d) = &node.kind {
+            for block in d.blocks() {
+                self.dirents(s, layout, first, block)?;
+                s.pad(BLOCK)?;
+            }
+            return Ok(());
+        }
+        if data_blocks == 0 {
+            return Ok(());
+        }
+        match self.tree.content(node) {
+            Some(Content::Inline(data)) => {
+                for chunk in data.chunks(BLOCK as usize).take(data_blocks as usize) {
+                    s.put(chunk)?;
                     s.pad(BLOCK)?;
                 }
             }
-            Kind::Leaf(_) if data_blocks == 0 => {}
-            Kind::Leaf(content) => match content {
-                LeafContent::Regular(RegularFile::Inline(data)) => {
-                    for chunk in data.chunks(BLOCK as usize).take(data_blocks as usize) {
-                        s.put(chunk)?;
-                        s.pad(BLOCK)?;
-                    }
+            Some(Content::Symlink(target)) => {
+                s.put(&target[..target.len().min(BLOCK as usize)])?;
+                s.pad(BLOCK)?;
+            }
+            content if is_chunked(content) => {
+                for _ in 0..BLOCK / 4 {
+                    s.put(&NULL_CHUNK)?;
                 }
-                LeafContent::Symlink(target) => {
-                    let target = std::os::unix::ffi::OsStrExt::as_bytes(&**target);
-                    s.put(&target[..target.len().min(BLOCK as usize)])?;
-                    s.pad(BLOCK)?;
-                }
-                _ if is_chunked(node) => {
-                    for _ in 0..BLOCK / 4 {
-                        s.put(&NULL_CHUNK)?;
-                    }
-                }
-                _ => {}
-            },
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -457,3 +457,31 @@ fn device_numbers_over_32_bits_are_an_error_not_a_truncation() {
         Err(crate::Error::Unrepresentable(_))
     ));
 }
+
+/// A view need not be tidy: leaves no entry names are left out (composefs' tree must drop
+/// them first, as `write_image` refuses them), and an entry naming a leaf that does not
+/// exist is an invalid tree, not a panic.
+#[test]
+fn a_view_skips_orphans_and_refuses_dangling_leaves() {
+    let mut fs = Fs::new(stat(0o755, 0, 1000, &[]));
+    let _orphan = fs.push_leaf(stat(0o644, 0, 1000, &[]), file(b"nobody names me"));
+    add(&mut fs, "", "kept", stat(0o644, 0, 1000, &[]), ext(1, 5000));
+    assert!(matches!(
+        crate::write_image(&fs, FormatVersion::V1, Vec::new()),
+        Err(crate::Error::InvalidTree(_))
+    ));
+    let mut from_view = Vec::new();
+    crate::write_view(&fs, FormatVersion::V1, &mut from_view).unwrap();
+    let mut tidy = fs.clone();
+    tidy.compact();
+    let mut expected = Vec::new();
+    crate::write_image(&tidy, FormatVersion::V1, &mut expected).unwrap();
+    assert!(from_view == expected, "orphan left out");
+
+    link(&mut fs, "", "dangling", composefs::generic_tree::LeafId(7));
+    let e = crate::write_view(&fs, FormatVersion::V1, Vec::new()).unwrap_err();
+    assert!(
+        matches!(&e, crate::Error::InvalidTree(m) if m.contains("dangling leaf 7")),
+        "{e}"
+    );
+}

@@ -21,11 +21,11 @@ use composefs::erofs::format::{
     XATTR_USERXATTR_WHITEOUT, XATTR_USERXATTR_WHITEOUTS,
 };
 use composefs::fsverity::FsVerityHashValue;
-use composefs::tree::{LeafContent, RegularFile};
 use zerocopy::IntoBytes;
 
 use crate::Error;
-use crate::collect::{Kind, Node, Tree};
+use crate::collect::{Node, Tree};
+use crate::view::{Content, TreeView};
 
 /// On-disk size of an inode's xattr header (filter, shared count, reserved).
 pub(crate) const IBODY_HEADER_SIZE: usize = 12;
@@ -196,31 +196,26 @@ enum Key<'k, ObjectID: FsVerityHashValue> {
 }
 
 /// The xattrs of inode `idx`, sorted as they are written.
-pub(crate) fn of<'a, ObjectID: FsVerityHashValue>(
-    tree: &Tree<'a, ObjectID>,
-    idx: usize,
-) -> Vec<XAttr<'a, ObjectID>> {
-    let node: &Node<'a, ObjectID> = &tree.nodes[idx];
+pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'a, V::ObjectID>> {
+    let node: &Node<'a> = &tree.nodes[idx];
     let mut out = Vec::new();
-    let mut push = |name: &'a [u8], value: Value<'a, ObjectID>| {
+    let mut push = |name: &'a [u8], value: Value<'a, V::ObjectID>| {
         out.push(XAttr {
             name: Cow::Borrowed(name),
             value,
         })
     };
-    if let Kind::Leaf(LeafContent::Regular(file)) = node.kind {
-        match file {
-            RegularFile::External(id, _) => {
-                push(XATTR_OVERLAY_METACOPY, Value::Metacopy(id));
-                push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
-            }
-            RegularFile::ExternalNoVerity(id, _) => {
-                push(XATTR_OVERLAY_METACOPY, Value::Bytes(b""));
-                push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
-            }
-            RegularFile::Sparse(_) => push(XATTR_OVERLAY_METACOPY, Value::Bytes(b"")),
-            RegularFile::Inline(_) => {}
+    match tree.content(node) {
+        Some(Content::External(id, _)) => {
+            push(XATTR_OVERLAY_METACOPY, Value::Metacopy(id));
+            push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
         }
+        Some(Content::ExternalNoVerity(id, _)) => {
+            push(XATTR_OVERLAY_METACOPY, Value::Bytes(b""));
+            push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
+        }
+        Some(Content::Sparse(_)) => push(XATTR_OVERLAY_METACOPY, Value::Bytes(b"")),
+        _ => {}
     }
     for (name, value) in &node.stat.xattrs {
         let name = name.as_bytes();
@@ -273,7 +268,7 @@ pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
 }
 
 impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
-    pub fn count(tree: &Tree<'a, ObjectID>) -> Self {
+    pub fn count<V: TreeView<ObjectID = ObjectID>>(tree: &Tree<'a, V>) -> Self {
         let mut this = Shared {
             bytes: HashMap::new(),
             objects: IdMap::default(),
@@ -356,7 +351,11 @@ pub(crate) struct InodeXAttrs<'a, ObjectID: FsVerityHashValue> {
 }
 
 impl<'a, ObjectID: FsVerityHashValue> InodeXAttrs<'a, ObjectID> {
-    pub fn new(tree: &Tree<'a, ObjectID>, shared: &Shared<'a, ObjectID>, idx: usize) -> Self {
+    pub fn new<V: TreeView<ObjectID = ObjectID>>(
+        tree: &Tree<'a, V>,
+        shared: &Shared<'a, ObjectID>,
+        idx: usize,
+    ) -> Self {
         let mut this = InodeXAttrs {
             shared: Vec::new(),
             local: Vec::new(),

@@ -4,19 +4,19 @@
 //! while another thread computes its object id.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::sync::Arc;
 
 use composefs::erofs::format::FormatVersion;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::generic_tree::{Stat, is_allowed_container_xattr};
 use composefs::repository::Repository;
-use composefs::tree::FileSystem;
 use composefs_oci::OciDigest;
+use cstor_erofs::TreeView;
 
 use crate::error::{Error, Result, repo_err};
 use crate::object_file::ObjectFile;
 use crate::report::TreeSource;
+use crate::tree::CompactTree;
 
 /// The EROFS image(s) written for an image, and what went into them.
 #[derive(Debug)]
@@ -56,49 +56,50 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
         Some(_) => TreeSource::Streamed,
         None => TreeSource::ReadBack,
     };
-    let mut fs = match prebuilt {
-        Some(fs) => fs,
+    let mut tree = match prebuilt {
+        Some(tree) => tree,
         None => {
-            let mut fs: FileSystem<ObjectID> = FileSystem::new(Stat::uninitialized());
+            let mut tree = CompactTree::new();
             for (diff_id, verity) in layers {
-                crate::tree::apply_stored(repo, &mut fs, verity)
+                crate::tree::apply_stored(repo, verity, |e| Ok(tree.apply(e)?))
                     .map_err(repo_err(format!("applying layer {diff_id}")))?;
             }
-            fs
+            tree
         }
     };
     crate::sys::log_memory("tree built");
-    let has_usr = matches!(fs.root.get_directory_opt(OsStr::new("usr")), Ok(Some(_)));
+    let has_usr = tree.has_usr();
     let transform_err = |e: composefs::generic_tree::ImageError| {
         repo_err("transforming the image for OCI")(e.into())
     };
-    // composefs-oci's `transform_for_oci` with its default options, step by step: its last
-    // step, `compact`, copies every leaf into a new table even when none was orphaned (the
-    // usual case), which at a few hundred thousand files was the import's peak memory.
+    // composefs-oci's `transform_for_oci` with its default options, step by step (its last
+    // step, `compact`, renumbers leaves to drop orphans; the writer skips orphans instead).
     if has_usr {
-        fs.copy_root_metadata_from_usr().map_err(transform_err)?;
-        fs.canonicalize_run().map_err(transform_err)?;
-    } else if fs.root.stat.st_mode == 0 {
+        tree.copy_root_metadata_from_usr().map_err(transform_err)?;
+        tree.canonicalize_run().map_err(transform_err)?;
+    } else if tree.root_is_uninitialized() {
         // No /usr to take the root's metadata from: keep the root entry of the layers, or a
         // plain 0755 root:root directory when no layer had one.
         let mut stat = Stat::uninitialized();
         stat.st_mode = 0o755;
-        fs.set_root_stat(stat);
+        tree.set_root_stat(stat).map_err(transform_err)?;
     }
-    fs.filter_xattrs(is_allowed_container_xattr);
-    if fs.nlinks().contains(&0) {
-        fs.compact();
-    }
-    // The table grew by doubling while the layers were applied; give the slack back before
-    // the image's own layout is allocated beside it.
-    fs.leaves.shrink_to_fit();
+    tree.filter_xattrs(is_allowed_container_xattr);
     crate::sys::log_memory("tree transformed");
     let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
     let images = if versions == [FormatVersion::V1] {
-        let id = write_v1_image(repo, &fs)?;
+        let frozen = tree.freeze().map_err(transform_err)?;
+        crate::sys::log_memory("tree frozen");
+        let id = write_v1_image(repo, &frozen)?;
         HashMap::from([(FormatVersion::V1, id)])
     } else {
-        // Other formats (legacy V2, or V1 plus V2) are rare enough to leave to composefs.
+        // Other formats (legacy V2, or V1 plus V2) are rare enough to leave to composefs,
+        // which writes them from its own tree.
+        let mut fs = tree.to_composefs().map_err(transform_err)?;
+        drop(tree);
+        if fs.nlinks().contains(&0) {
+            fs.compact();
+        }
         fs.commit_images(repo, None)
             .map_err(repo_err("writing the EROFS image"))?
     };
@@ -120,22 +121,22 @@ fn erofs_write_error(e: cstor_erofs::Error) -> Error {
     }
 }
 
-/// Streams the V1 EROFS image of `fs` into a repository object and names it `images/<id>`,
+/// Streams the V1 EROFS image of `tree` into a repository object and names it `images/<id>`,
 /// as `commit_images` does, without holding the image (or composefs' per-file xattr copies)
 /// in memory: this is where an import used to reach its peak memory.
 fn write_v1_image<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
-    fs: &FileSystem<ObjectID>,
+    tree: &impl TreeView<ObjectID = ObjectID>,
 ) -> Result<ObjectID> {
     let Some(mut object) = ObjectFile::create(repo)? else {
         // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
         let mut image = Vec::new();
-        cstor_erofs::write_image(fs, FormatVersion::V1, &mut image).map_err(erofs_write_error)?;
+        cstor_erofs::write_view(tree, FormatVersion::V1, &mut image).map_err(erofs_write_error)?;
         return repo
             .write_image(None, &image)
             .map_err(repo_err("storing the EROFS image"));
     };
-    cstor_erofs::write_image(fs, FormatVersion::V1, &mut object).map_err(erofs_write_error)?;
+    cstor_erofs::write_view(tree, FormatVersion::V1, &mut object).map_err(erofs_write_error)?;
     let id = object.finish("the EROFS image")?;
     crate::sys::log_memory("image written");
     repo.symlink(

@@ -1,6 +1,7 @@
-//! The image's file tree in compact form: step 1 of the memory plan in
-//! docs/dev/performance.md ("Where memory still grows with the image"), not used by the
-//! import yet.
+//! The image's file tree in compact form (the memory plan in docs/dev/performance.md,
+//! "Where memory still grows with the image"): what the import builds from the layers and
+//! writes the EROFS image from, through its frozen form ([`Frozen`], a
+//! `cstor_erofs::TreeView`).
 //!
 //! composefs' `FileSystem` costs about 250 bytes a file: a 128-byte leaf with the 64-byte
 //! object id and an xattr map inline, a `BTreeMap` entry and a boxed name per directory
@@ -16,7 +17,8 @@
 //! [`CompactTree::apply`] follows composefs-oci's `process_entry` rule for rule (root entry,
 //! whiteouts, opaque directories, hardlinks, a directory merged over a directory), with the
 //! same path handling as composefs' `Directory::split`, and the transform steps mirror
-//! `FileSystem`'s. The tests apply random layers to both trees and compare their dumpfiles.
+//! `FileSystem`'s. The tests apply random layers to both trees and compare their dumpfiles
+//! and the EROFS images written from them.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -575,26 +577,61 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         &self.data[at as usize..][..len as usize]
     }
 
-    /// The live entries of every directory, sorted by (directory, name).
-    fn children(&self) -> Vec<u32> {
+    /// Whether the root has a directory named `usr` (then the OCI transform applies).
+    pub fn has_usr(&self) -> bool {
+        matches!(self.top_dir("usr"), Ok(Some(_)))
+    }
+
+    /// Whether the root's stat was never set (no layer had a root entry).
+    pub fn root_is_uninitialized(&self) -> bool {
+        self.dirs[0].meta.mode == 0
+    }
+
+    /// The live entries of every directory, sorted by (directory, name), and where each
+    /// directory's run of them starts (`u32::MAX` for an empty directory).
+    fn children(&self) -> Result<(Vec<u32>, Vec<u32>), ImageError> {
+        too_many(self.records.len(), "directory entries")?;
         let mut live: Vec<u32> = (0..self.records.len() as u32)
             .filter(|&r| {
                 let rec = &self.records[r as usize];
                 rec.generation == self.dirs[rec.parent as usize].generation
             })
             .collect();
+        live.shrink_to_fit();
         live.sort_unstable_by(|&a, &b| {
             let (ra, rb) = (&self.records[a as usize], &self.records[b as usize]);
             ra.parent
                 .cmp(&rb.parent)
                 .then_with(|| self.name(ra).cmp(self.name(rb)))
         });
-        live
+        let mut start = vec![u32::MAX; self.dirs.len()];
+        for (i, &r) in live.iter().enumerate().rev() {
+            start[self.records[r as usize].parent as usize] = i as u32;
+        }
+        Ok((live, start))
+    }
+
+    /// The live entries of directory `dir`, in name order.
+    fn run<'a>(
+        &'a self,
+        children: &'a [u32],
+        start: &[u32],
+        dir: u32,
+    ) -> impl Iterator<Item = &'a Record> + 'a {
+        let from = match start[dir as usize] {
+            u32::MAX => children.len(),
+            i => i as usize,
+        };
+        children[from..]
+            .iter()
+            .map(|&r| &self.records[r as usize])
+            .take_while(move |rec| rec.parent == dir)
     }
 
     /// The same tree in composefs' types: leaves keep their numbers, so that hardlinks and
-    /// orphans are where composefs' own import leaves them.
-    pub fn to_composefs(&self) -> FileSystem<ObjectID> {
+    /// orphans are where composefs' own import leaves them. Built with a stack of its own,
+    /// not by recursion: a layer's paths can nest a few thousand directories deep.
+    pub fn to_composefs(&self) -> Result<FileSystem<ObjectID>, ImageError> {
         let mut fs = FileSystem::new(self.stat(&self.dirs[0].meta));
         for leaf in self.leaves.iter() {
             let content = match leaf.content {
@@ -618,43 +655,124 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             };
             fs.push_leaf(self.stat(&self.metas[leaf.meta as usize]), content);
         }
-        let children = self.children();
-        // Where each directory's run of entries starts in `children`.
-        let mut start = vec![usize::MAX; self.dirs.len()];
-        for (i, &r) in children.iter().enumerate().rev() {
-            start[self.records[r as usize].parent as usize] = i;
-        }
-        fn fill<ObjectID: FsVerityHashValue>(
-            tree: &CompactTree<ObjectID>,
-            children: &[u32],
-            start: &[usize],
-            dir: u32,
-            out: &mut Directory<ObjectID>,
-        ) {
-            let Some(run) = children.get(start[dir as usize]..) else {
-                return;
-            };
-            for &r in run {
-                let rec = &tree.records[r as usize];
-                if rec.parent != dir {
-                    break;
-                }
-                let name = OsStr::from_bytes(tree.name(rec));
-                let inode = match rec.node.as_dir() {
-                    Some(d) => {
-                        let mut sub = Directory::new(tree.stat(&tree.dirs[d as usize].meta));
-                        fill(tree, children, start, d, &mut sub);
-                        Inode::Directory(Box::new(sub))
+        let (children, start) = self.children()?;
+        // (name in the parent, directory being filled, its remaining entries)
+        let root = Directory::new(self.stat(&self.dirs[0].meta));
+        let mut stack = vec![(&b""[..], root, self.run(&children, &start, 0))];
+        while let Some((_, dir, run)) = stack.last_mut() {
+            match run.next() {
+                Some(rec) => {
+                    let name = self.name(rec);
+                    match rec.node.as_dir() {
+                        Some(d) => {
+                            let sub = Directory::new(self.stat(&self.dirs[d as usize].meta));
+                            stack.push((name, sub, self.run(&children, &start, d)));
+                        }
+                        None => {
+                            let leaf = Inode::leaf(LeafId(rec.node.0 as usize));
+                            dir.insert(OsStr::from_bytes(name), leaf);
+                        }
                     }
-                    None => Inode::leaf(LeafId(rec.node.0 as usize)),
-                };
-                out.insert(name, inode);
+                }
+                None => {
+                    let Some((name, done, _)) = stack.pop() else {
+                        break;
+                    };
+                    match stack.last_mut() {
+                        Some((_, parent, _)) => {
+                            parent
+                                .insert(OsStr::from_bytes(name), Inode::Directory(Box::new(done)));
+                        }
+                        None => fs.root = done,
+                    }
+                }
             }
         }
-        let mut root = Directory::new(self.stat(&self.dirs[0].meta));
-        fill(self, &children, &start, 0, &mut root);
-        fs.root = root;
-        fs
+        Ok(fs)
+    }
+
+    /// The finished tree as the EROFS writer reads it. What only building needed (the name
+    /// index, the interning maps) is dropped first, so that the writer's layout takes its
+    /// place rather than adding to it.
+    pub fn freeze(mut self) -> Result<Frozen<ObjectID>, ImageError> {
+        self.index = HashTable::new();
+        self.meta_numbers = FastMap::default();
+        self.xattrs.numbers = FastMap::default();
+        let (children, start) = self.children()?;
+        let dir_stats = self.dirs.iter().map(|d| self.stat(&d.meta)).collect();
+        let leaf_stats = self.metas.iter().map(|m| self.stat(m)).collect();
+        self.metas = Vec::new();
+        Ok(Frozen {
+            tree: self,
+            children,
+            start,
+            dir_stats,
+            leaf_stats,
+        })
+    }
+}
+
+/// A finished [`CompactTree`], read by `cstor_erofs::write_view`: each directory's live
+/// entries in name order, and a composefs `Stat` for every directory and every interned leaf
+/// stat (the writer borrows stats; there are as many as distinct stats, not files).
+#[derive(Debug)]
+pub(crate) struct Frozen<ObjectID> {
+    tree: CompactTree<ObjectID>,
+    children: Vec<u32>,
+    start: Vec<u32>,
+    dir_stats: Vec<Stat>,
+    leaf_stats: Vec<Stat>,
+}
+
+impl<ObjectID: FsVerityHashValue> cstor_erofs::TreeView for Frozen<ObjectID> {
+    type ObjectID = ObjectID;
+    type Dir<'a> = u32;
+
+    fn root(&self) -> u32 {
+        0
+    }
+
+    fn dir_stat(&self, dir: u32) -> &Stat {
+        &self.dir_stats[dir as usize]
+    }
+
+    fn entries<'a>(
+        &'a self,
+        dir: u32,
+    ) -> impl Iterator<Item = (&'a [u8], cstor_erofs::Child<u32>)> + 'a {
+        self.tree.run(&self.children, &self.start, dir).map(|rec| {
+            let child = match rec.node.as_dir() {
+                Some(d) => cstor_erofs::Child::Dir(d),
+                None => cstor_erofs::Child::Leaf(rec.node.0 as usize),
+            };
+            (self.tree.name(rec), child)
+        })
+    }
+
+    fn leaf_count(&self) -> usize {
+        self.tree.leaves.len()
+    }
+
+    fn leaf_stat(&self, leaf: usize) -> &Stat {
+        &self.leaf_stats[self.tree.leaves[leaf].meta as usize]
+    }
+
+    fn leaf_content(&self, leaf: usize) -> cstor_erofs::Content<'_, ObjectID> {
+        use cstor_erofs::Content as C;
+        let t = &self.tree;
+        match t.leaves[leaf].content {
+            Content::Inline { at, len } => C::Inline(t.data(at, len)),
+            Content::External { id, size } => C::External(&t.ids[id as usize], size),
+            Content::ExternalNoVerity { id, size } => {
+                C::ExternalNoVerity(&t.ids[id as usize], size)
+            }
+            Content::Sparse(size) => C::Sparse(size),
+            Content::Symlink { at, len } => C::Symlink(t.data(at, len)),
+            Content::Block(rdev) => C::BlockDevice(rdev),
+            Content::Char(rdev) => C::CharacterDevice(rdev),
+            Content::Fifo => C::Fifo,
+            Content::Socket => C::Socket,
+        }
     }
 }
 
@@ -662,6 +780,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
 mod tests {
     use super::*;
     use crate::tree::dump;
+    use composefs::erofs::format::FormatVersion;
     use composefs::fsverity::Sha256HashValue;
     use std::path::PathBuf;
     use zerocopy::IntoBytes;
@@ -806,7 +925,11 @@ mod tests {
                 expected.set_root_stat(s.clone());
                 tree.set_root_stat(s).unwrap();
             }
-            assert_eq!(dump(&tree.to_composefs()), dump(&expected), "seed {seed}");
+            assert_eq!(
+                dump(&tree.to_composefs().unwrap()),
+                dump(&expected),
+                "seed {seed}"
+            );
 
             let theirs = expected
                 .copy_root_metadata_from_usr()
@@ -819,10 +942,31 @@ mod tests {
             expected.filter_xattrs(keep);
             tree.filter_xattrs(keep);
             assert_eq!(
-                dump(&tree.to_composefs()),
+                dump(&tree.to_composefs().unwrap()),
                 dump(&expected),
                 "seed {seed}, transformed"
             );
+
+            // The EROFS writer reads the frozen tree directly: the same bytes as from
+            // composefs' tree (whose orphans composefs drops before writing).
+            if expected.nlinks().contains(&0) {
+                expected.compact();
+            }
+            let mut theirs = Vec::new();
+            let theirs =
+                cstor_erofs::write_image(&expected, FormatVersion::V1, &mut theirs).map(|_| theirs);
+            let mut ours = Vec::new();
+            let frozen = tree.freeze().unwrap();
+            let ours = cstor_erofs::write_view(&frozen, FormatVersion::V1, &mut ours).map(|_| ours);
+            match (ours, theirs) {
+                (Ok(ours), Ok(theirs)) => assert!(ours == theirs, "seed {seed}: image bytes"),
+                (Err(_), Err(_)) => {}
+                (ours, theirs) => panic!(
+                    "seed {seed}: written {:?} from the frozen tree, {:?} from composefs'",
+                    ours.map(|_| ()),
+                    theirs.map(|_| ())
+                ),
+            }
         }
     }
 

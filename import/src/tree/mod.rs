@@ -9,17 +9,16 @@
 //!
 //! The entries are what `composefs_oci::tar::get_entry` reads from the stored stream: the
 //! same tar parser (`tar-core`), the same inline/external rules, the same path and mtime
-//! handling, and composefs' own `process_entry` applies them (whiteouts, hardlinks). The
-//! tests build trees both ways and compare them; the finalize step falls back to reading
-//! the streams if the tree thread failed.
+//! handling. They are applied to a [`CompactTree`] (composefs' `process_entry` rules, in a
+//! fraction of the memory of composefs' own tree) that the EROFS writer reads directly. The
+//! tests build trees both ways and compare them with composefs'; the finalize step falls
+//! back to reading the streams if the tree thread failed.
 //!
 //! - `feed`: the layer importers' side, batched, never blocking, with a bounded backlog;
 //! - `fed_reader`: tar entries read back from a layer's pieces;
+//! - `compact`: the tree itself;
 //! - here: the tree thread ([`Builder`]), which applies the entries layer by layer.
 
-// Step 1 of the memory plan: built and tested against composefs' tree, not yet what the
-// import writes its image from.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod compact;
 mod fed_reader;
 mod feed;
@@ -30,10 +29,10 @@ use std::sync::mpsc::Receiver;
 
 use anyhow::Context;
 use composefs::fsverity::FsVerityHashValue;
-use composefs::generic_tree::Stat;
 use composefs::repository::Repository;
-use composefs::tree::FileSystem;
+use composefs_oci::tar::TarEntry;
 
+pub(crate) use compact::CompactTree;
 use fed_reader::FedReader;
 pub use feed::{Backlog, Feed, Piece};
 
@@ -74,7 +73,7 @@ impl<E: Into<anyhow::Error>> From<E> for Stop {
 /// The tree thread.
 #[derive(Debug)]
 pub struct Builder<ObjectID: FsVerityHashValue> {
-    thread: std::thread::JoinHandle<Result<FileSystem<ObjectID>, Stop>>,
+    thread: std::thread::JoinHandle<Result<CompactTree<ObjectID>, Stop>>,
     backlog: Arc<Backlog>,
 }
 
@@ -98,7 +97,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         let thread = std::thread::Builder::new()
             .name("cstor-tree".into())
             .spawn(move || {
-                let mut fs = FileSystem::new(Stat::uninitialized());
+                let mut tree = CompactTree::new();
                 let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {
                     match layer {
@@ -110,7 +109,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                                 }
                                 gave_up => gave_up,
                             })? {
-                                composefs_oci::image::process_entry(&mut fs, entry)
+                                tree.apply(entry)
                                     .with_context(|| format!("applying layer {i}"))?;
                                 entries += 1;
                                 if entries > max_entries {
@@ -120,7 +119,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                             reader.finish()?;
                         }
                         Source::Stored(verity) => {
-                            entries += apply_stored(&repo, &mut fs, &verity)
+                            entries += apply_stored(&repo, &verity, |e| Ok(tree.apply(e)?))
                                 .with_context(|| format!("layer {i}"))?;
                             if entries > max_entries {
                                 return Err(Stop::GaveUp);
@@ -128,14 +127,14 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                         }
                     }
                 }
-                Ok(fs)
+                Ok(tree)
             })?;
         Ok(Self { thread, backlog })
     }
 
     /// The tree, once every layer was applied; `Ok(None)` when the thread gave up (too much
     /// waiting, see [`Backlog`], or too many entries, see [`MAX_ENTRIES`]).
-    pub fn finish(self) -> anyhow::Result<Option<FileSystem<ObjectID>>> {
+    pub fn finish(self) -> anyhow::Result<Option<CompactTree<ObjectID>>> {
         let r = self
             .thread
             .join()
@@ -145,19 +144,19 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
             "tree thread done"
         );
         match r {
-            Ok(fs) => Ok(Some(fs)),
+            Ok(tree) => Ok(Some(tree)),
             Err(Stop::GaveUp) => Ok(None),
             Err(Stop::Failed(e)) => Err(e),
         }
     }
 }
 
-/// Applies a stored layer stream to `fs`, as composefs builds an image; returns the number
-/// of entries applied.
+/// Reads a stored layer stream's entries, as composefs does to build an image, and hands
+/// each to `apply` (a tree's own rule for it); returns the number of entries applied.
 pub fn apply_stored<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
-    fs: &mut FileSystem<ObjectID>,
     verity: &ObjectID,
+    mut apply: impl FnMut(TarEntry<ObjectID>) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let mut entries = 0;
     let mut stream = repo
@@ -166,7 +165,7 @@ pub fn apply_stored<ObjectID: FsVerityHashValue>(
     while let Some(entry) =
         composefs_oci::tar::get_entry(&mut stream).context("reading the layer stream")?
     {
-        composefs_oci::image::process_entry(fs, entry).context("applying the layer")?;
+        apply(entry).context("applying the layer")?;
         entries += 1;
     }
     Ok(entries)
@@ -174,7 +173,9 @@ pub fn apply_stored<ObjectID: FsVerityHashValue>(
 
 /// composefs' dumpfile of `fs`: how the tests compare trees built different ways.
 #[cfg(test)]
-pub(crate) fn dump<ObjectID: FsVerityHashValue>(fs: &FileSystem<ObjectID>) -> String {
+pub(crate) fn dump<ObjectID: FsVerityHashValue>(
+    fs: &composefs::tree::FileSystem<ObjectID>,
+) -> String {
     let mut out = Vec::new();
     composefs::dumpfile::write_dumpfile(&mut out, fs).expect("dumping a tree to memory");
     String::from_utf8(out).expect("a dumpfile is UTF-8")
@@ -186,7 +187,9 @@ mod tests {
     use std::path::Path;
 
     use composefs::fsverity::{Algorithm, Sha512HashValue};
+    use composefs::generic_tree::Stat;
     use composefs::repository::RepositoryConfig;
+    use composefs::tree::FileSystem;
     use tar_core::EntryType;
     use tar_core::parse::{ParseEvent, Parser};
 
@@ -367,7 +370,10 @@ mod tests {
         let verities: Vec<Id> = layers.iter().map(|p| store(&repo, p)).collect();
         let mut expected = FileSystem::new(Stat::uninitialized());
         for v in &verities {
-            apply_stored(&repo, &mut expected, v).unwrap();
+            apply_stored(&repo, v, |e| {
+                composefs_oci::image::process_entry(&mut expected, e)
+            })
+            .unwrap();
         }
 
         let backlog = Arc::new(Backlog::default());
@@ -390,7 +396,7 @@ mod tests {
         middle_feed.done();
         let built = builder.finish().unwrap().expect("a tree");
 
-        let (want, got) = (dump(&expected), dump(&built));
+        let (want, got) = (dump(&expected), dump(&built.to_composefs().unwrap()));
         assert!(
             want.contains("long-link") && want.contains(&"d".repeat(120)),
             "{want}"
