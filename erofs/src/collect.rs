@@ -46,14 +46,51 @@ pub(crate) struct Node<'a> {
     pub compact: bool,
 }
 
-#[derive(Debug)]
-pub(crate) enum Kind {
-    /// Boxed: directories are few, and an unboxed layout made every node 24 bytes longer.
-    Dir(Box<DirLayout>),
+/// What an inode is, in 4 bytes (a node is per file): two tag bits and a 30-bit number.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kind(u32);
+
+/// [`Kind`] unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KindOf {
+    /// A directory, by its index in [`Tree::dirs`] (directories are few: their layouts are
+    /// kept beside the nodes, not in them).
+    Dir(usize),
     /// A leaf of the view, by number (its content is asked for when needed, not copied).
-    Leaf(u32),
+    Leaf(usize),
     /// One of the root's whiteout stubs `00`..`ff`.
     Stub,
+}
+
+const KIND_SHIFT: u32 = 30;
+const KIND_NUMBER: u32 = (1 << KIND_SHIFT) - 1;
+
+impl Kind {
+    const STUB: Kind = Kind(2 << KIND_SHIFT);
+
+    fn tagged(tag: u32, number: usize, what: &str) -> Result<Self, Error> {
+        match u32::try_from(number) {
+            Ok(n) if n <= KIND_NUMBER => Ok(Kind(tag << KIND_SHIFT | n)),
+            _ => Err(Error::Unrepresentable(format!("more than 2^30 {what}"))),
+        }
+    }
+
+    fn dir(number: usize) -> Result<Self, Error> {
+        Self::tagged(0, number, "directories")
+    }
+
+    fn leaf(number: usize) -> Result<Self, Error> {
+        Self::tagged(1, number, "files")
+    }
+
+    pub fn get(self) -> KindOf {
+        let number = (self.0 & KIND_NUMBER) as usize;
+        match self.0 >> KIND_SHIFT {
+            0 => KindOf::Dir(number),
+            1 => KindOf::Leaf(number),
+            _ => KindOf::Stub,
+        }
+    }
 }
 
 /// A directory's entries (a range of [`Tree::entries`], sorted by name, `.` and `..`
@@ -145,6 +182,8 @@ pub(crate) struct Tree<'a, V: TreeView> {
     pub view: &'a V,
     pub nodes: Vec<Node<'a>>,
     pub entries: Vec<Entry<'a>>,
+    /// Each directory's layout, in the order of their nodes.
+    pub dirs: Vec<DirLayout>,
 }
 
 impl<'a, V: TreeView> Tree<'a, V> {
@@ -156,13 +195,21 @@ impl<'a, V: TreeView> Tree<'a, V> {
     pub fn file_type(&self, node: &Node<'_>) -> FileType {
         file_type(self.view, node)
     }
+
+    /// A directory's layout; `None` for a leaf.
+    pub fn dir(&self, node: &Node<'_>) -> Option<&DirLayout> {
+        match node.kind.get() {
+            KindOf::Dir(d) => self.dirs.get(d),
+            _ => None,
+        }
+    }
 }
 
 fn content<'a, V: TreeView>(view: &'a V, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
-    match node.kind {
-        Kind::Dir(_) => None,
-        Kind::Leaf(leaf) => Some(view.leaf_content(leaf as usize)),
-        Kind::Stub => Some(Content::CharacterDevice(0)),
+    match node.kind.get() {
+        KindOf::Dir(_) => None,
+        KindOf::Leaf(leaf) => Some(view.leaf_content(leaf)),
+        KindOf::Stub => Some(Content::CharacterDevice(0)),
     }
 }
 
@@ -231,6 +278,8 @@ struct Collector<'a, V: TreeView + 'a> {
     /// Inodes already given to files with several links.
     linked: HashMap<usize, u32>,
     nodes: Vec<Node<'a>>,
+    /// Directory nodes made so far.
+    dirs: usize,
 }
 
 /// What one walk of the whole tree finds out before the inodes are numbered.
@@ -327,6 +376,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         canonical,
         linked: HashMap::new(),
         nodes: Vec::with_capacity(dirs + files + STUB_NAMES.len()),
+        dirs: 0,
     };
     let mut entries: Vec<Entry<'a>> =
         Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
@@ -334,7 +384,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
     let mut queue = VecDeque::new();
     let root_dir = view.root();
     let root_stat = view.dir_stat(root_dir);
-    let root = c.push(root_stat, Kind::Dir(Box::default()), 0);
+    let root = c.push_dir(root_stat)?;
     queue.push_back((root_dir, root, root));
     let mut children: Vec<(&'a [u8], Slot<V::Dir<'a>>)> = Vec::new();
 
@@ -364,12 +414,12 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         for (name, child) in children.drain(..) {
             let entry = match child {
                 Slot::Child(Child::Dir(sub)) => {
-                    let idx = c.push(view.dir_stat(sub), Kind::Dir(Box::default()), 0);
+                    let idx = c.push_dir(view.dir_stat(sub))?;
                     queue.push_back((sub, me, idx));
                     Entry::new(name, Target::Known(idx), FileType::Directory)
                 }
                 Slot::Stub => {
-                    let idx = c.push(c.stub, Kind::Stub, 1);
+                    let idx = c.push(c.stub, Kind::STUB, 1);
                     Entry::new(name, Target::Known(idx), FileType::CharacterDevice)
                 }
                 Slot::Child(Child::Leaf(id)) => {
@@ -403,16 +453,22 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
             );
         }
     }
+    let mut layouts = Vec::with_capacity(dir_spans.len());
+    // Breadth first: directories leave the queue in the order their nodes were made.
     for (me, span) in dir_spans {
         let (layout, nlink) = split_dir(&entries[span.clone()], span)?;
         let node = &mut c.nodes[me as usize];
-        node.kind = Kind::Dir(Box::new(layout));
+        if node.kind.get() != KindOf::Dir(layouts.len()) {
+            return Err(Error::Internal("directories laid out out of order".into()));
+        }
+        layouts.push(layout);
         node.nlink = nlink;
     }
     Ok(Tree {
         view,
         nodes: c.nodes,
         entries,
+        dirs: layouts,
     })
 }
 
@@ -430,6 +486,12 @@ impl<'a, V: TreeView> Collector<'a, V> {
             compact: false,
         });
         (self.nodes.len() - 1) as u32
+    }
+
+    fn push_dir(&mut self, stat: &'a Stat) -> Result<u32, Error> {
+        let kind = Kind::dir(self.dirs)?;
+        self.dirs += 1;
+        Ok(self.push(stat, kind, 0))
     }
 
     fn push_leaf(&mut self, id: usize, nlink: u32) -> Result<u32, Error> {
@@ -453,9 +515,7 @@ impl<'a, V: TreeView> Collector<'a, V> {
             }
             _ => (0, 0),
         };
-        let number = u32::try_from(id)
-            .map_err(|_| Error::Unrepresentable(format!("more than 2^32 files (leaf {id})")))?;
-        let idx = self.push(self.view.leaf_stat(id), Kind::Leaf(number), nlink);
+        let idx = self.push(self.view.leaf_stat(id), Kind::leaf(id)?, nlink);
         let node = &mut self.nodes[idx as usize];
         node.data_blocks = u32::try_from(data_blocks)
             .map_err(|_| Error::Unrepresentable("a file of more than 2^32 blocks".into()))?;
@@ -585,5 +645,5 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(size_of::<Entry<'static>>() == 24);
-    assert!(size_of::<Node<'static>>() == 48);
+    assert!(size_of::<Node<'static>>() == 32);
 };

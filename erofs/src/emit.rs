@@ -16,7 +16,7 @@ use composefs::fsverity::FsVerityHashValue;
 use zerocopy::IntoBytes;
 
 use crate::Error;
-use crate::collect::{DIRENT_SIZE, Kind, Node, Tree, chunk_bits};
+use crate::collect::{DIRENT_SIZE, DirLayout, KindOf, Node, Tree, chunk_bits};
 use crate::view::{Content, TreeView};
 use crate::xattr::{InodeXAttrs, Shared, XAttr};
 
@@ -132,7 +132,11 @@ pub(crate) fn write<V: TreeView>(
                 node.tail = 0;
             }
         }
-        let (size, nlink) = size_nlink(node, content);
+        let dir = match node.kind.get() {
+            KindOf::Dir(d) => tree.dirs.get(d),
+            _ => None,
+        };
+        let (size, nlink) = size_nlink(node, dir, content);
         node.compact = fits_compact(node, min_mtime, size, nlink);
     }
     let ctx = Ctx {
@@ -159,10 +163,15 @@ fn is_chunked<ObjectID>(content: Option<Content<'_, ObjectID>>) -> bool {
     )
 }
 
-/// The inode's `size` and `nlink` fields (`content` is the node's, `None` for a directory).
-fn size_nlink<ObjectID>(node: &Node<'_>, content: Option<Content<'_, ObjectID>>) -> (u64, u32) {
-    let size = match (&node.kind, content) {
-        (Kind::Dir(d), _) => d.size(),
+/// The inode's `size` and `nlink` fields (`dir` and `content` are the node's: its layout if
+/// it is a directory, else its content).
+fn size_nlink<ObjectID>(
+    node: &Node<'_>,
+    dir: Option<&DirLayout>,
+    content: Option<Content<'_, ObjectID>>,
+) -> (u64, u32) {
+    let size = match (dir, content) {
+        (Some(d), _) => d.size(),
         (_, Some(Content::Inline(data))) => data.len() as u64,
         (
             _,
@@ -258,7 +267,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
         let blkaddr = if first { 0 } else { layout.blocks[idx] };
         let (data_layout, u) = self.data_layout(node, content, data_blocks, tail, blkaddr)?;
-        let (size, nlink) = size_nlink(node, content);
+        let (size, nlink) = size_nlink(node, self.tree.dir(node), content);
         let header = (if compact { COMPACT_SIZE } else { EXTENDED_SIZE }) as u64;
         let meta = header + xattr_size as u64;
         let file_type = self.tree.file_type(node);
@@ -370,8 +379,8 @@ impl<V: TreeView> Ctx<'_, '_, V> {
             }
         }
 
-        match (&node.kind, content) {
-            (Kind::Dir(d), _) => self.dirents(s, layout, first, d.inline())?,
+        match (self.tree.dir(node), content) {
+            (Some(d), _) => self.dirents(s, layout, first, d.inline())?,
             (_, Some(Content::Inline(data))) => s.put(&data[data.len() - tail..])?,
             (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(target)?,
             _ if chunked => {
@@ -405,7 +414,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         blkaddr: u32,
     ) -> Result<(DataLayout, u32), Error> {
         let Some(content) = content else {
-            let Kind::Dir(d) = &node.kind else {
+            let Some(d) = self.tree.dir(node) else {
                 return Err(Error::Internal("a leaf without content".into()));
             };
             return Ok(if d.inline().is_empty() {
@@ -467,7 +476,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
         let data_blocks = node.data_blocks;
-        if let Kind::Dir(d) = &node.kind {
+        if let Some(d) = self.tree.dir(node) {
             for block in d.blocks() {
                 self.dirents(s, layout, first, block)?;
                 s.pad(BLOCK)?;

@@ -259,7 +259,8 @@ const NOT_SHARED: u32 = u32::MAX;
 pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
     /// Count while counting, then the index in `table` or [`NOT_SHARED`].
     bytes: HashMap<(Cow<'a, [u8]>, &'a [u8]), u32>,
-    /// Per object: metacopy and redirect, as above.
+    /// Per object used more than once: metacopy and redirect, as above (an object not in
+    /// it is not shared).
     objects: IdMap<'a, ObjectID>,
     /// In on-disk order.
     pub table: Vec<XAttr<'a, ObjectID>>,
@@ -275,6 +276,10 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             table: Vec::new(),
             has_acl: false,
         };
+        // Object-derived values are counted by sorting their ids, and only the repeated ones
+        // are kept: a map of every object of the image cost ~20 bytes a file for the whole
+        // emit, where most objects are used once.
+        let (mut metacopies, mut redirects) = (Vec::new(), Vec::new());
         for idx in 0..tree.nodes.len() {
             for x in of(tree, idx) {
                 let (prefix, _) = x.split();
@@ -282,8 +287,16 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
                     || prefix == XATTR_INDEX_POSIX_ACL_DEFAULT;
                 match x.value {
                     Value::Bytes(b) => *this.bytes.entry((x.name, b)).or_default() += 1,
-                    Value::Metacopy(id) => this.objects.entry(id).or_default()[0] += 1,
-                    Value::Redirect(id) => this.objects.entry(id).or_default()[1] += 1,
+                    Value::Metacopy(id) => metacopies.push(id),
+                    Value::Redirect(id) => redirects.push(id),
+                }
+            }
+        }
+        for (which, mut ids) in [metacopies, redirects].into_iter().enumerate() {
+            ids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for run in ids.chunk_by(|a, b| a.as_bytes() == b.as_bytes()) {
+                if run.len() > 1 {
+                    this.objects.entry(run[0]).or_default()[which] = run.len() as u32;
                 }
             }
         }

@@ -89,6 +89,9 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
     let versions: Vec<FormatVersion> = repo.format_config().versions().collect();
     let images = if versions == [FormatVersion::V1] {
         let frozen = tree.freeze().map_err(transform_err)?;
+        // What freezing dropped (the name index, the records) lies in blocks the layout's
+        // large tables cannot reuse: give it back before they are allocated.
+        cstor_sys::memory::release_free_memory();
         crate::sys::log_memory("tree frozen");
         let id = write_v1_image(repo, &frozen)?;
         HashMap::from([(FormatVersion::V1, id)])

@@ -85,7 +85,7 @@ struct Dir {
 enum Content {
     /// Bytes in the data arena.
     Inline {
-        at: u64,
+        at: u32,
         len: u32,
     },
     External {
@@ -98,7 +98,7 @@ enum Content {
     },
     Sparse(u64),
     Symlink {
-        at: u64,
+        at: u32,
         len: u32,
     },
     Block(u64),
@@ -207,10 +207,65 @@ impl<T> std::ops::IndexMut<usize> for Chunks<T> {
     }
 }
 
+/// Bytes (names, inline contents, link targets) in blocks of 1 MiB that are never moved: a
+/// doubling `Vec` left each outgrown buffer behind, free but resident, as much again as it
+/// held. An address is a block number (12 bits) and an offset in it (20 bits); what does not
+/// fit in a block's rest starts a new one, and what is larger than a block gets one of its
+/// own size.
+#[derive(Debug, Default)]
+struct Arena {
+    blocks: Vec<Vec<u8>>,
+}
+
+impl Arena {
+    const BLOCK_BITS: u32 = 20;
+    const BLOCK: usize = 1 << Self::BLOCK_BITS;
+    const MAX_BLOCKS: usize = 1 << (32 - Self::BLOCK_BITS);
+
+    /// Stores `bytes`; their address and length.
+    fn push(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+        let len = too_many(bytes.len(), "bytes in one name or file")?;
+        let fits = self
+            .blocks
+            .last()
+            .is_some_and(|b| b.capacity() - b.len() >= bytes.len());
+        if !fits {
+            if self.blocks.len() >= Self::MAX_BLOCKS {
+                return Err(ImageError::InvalidFilename(
+                    OsStr::new("more than 4 GiB of names and inline data").into(),
+                ));
+            }
+            self.blocks
+                .push(Vec::with_capacity(bytes.len().max(Self::BLOCK)));
+        }
+        // Not empty: a block was pushed above if there was none.
+        let number = self.blocks.len() - 1;
+        let block = &mut self.blocks[number];
+        let at = ((number as u32) << Self::BLOCK_BITS) | block.len() as u32;
+        block.extend_from_slice(bytes);
+        Ok((at, len))
+    }
+
+    fn get(&self, at: u32, len: u32) -> &[u8] {
+        let block = &self.blocks[(at >> Self::BLOCK_BITS) as usize];
+        &block[(at & (Self::BLOCK as u32 - 1)) as usize..][..len as usize]
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.blocks.iter().map(Vec::capacity).sum()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum()
+    }
+}
+
 /// The compact tree (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct CompactTree<ObjectID> {
-    names: Vec<u8>,
+    names: Arena,
     records: Chunks<Record>,
     /// Live records, by (parent, generation, name).
     index: HashTable<u32>,
@@ -220,7 +275,7 @@ pub(crate) struct CompactTree<ObjectID> {
     dirs: Vec<Dir>,
     leaves: Chunks<Leaf>,
     ids: Chunks<ObjectID>,
-    data: Vec<u8>,
+    data: Arena,
     xattrs: XattrSets,
     /// The leaves' stats, each stored once.
     metas: Vec<Meta>,
@@ -231,14 +286,14 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
     /// An empty tree whose root has an uninitialized stat, as composefs' import starts.
     pub fn new() -> Self {
         let mut tree = CompactTree {
-            names: Vec::new(),
+            names: Arena::default(),
             records: Chunks::new(),
             index: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             dirs: Vec::new(),
             leaves: Chunks::new(),
             ids: Chunks::new(),
-            data: Vec::new(),
+            data: Arena::default(),
             xattrs: XattrSets::new(),
             metas: Vec::new(),
             meta_numbers: FastMap::default(),
@@ -328,11 +383,8 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         })
     }
 
-    fn push_data(&mut self, bytes: &[u8]) -> Result<(u64, u32), ImageError> {
-        let at = self.data.len() as u64;
-        let len = too_many(bytes.len(), "bytes in one file")?;
-        self.data.extend_from_slice(bytes);
-        Ok((at, len))
+    fn push_data(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+        self.data.push(bytes)
     }
 
     fn push_id(&mut self, id: ObjectID) -> Result<u32, ImageError> {
@@ -387,7 +439,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
     }
 
     fn name(&self, r: &Record) -> &[u8] {
-        &self.names[r.name_at as usize..][..r.name_len as usize]
+        self.names.get(r.name_at, r.name_len)
     }
 
     fn hash(&self, parent: u32, generation: u32, name: &[u8]) -> u64 {
@@ -416,10 +468,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             return Ok(());
         }
         let r = too_many(self.records.len(), "directory entries")?;
-        let name_at = u32::try_from(self.names.len())
-            .map_err(|_| ImageError::InvalidFilename(OsStr::from_bytes(name).into()))?;
-        let name_len = too_many(name.len(), "bytes in a name")?;
-        self.names.extend_from_slice(name);
+        let (name_at, name_len) = self.names.push(name)?;
         let generation = self.dirs[dir as usize].generation;
         self.records.push(Record {
             parent: dir,
@@ -440,7 +489,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             let rec = &records[other as usize];
             let mut h = hasher.build_hasher();
             (rec.parent, rec.generation).hash(&mut h);
-            names[rec.name_at as usize..][..rec.name_len as usize].hash(&mut h);
+            names.get(rec.name_at, rec.name_len).hash(&mut h);
             h.finish()
         });
         Ok(())
@@ -459,7 +508,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             let rec = &records[r as usize];
             rec.parent == dir
                 && rec.generation == generation
-                && &names[rec.name_at as usize..][..rec.name_len as usize] == name
+                && names.get(rec.name_at, rec.name_len) == name
         }) {
             let (r, _) = slot.remove();
             records[r as usize].generation = u32::MAX;
@@ -573,8 +622,8 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         }
     }
 
-    fn data(&self, at: u64, len: u32) -> &[u8] {
-        &self.data[at as usize..][..len as usize]
+    fn data(&self, at: u32, len: u32) -> &[u8] {
+        self.data.get(at, len)
     }
 
     /// Whether the root has a directory named `usr` (then the OCI transform applies).
@@ -692,34 +741,64 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
     }
 
     /// The finished tree as the EROFS writer reads it. What only building needed (the name
-    /// index, the interning maps) is dropped first, so that the writer's layout takes its
-    /// place rather than adding to it.
+    /// index, the interning maps, the records' parents and generations) is dropped, so that
+    /// the writer's layout takes its place rather than adding to it.
     pub fn freeze(mut self) -> Result<Frozen<ObjectID>, ImageError> {
         self.index = HashTable::new();
         self.meta_numbers = FastMap::default();
         self.xattrs.numbers = FastMap::default();
-        let (children, start) = self.children()?;
+        let (live, _) = self.children()?;
+        let mut ends = vec![0u32; self.dirs.len()];
+        let mut entries = Vec::with_capacity(live.len());
+        for &r in &live {
+            let rec = &self.records[r as usize];
+            ends[rec.parent as usize] += 1;
+            entries.push(Slot {
+                name_at: rec.name_at,
+                name_len: rec.name_len,
+                node: rec.node,
+            });
+        }
+        drop(live);
+        self.records = Chunks::new();
+        // Counts to cumulative ends: directory d's entries are entries[ends[d-1]..ends[d]].
+        let mut total = 0u32;
+        for end in &mut ends {
+            total += *end;
+            *end = total;
+        }
         let dir_stats = self.dirs.iter().map(|d| self.stat(&d.meta)).collect();
         let leaf_stats = self.metas.iter().map(|m| self.stat(m)).collect();
         self.metas = Vec::new();
         Ok(Frozen {
             tree: self,
-            children,
-            start,
+            entries,
+            ends,
             dir_stats,
             leaf_stats,
         })
     }
 }
 
-/// A finished [`CompactTree`], read by `cstor_erofs::write_view`: each directory's live
-/// entries in name order, and a composefs `Stat` for every directory and every interned leaf
-/// stat (the writer borrows stats; there are as many as distinct stats, not files).
+/// A live directory entry of a frozen tree: 12 bytes (its directory is where it sits).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    name_at: u32,
+    name_len: u32,
+    node: Node,
+}
+
+/// A finished [`CompactTree`], read by `cstor_erofs::write_view`: every directory's live
+/// entries in one table, sorted by (directory, name), and a composefs `Stat` for every
+/// directory and every interned leaf stat (the writer borrows stats; there are as many as
+/// distinct stats, not files).
 #[derive(Debug)]
 pub(crate) struct Frozen<ObjectID> {
+    /// The leaves, ids, names and data; its records and index are gone.
     tree: CompactTree<ObjectID>,
-    children: Vec<u32>,
-    start: Vec<u32>,
+    entries: Vec<Slot>,
+    /// Where each directory's run of `entries` ends.
+    ends: Vec<u32>,
     dir_stats: Vec<Stat>,
     leaf_stats: Vec<Stat>,
 }
@@ -740,13 +819,20 @@ impl<ObjectID: FsVerityHashValue> cstor_erofs::TreeView for Frozen<ObjectID> {
         &'a self,
         dir: u32,
     ) -> impl Iterator<Item = (&'a [u8], cstor_erofs::Child<u32>)> + 'a {
-        self.tree.run(&self.children, &self.start, dir).map(|rec| {
-            let child = match rec.node.as_dir() {
-                Some(d) => cstor_erofs::Child::Dir(d),
-                None => cstor_erofs::Child::Leaf(rec.node.0 as usize),
-            };
-            (self.tree.name(rec), child)
-        })
+        let d = dir as usize;
+        let start = match d {
+            0 => 0,
+            _ => self.ends[d - 1] as usize,
+        };
+        self.entries[start..self.ends[d] as usize]
+            .iter()
+            .map(|slot| {
+                let child = match slot.node.as_dir() {
+                    Some(d) => cstor_erofs::Child::Dir(d),
+                    None => cstor_erofs::Child::Leaf(slot.node.0 as usize),
+                };
+                (self.tree.names.get(slot.name_at, slot.name_len), child)
+            })
     }
 
     fn leaf_count(&self) -> usize {
@@ -968,6 +1054,36 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn the_arena_gives_back_what_it_was_given_across_blocks() {
+        let mut arena = Arena::default();
+        let big = vec![7u8; Arena::BLOCK + 3];
+        let mut stored = Vec::new();
+        for i in 0..3000u32 {
+            let bytes: Vec<u8> = match i {
+                1000 => big.clone(),
+                _ => vec![i as u8; (i % 700) as usize],
+            };
+            stored.push((arena.push(&bytes).unwrap(), bytes));
+        }
+        for ((at, len), bytes) in &stored {
+            assert_eq!(arena.get(*at, *len), &bytes[..]);
+        }
+        assert!(arena.blocks.len() > 2, "spans blocks");
+        assert_eq!(
+            arena.len(),
+            stored.iter().map(|(_, b)| b.len()).sum::<usize>()
+        );
+        // Nothing was copied: every block but the oversized one has the block's size.
+        assert!(
+            arena
+                .blocks
+                .iter()
+                .all(|b| b.capacity() == Arena::BLOCK || b.len() == big.len())
+        );
+        assert!(arena.capacity() < arena.len() + 3 * Arena::BLOCK);
     }
 
     #[test]
