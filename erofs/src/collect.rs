@@ -137,28 +137,31 @@ pub(crate) enum Target {
     Deferred(u32),
 }
 
-/// One directory entry: 24 bytes, as there is one per file ([`Target`] is unpacked into a
-/// number and a flag, which saves a quarter).
+/// One directory entry: 8 bytes, as there is one per file. The name is not kept: the
+/// emitter lists the directory again ([`listing`]) and checks each name's length against
+/// the one kept here. [`Target`] is unpacked into a number and a flag.
 #[derive(Debug)]
-pub(crate) struct Entry<'a> {
-    pub name: &'a [u8],
+pub(crate) struct Entry {
     target: u32,
+    pub name_len: u16,
     deferred: bool,
     pub file_type: FileType,
 }
 
-impl<'a> Entry<'a> {
-    pub fn new(name: &'a [u8], target: Target, file_type: FileType) -> Self {
+impl Entry {
+    pub fn new(name: &[u8], target: Target, file_type: FileType) -> Result<Self, Error> {
         let (target, deferred) = match target {
             Target::Known(i) => (i, false),
             Target::Deferred(id) => (id, true),
         };
-        Entry {
-            name,
+        let name_len = u16::try_from(name.len())
+            .map_err(|_| Error::Unrepresentable(format!("a name of {} bytes", name.len())))?;
+        Ok(Entry {
             target,
+            name_len,
             deferred,
             file_type,
-        }
+        })
     }
 
     pub fn target(&self) -> Target {
@@ -181,9 +184,11 @@ impl<'a> Entry<'a> {
 pub(crate) struct Tree<'a, V: TreeView> {
     pub view: &'a V,
     pub nodes: Vec<Node<'a>>,
-    pub entries: Vec<Entry<'a>>,
+    pub entries: Vec<Entry>,
     /// Each directory's layout, in the order of their nodes.
     pub dirs: Vec<DirLayout>,
+    /// Each directory of the view, in the same order.
+    pub handles: Vec<V::Dir<'a>>,
 }
 
 impl<'a, V: TreeView> Tree<'a, V> {
@@ -203,6 +208,48 @@ impl<'a, V: TreeView> Tree<'a, V> {
             _ => None,
         }
     }
+
+    /// The names of a directory node's entries, in the order of its layout's entries.
+    pub fn names(&self, node: &Node<'_>) -> Result<Vec<&'a [u8]>, Error> {
+        let KindOf::Dir(d) = node.kind.get() else {
+            return Err(Error::Internal("names asked of a leaf".into()));
+        };
+        let handle = *self
+            .handles
+            .get(d)
+            .ok_or_else(|| Error::Internal(format!("directory {d} has no handle")))?;
+        let mut out = Vec::new();
+        listing(self.view, handle, d == 0, &mut out);
+        Ok(out.into_iter().map(|(name, _)| name).collect())
+    }
+}
+
+/// A directory's entries as the image lists them: `.`, `..`, the view's entries and, in the
+/// root, the whiteout stubs the view does not shadow, in byte order of their names. The
+/// layout pass and the emitter both list directories with this, so they see one order.
+pub(crate) fn listing<'a, V: TreeView>(
+    view: &'a V,
+    dir: V::Dir<'a>,
+    root: bool,
+    out: &mut Vec<(&'a [u8], Slot<V::Dir<'a>>)>,
+) {
+    out.clear();
+    out.push((b".", Slot::Dot));
+    out.push((b"..", Slot::DotDot));
+    out.extend(
+        view.entries(dir)
+            .map(|(name, child)| (name, Slot::Child(child))),
+    );
+    if root {
+        let existing: HashSet<&[u8]> = out.iter().map(|(n, _)| *n).collect();
+        for name in &STUB_NAMES {
+            if !existing.contains(&name[..]) {
+                out.push((&name[..], Slot::Stub));
+            }
+        }
+    }
+    // Stable, and nearly sorted already (the view's entries are): about one pass.
+    out.sort_by(|a, b| a.0.cmp(b.0));
 }
 
 fn content<'a, V: TreeView>(view: &'a V, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
@@ -264,7 +311,9 @@ static STUB_NAMES: [[u8; 2]; 256] = {
     names
 };
 
-enum Slot<D> {
+pub(crate) enum Slot<D> {
+    Dot,
+    DotDot,
     Child(Child<D>),
     Stub,
 }
@@ -278,8 +327,8 @@ struct Collector<'a, V: TreeView + 'a> {
     /// Inodes already given to files with several links.
     linked: HashMap<usize, u32>,
     nodes: Vec<Node<'a>>,
-    /// Directory nodes made so far.
-    dirs: usize,
+    /// The view's directories, in the order of their nodes.
+    handles: Vec<V::Dir<'a>>,
 }
 
 /// What one walk of the whole tree finds out before the inodes are numbered.
@@ -376,45 +425,28 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         canonical,
         linked: HashMap::new(),
         nodes: Vec::with_capacity(dirs + files + STUB_NAMES.len()),
-        dirs: 0,
+        handles: Vec::with_capacity(dirs),
     };
-    let mut entries: Vec<Entry<'a>> =
+    let mut entries: Vec<Entry> =
         Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
     let mut dir_spans: Vec<(u32, Range<usize>)> = Vec::with_capacity(dirs);
     let mut queue = VecDeque::new();
     let root_dir = view.root();
     let root_stat = view.dir_stat(root_dir);
-    let root = c.push_dir(root_stat)?;
+    let root = c.push_dir(root_stat, root_dir)?;
     queue.push_back((root_dir, root, root));
     let mut children: Vec<(&'a [u8], Slot<V::Dir<'a>>)> = Vec::new();
 
     while let Some((dir, parent, me)) = queue.pop_front() {
         let start = entries.len();
-        entries.push(Entry::new(b".", Target::Known(me), FileType::Directory));
-        entries.push(Entry::new(
-            b"..",
-            Target::Known(parent),
-            FileType::Directory,
-        ));
-        children.clear();
-        children.extend(
-            view.entries(dir)
-                .map(|(name, child)| (name, Slot::Child(child))),
-        );
-        if me == root {
-            let existing: HashSet<&[u8]> = children.iter().map(|(n, _)| *n).collect();
-            for name in &STUB_NAMES {
-                if !existing.contains(&name[..]) {
-                    children.push((&name[..], Slot::Stub));
-                }
-            }
-            children.sort_by(|a, b| a.0.cmp(b.0));
-        }
+        listing(view, dir, me == root, &mut children);
         let mut holds_whiteouts = false;
         for (name, child) in children.drain(..) {
             let entry = match child {
+                Slot::Dot => Entry::new(name, Target::Known(me), FileType::Directory),
+                Slot::DotDot => Entry::new(name, Target::Known(parent), FileType::Directory),
                 Slot::Child(Child::Dir(sub)) => {
-                    let idx = c.push_dir(view.dir_stat(sub))?;
+                    let idx = c.push_dir(view.dir_stat(sub), sub)?;
                     queue.push_back((sub, me, idx));
                     Entry::new(name, Target::Known(idx), FileType::Directory)
                 }
@@ -431,11 +463,10 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
                     };
                     Entry::new(name, target, file_type)
                 }
-            };
+            }?;
             entries.push(entry);
         }
         let span = start..entries.len();
-        entries[span.clone()].sort_unstable_by(|a, b| a.name.cmp(b.name));
         c.nodes[me as usize].holds_whiteouts = holds_whiteouts;
         dir_spans.push((me, span));
     }
@@ -446,11 +477,12 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
                 .linked
                 .get(&(id as usize))
                 .ok_or_else(|| Error::InvalidTree(format!("leaf {id} has no canonical link")))?;
-            *entry = Entry::new(
-                entry.name,
-                Target::Known(idx),
-                file_type(view, &c.nodes[idx as usize]),
-            );
+            *entry = Entry {
+                target: idx,
+                deferred: false,
+                file_type: file_type(view, &c.nodes[idx as usize]),
+                ..*entry
+            };
         }
     }
     let mut layouts = Vec::with_capacity(dir_spans.len());
@@ -469,6 +501,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         nodes: c.nodes,
         entries,
         dirs: layouts,
+        handles: c.handles,
     })
 }
 
@@ -488,9 +521,9 @@ impl<'a, V: TreeView> Collector<'a, V> {
         (self.nodes.len() - 1) as u32
     }
 
-    fn push_dir(&mut self, stat: &'a Stat) -> Result<u32, Error> {
-        let kind = Kind::dir(self.dirs)?;
-        self.dirs += 1;
+    fn push_dir(&mut self, stat: &'a Stat, handle: V::Dir<'a>) -> Result<u32, Error> {
+        let kind = Kind::dir(self.handles.len())?;
+        self.handles.push(handle);
         Ok(self.push(stat, kind, 0))
     }
 
@@ -589,16 +622,16 @@ fn looks_like_stub(name: &[u8], leaf: &Stat, root: &Stat) -> bool {
 }
 
 /// Splits sorted entries into full blocks and an inline tail (at most half a block).
-fn split_dir(entries: &[Entry<'_>], span: Range<usize>) -> Result<(DirLayout, u32), Error> {
+fn split_dir(entries: &[Entry], span: Range<usize>) -> Result<(DirLayout, u32), Error> {
     let mut block_ends = Vec::new();
     let mut bytes = 0usize;
     let mut nlink = 0u32;
     for (i, entry) in entries.iter().enumerate() {
-        let size = DIRENT_SIZE + entry.name.len();
+        let size = DIRENT_SIZE + usize::from(entry.name_len);
         if size > BLOCK {
             return Err(Error::Unrepresentable(format!(
                 "a name of {} bytes",
-                entry.name.len()
+                entry.name_len
             )));
         }
         if matches!(entry.file_type, FileType::Directory) {
@@ -644,6 +677,6 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 // million files.
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<Entry<'static>>() == 24);
+    assert!(size_of::<Entry>() == 8);
     assert!(size_of::<Node<'static>>() == 32);
 };

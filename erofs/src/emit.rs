@@ -96,9 +96,9 @@ fn to_block_end(pos: u64) -> Option<u64> {
     }
 }
 
-pub(crate) fn write<V: TreeView>(
-    tree: &mut Tree<'_, V>,
-    shared: &Shared<'_, V::ObjectID>,
+pub(crate) fn write<'a, V: TreeView>(
+    tree: &mut Tree<'a, V>,
+    shared: &Shared<'a, V::ObjectID>,
     out: impl Write,
 ) -> Result<u64, Error> {
     let min_mtime = tree
@@ -380,7 +380,11 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         }
 
         match (self.tree.dir(node), content) {
-            (Some(d), _) => self.dirents(s, layout, first, d.inline())?,
+            (Some(d), _) => {
+                let names = self.names(node, first)?;
+                let range = (d.inline(), d.entries.start);
+                self.dirents(s, layout, first, range, names.as_deref())?
+            }
             (_, Some(Content::Inline(data))) => s.put(&data[data.len() - tail..])?,
             (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(target)?,
             _ if chunked => {
@@ -477,8 +481,13 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let node = &self.tree.nodes[idx];
         let data_blocks = node.data_blocks;
         if let Some(d) = self.tree.dir(node) {
+            let names = match d.block_ends.is_empty() {
+                true => None,
+                false => self.names(node, first)?,
+            };
             for block in d.blocks() {
-                self.dirents(s, layout, first, block)?;
+                let range = (block, d.entries.start);
+                self.dirents(s, layout, first, range, names.as_deref())?;
                 s.pad(BLOCK)?;
             }
             return Ok(());
@@ -507,14 +516,44 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         Ok(())
     }
 
+    /// The names of a directory's entries, for the emit pass (the layout pass needs only
+    /// their lengths, which the entries keep).
+    fn names(&self, node: &Node<'_>, first: bool) -> Result<Option<Vec<&[u8]>>, Error> {
+        if first {
+            return Ok(None);
+        }
+        self.tree.names(node).map(Some)
+    }
+
+    /// Writes the entries `range` of a directory whose entries start at `start`, named from
+    /// `names` (all of the directory's names; `None` in the layout pass).
     fn dirents(
         &self,
         s: &mut impl Sink,
         layout: &Layout,
         first: bool,
-        range: std::ops::Range<usize>,
+        (range, start): (std::ops::Range<usize>, usize),
+        names: Option<&[&[u8]]>,
     ) -> Result<(), Error> {
-        let entries = &self.tree.entries[range];
+        let entries = &self.tree.entries[range.clone()];
+        let names = match names {
+            Some(all) => {
+                let names = all
+                    .get(range.start - start..range.end - start)
+                    .ok_or_else(|| Error::Internal("a directory listed fewer names".into()))?;
+                if entries
+                    .iter()
+                    .zip(names)
+                    .any(|(e, n)| usize::from(e.name_len) != n.len())
+                {
+                    return Err(Error::Internal(
+                        "a directory listed other names in the emit pass".into(),
+                    ));
+                }
+                Some(names)
+            }
+            None => None,
+        };
         let mut name_offset = DIRENT_SIZE * entries.len();
         for e in entries {
             let nid = if first {
@@ -531,10 +570,11 @@ impl<V: TreeView> Ctx<'_, '_, V> {
                 }
                 .as_bytes(),
             )?;
-            name_offset += e.name.len();
+            name_offset += usize::from(e.name_len);
         }
-        for e in entries {
-            s.put(e.name)?;
+        match names {
+            Some(names) => names.iter().try_for_each(|n| s.put(n))?,
+            None => s.zeros(entries.iter().map(|e| u64::from(e.name_len)).sum())?,
         }
         Ok(())
     }

@@ -294,7 +294,9 @@ fn directories_spanning_blocks() {
     ] {
         mkdir(&mut fs, "", d, stat(0o755, 0, 100, &[]));
         for i in 0..count {
-            let name = format!("{i:0len$}");
+            // Some names sort before `.` and `..`, which are listed by name like the rest.
+            let lead = ["", "-", " ", "!"][i % 4];
+            let name = format!("{lead}{i:0len$}");
             add(
                 &mut fs,
                 d,
@@ -324,6 +326,7 @@ fn directories_spanning_blocks() {
             file(b"x"),
         );
     }
+    add(&mut fs, "", "+root", stat(0o644, 0, 100, &[]), file(b"y"));
     assert_same(&fs);
 }
 
