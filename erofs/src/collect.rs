@@ -5,6 +5,10 @@
 //! escapes user whiteouts (character devices 0/0) into regular files carrying overlay
 //! xattrs. A file with several links gets its inode at the link that comes first in a
 //! depth-first walk in name order, which is where C mkcomposefs meets it in a dumpfile.
+//!
+//! The tree is read through a [`TreeView`] and nothing of it is copied: a node names its
+//! stat and its leaf, an entry keeps only its target and its name's length (the emitter
+//! lists the directory again for the names). At a million files every byte here is a MB.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
