@@ -15,7 +15,8 @@ SRC_DIR=$(cd "$BENCH_DIR/.." && pwd)
 
 # ---- settings (environment) ---------------------------------------------------------------
 CACHE=${BENCH_CACHE:-/var/cache/cstor-bench}
-POINTS=${SCALE_POINTS:-50000x1 100000x1 400000x1 1000000x1 2000x50 2000x500}
+ALL_POINTS="50000x1 100000x1 400000x1 1000000x1 2000x50 2000x500"
+POINTS=${SCALE_POINTS:-$ALL_POINTS}
 FSES=${SCALE_FS:-ext4 xfs}
 RUNS=${SCALE_RUNS:-1}
 CASES=${SCALE_CASES:-.}                  # extended regex on case names
@@ -372,4 +373,11 @@ done
 log "the series took $(awk -v a="$T_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"
 # Each invocation's machine, versions, settings and load (several may fill one $SCALE_OUT).
 machine_json | tee "$OUT/machine.json" | jq -c . >>"$OUT/invocations.jsonl"
-python3 "$BENCH_DIR/scale_report.py" "$OUT"
+# A partial series (some points, filesystems or cases) draws its curves beside its results,
+# not over the committed ones in bench/.
+svg_dir=()
+if [[ $POINTS != "$ALL_POINTS" || $FSES != "ext4 xfs" || $CASES != . ]]; then
+    svg_dir=(--svg-dir "$OUT")
+    log "a partial series: its curves go to $OUT"
+fi
+python3 "$BENCH_DIR/scale_report.py" "$OUT" "${svg_dir[@]}"
