@@ -32,6 +32,8 @@ use composefs::tree::{Directory, FileSystem, Inode, RegularFile, Stat};
 use composefs_oci::tar::{TarEntry, TarItem};
 use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
 
+use super::tables::{Arena, Chunks};
+
 type Xattrs = BTreeMap<Box<OsStr>, Box<[u8]>>;
 
 /// A directory (top bit set) or a leaf, by index.
@@ -147,119 +149,6 @@ fn too_many(n: usize, what: &str) -> Result<u32, ImageError> {
         .ok()
         .filter(|&n| n < DIR_BIT)
         .ok_or_else(|| ImageError::InvalidFilename(OsStr::new(&format!("{n} {what}")).into()))
-}
-
-/// A growable table kept in fixed-size chunks. It never moves what it holds: a `Vec` that
-/// doubles copies itself each time and, where the allocator cannot grow it in place, leaves
-/// the old block behind as a hole, about as large as the table.
-#[derive(Debug)]
-struct Chunks<T> {
-    chunks: Vec<Vec<T>>,
-    len: usize,
-}
-
-impl<T> Chunks<T> {
-    const CHUNK: usize = 1 << 14;
-
-    fn new() -> Self {
-        Chunks {
-            chunks: Vec::new(),
-            len: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn push(&mut self, value: T) {
-        match self.chunks.last_mut() {
-            Some(chunk) if chunk.len() < Self::CHUNK => chunk.push(value),
-            _ => {
-                let mut chunk = Vec::with_capacity(Self::CHUNK);
-                chunk.push(value);
-                self.chunks.push(chunk);
-            }
-        }
-        self.len += 1;
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flatten()
-    }
-
-    #[cfg(test)]
-    fn capacity(&self) -> usize {
-        self.chunks.len() * Self::CHUNK
-    }
-}
-
-impl<T> std::ops::Index<usize> for Chunks<T> {
-    type Output = T;
-    fn index(&self, i: usize) -> &T {
-        &self.chunks[i / Self::CHUNK][i % Self::CHUNK]
-    }
-}
-
-impl<T> std::ops::IndexMut<usize> for Chunks<T> {
-    fn index_mut(&mut self, i: usize) -> &mut T {
-        &mut self.chunks[i / Self::CHUNK][i % Self::CHUNK]
-    }
-}
-
-/// Bytes (names, inline contents, link targets) in blocks of 1 MiB that are never moved: a
-/// doubling `Vec` left each outgrown buffer behind, free but resident, as much again as it
-/// held. An address is a block number (12 bits) and an offset in it (20 bits); what does not
-/// fit in a block's rest starts a new one, and what is larger than a block gets one of its
-/// own size.
-#[derive(Debug, Default)]
-struct Arena {
-    blocks: Vec<Vec<u8>>,
-}
-
-impl Arena {
-    const BLOCK_BITS: u32 = 20;
-    const BLOCK: usize = 1 << Self::BLOCK_BITS;
-    const MAX_BLOCKS: usize = 1 << (32 - Self::BLOCK_BITS);
-
-    /// Stores `bytes`; their address and length.
-    fn push(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-        let len = too_many(bytes.len(), "bytes in one name or file")?;
-        let fits = self
-            .blocks
-            .last()
-            .is_some_and(|b| b.capacity() - b.len() >= bytes.len());
-        if !fits {
-            if self.blocks.len() >= Self::MAX_BLOCKS {
-                return Err(ImageError::InvalidFilename(
-                    OsStr::new("more than 4 GiB of names and inline data").into(),
-                ));
-            }
-            self.blocks
-                .push(Vec::with_capacity(bytes.len().max(Self::BLOCK)));
-        }
-        // Not empty: a block was pushed above if there was none.
-        let number = self.blocks.len() - 1;
-        let block = &mut self.blocks[number];
-        let at = ((number as u32) << Self::BLOCK_BITS) | block.len() as u32;
-        block.extend_from_slice(bytes);
-        Ok((at, len))
-    }
-
-    fn get(&self, at: u32, len: u32) -> &[u8] {
-        let block = &self.blocks[(at >> Self::BLOCK_BITS) as usize];
-        &block[(at & (Self::BLOCK as u32 - 1)) as usize..][..len as usize]
-    }
-
-    #[cfg(test)]
-    fn capacity(&self) -> usize {
-        self.blocks.iter().map(Vec::capacity).sum()
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.blocks.iter().map(Vec::len).sum()
-    }
 }
 
 /// The compact tree (see the module documentation).
@@ -1054,36 +943,6 @@ mod tests {
                 ),
             }
         }
-    }
-
-    #[test]
-    fn the_arena_gives_back_what_it_was_given_across_blocks() {
-        let mut arena = Arena::default();
-        let big = vec![7u8; Arena::BLOCK + 3];
-        let mut stored = Vec::new();
-        for i in 0..3000u32 {
-            let bytes: Vec<u8> = match i {
-                1000 => big.clone(),
-                _ => vec![i as u8; (i % 700) as usize],
-            };
-            stored.push((arena.push(&bytes).unwrap(), bytes));
-        }
-        for ((at, len), bytes) in &stored {
-            assert_eq!(arena.get(*at, *len), &bytes[..]);
-        }
-        assert!(arena.blocks.len() > 2, "spans blocks");
-        assert_eq!(
-            arena.len(),
-            stored.iter().map(|(_, b)| b.len()).sum::<usize>()
-        );
-        // Nothing was copied: every block but the oversized one has the block's size.
-        assert!(
-            arena
-                .blocks
-                .iter()
-                .all(|b| b.capacity() == Arena::BLOCK || b.len() == big.len())
-        );
-        assert!(arena.capacity() < arena.len() + 3 * Arena::BLOCK);
     }
 
     #[test]

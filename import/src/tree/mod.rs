@@ -16,12 +16,13 @@
 //!
 //! - `feed`: the layer importers' side, batched, never blocking, with a bounded backlog;
 //! - `fed_reader`: tar entries read back from a layer's pieces;
-//! - `compact`: the tree itself;
+//! - `compact`: the tree itself, and `tables`: its storage that never moves;
 //! - here: the tree thread ([`Builder`]), which applies the entries layer by layer.
 
 pub(crate) mod compact;
 mod fed_reader;
 mod feed;
+mod tables;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

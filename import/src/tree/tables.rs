@@ -1,0 +1,155 @@
+//! Tables of the compact tree that grow without ever moving what they hold: a `Vec` that
+//! doubles copies itself each time and, where the allocator cannot grow it in place, leaves
+//! the old buffer behind, free but resident, about as large as the table. At hundreds of
+//! thousands of files those holes were a tenth of the import's peak.
+
+use std::ffi::OsStr;
+
+use composefs::generic_tree::ImageError;
+
+/// A growable table of `T`s kept in chunks of 16k elements.
+#[derive(Debug)]
+pub(super) struct Chunks<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Chunks<T> {
+    const CHUNK: usize = 1 << 14;
+
+    pub fn new() -> Self {
+        Chunks {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn push(&mut self, value: T) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < Self::CHUNK => chunk.push(value),
+            _ => {
+                let mut chunk = Vec::with_capacity(Self::CHUNK);
+                chunk.push(value);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.chunks.len() * Self::CHUNK
+    }
+}
+
+impl<T> std::ops::Index<usize> for Chunks<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        &self.chunks[i / Self::CHUNK][i % Self::CHUNK]
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for Chunks<T> {
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        &mut self.chunks[i / Self::CHUNK][i % Self::CHUNK]
+    }
+}
+
+/// Bytes (names, inline contents, link targets) in blocks of 1 MiB. An address is a block
+/// number (12 bits) and an offset in it (20 bits); what does not fit in a block's rest
+/// starts a new one, and what is larger than a block gets one of its own size.
+#[derive(Debug, Default)]
+pub(super) struct Arena {
+    blocks: Vec<Vec<u8>>,
+}
+
+impl Arena {
+    const BLOCK_BITS: u32 = 20;
+    const BLOCK: usize = 1 << Self::BLOCK_BITS;
+    const MAX_BLOCKS: usize = 1 << (32 - Self::BLOCK_BITS);
+
+    /// Stores `bytes`; their address and length.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+        let len = u32::try_from(bytes.len()).map_err(|_| {
+            let what = format!("{} bytes in one name or file", bytes.len());
+            ImageError::InvalidFilename(OsStr::new(&what).into())
+        })?;
+        let fits = self
+            .blocks
+            .last()
+            .is_some_and(|b| b.capacity() - b.len() >= bytes.len());
+        if !fits {
+            if self.blocks.len() >= Self::MAX_BLOCKS {
+                return Err(ImageError::InvalidFilename(
+                    OsStr::new("more than 4 GiB of names and inline data").into(),
+                ));
+            }
+            self.blocks
+                .push(Vec::with_capacity(bytes.len().max(Self::BLOCK)));
+        }
+        // Not empty: a block was pushed above if there was none.
+        let number = self.blocks.len() - 1;
+        let block = &mut self.blocks[number];
+        let at = ((number as u32) << Self::BLOCK_BITS) | block.len() as u32;
+        block.extend_from_slice(bytes);
+        Ok((at, len))
+    }
+
+    pub fn get(&self, at: u32, len: u32) -> &[u8] {
+        let block = &self.blocks[(at >> Self::BLOCK_BITS) as usize];
+        &block[(at & (Self::BLOCK as u32 - 1)) as usize..][..len as usize]
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.blocks.iter().map(Vec::capacity).sum()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arena_gives_back_what_it_was_given_across_blocks() {
+        let mut arena = Arena::default();
+        let big = vec![7u8; Arena::BLOCK + 3];
+        let mut stored = Vec::new();
+        for i in 0..3000u32 {
+            let bytes: Vec<u8> = match i {
+                1000 => big.clone(),
+                _ => vec![i as u8; (i % 700) as usize],
+            };
+            stored.push((arena.push(&bytes).unwrap(), bytes));
+        }
+        for ((at, len), bytes) in &stored {
+            assert_eq!(arena.get(*at, *len), &bytes[..]);
+        }
+        assert!(arena.blocks.len() > 2, "spans blocks");
+        assert_eq!(
+            arena.len(),
+            stored.iter().map(|(_, b)| b.len()).sum::<usize>()
+        );
+        // Nothing was copied: every block but the oversized one has the block's size.
+        assert!(
+            arena
+                .blocks
+                .iter()
+                .all(|b| b.capacity() == Arena::BLOCK || b.len() == big.len())
+        );
+        assert!(arena.capacity() < arena.len() + 3 * Arena::BLOCK);
+    }
+}
