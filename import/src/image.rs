@@ -514,8 +514,7 @@ impl<ObjectID: FsVerityHashValue> LayerTask<ObjectID> {
         let during = format!("streaming layer {}", info.id);
         let reader = opened
             .take_reader()
-            .ok_or_else(|| no_stream("the layer stream was already taken"))?
-            .map_err(|e| client.explain(e, &during))?;
+            .ok_or_else(|| no_stream("the layer stream was already taken"))?;
         let mut contents = opened
             .take_contents()
             .ok_or_else(|| no_stream("the layer contents were already taken"))?;

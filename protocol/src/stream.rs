@@ -254,24 +254,44 @@ pub struct StreamReader<R: Read> {
     input: R,
     seen: StreamSummary,
     done: bool,
+    /// Whether the magic was read and checked.
+    started: bool,
 }
 
 impl<R: Read> StreamReader<R> {
     /// Reads and checks the magic.
-    pub fn new(mut input: R) -> Result<Self, StreamError> {
+    pub fn new(input: R) -> Result<Self, StreamError> {
+        let mut r = Self::deferred(input);
+        r.start()?;
+        Ok(r)
+    }
+
+    /// A reader that reads nothing until the first [`StreamReader::next_record`], which
+    /// checks the magic first. For a caller that must not block where it gets the stream
+    /// (an async task handing it to a blocking thread: the peer may never write).
+    pub fn deferred(input: R) -> Self {
+        Self {
+            input,
+            seen: StreamSummary::default(),
+            done: false,
+            started: false,
+        }
+    }
+
+    fn start(&mut self) -> Result<(), StreamError> {
+        if self.started {
+            return Ok(());
+        }
         let mut magic = [0u8; 8];
-        read_exact_or_eof(&mut input, &mut magic).map_err(|e| match e {
+        read_exact_or_eof(&mut self.input, &mut magic).map_err(|e| match e {
             Eof::Clean | Eof::Partial => StreamError::Truncated { entries: 0 },
             Eof::Io(e) => StreamError::Io(e),
         })?;
         if &magic != MAGIC {
             return Err(StreamError::BadMagic);
         }
-        Ok(Self {
-            input,
-            seen: StreamSummary::default(),
-            done: false,
-        })
+        self.started = true;
+        Ok(())
     }
 
     /// Totals of what was read so far.
@@ -281,6 +301,7 @@ impl<R: Read> StreamReader<R> {
 
     /// The next record; `Ok(None)` after `END` was returned.
     pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
+        self.start()?;
         loop {
             if self.done {
                 return Ok(None);
@@ -542,6 +563,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A reader that never got a byte does not block where it is made: the first record
+    /// reads and checks the magic, with the same errors as `new`.
+    #[test]
+    fn a_deferred_reader_reads_nothing_until_asked() {
+        struct Never;
+        impl Read for Never {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                panic!("read before the first record was asked for");
+            }
+        }
+        let _ = StreamReader::deferred(Never);
+        let mut r = StreamReader::deferred(&b"NOTMAGIC"[..]);
+        assert!(matches!(r.next_record(), Err(StreamError::BadMagic)));
+        let mut r = StreamReader::deferred(&b""[..]);
+        assert!(matches!(
+            r.next_record(),
+            Err(StreamError::Truncated { entries: 0 })
+        ));
+        let sample = sample();
+        let mut r = StreamReader::deferred(&sample[..]);
+        let mut n = 0;
+        while r.next_record().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 8);
     }
 
     #[test]

@@ -243,15 +243,15 @@ impl Layer {
         self.handle
     }
 
-    /// The layer stream. Reading blocks; do it on a blocking thread. Returns `None` the
-    /// second time.
-    pub fn take_reader(&mut self) -> Option<Result<StreamReader<BufReader<File>>>> {
+    /// The layer stream. Taking it reads nothing (the helper may be frozen before its first
+    /// byte, and an async task blocked in a read would stop the timers that detect that);
+    /// reading blocks: do it on a blocking thread. Returns `None` the second time.
+    pub fn take_reader(&mut self) -> Option<StreamReader<BufReader<File>>> {
         let f = self.stream.take()?;
-        let id = self.info.id.clone();
-        Some(
-            StreamReader::new(BufReader::with_capacity(256 << 10, f))
-                .map_err(|cause| Error::Stream { layer: id, cause }),
-        )
+        Some(StreamReader::deferred(BufReader::with_capacity(
+            256 << 10,
+            f,
+        )))
     }
 
     /// The content fds, in order. Returns `None` the second time.
@@ -273,13 +273,10 @@ impl Layer {
         out: W,
     ) -> Result<(AssembledTar, W)> {
         let during = format!("streaming layer {}", self.info.id);
-        let reader = match self.take_reader().ok_or_else(|| Error::Protocol {
+        let reader = self.take_reader().ok_or_else(|| Error::Protocol {
             method: method::GET_LAYER.into(),
             detail: "the stream was already taken".into(),
-        })? {
-            Ok(r) => r,
-            Err(e) => return Err(self.client.explain(e, &during)),
-        };
+        })?;
         let mut contents = self.take_contents().ok_or_else(|| Error::Protocol {
             method: method::GET_LAYER.into(),
             detail: "the contents were already taken".into(),

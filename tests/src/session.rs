@@ -215,12 +215,46 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitSta
             return Ok(s);
         }
         if start.elapsed() > timeout {
+            let threads = thread_states(child.id());
             let _ = child.kill();
             let s = child.wait()?;
-            bail!("process did not exit within {timeout:?} (killed: {s})");
+            bail!(
+                "process did not exit within {timeout:?} (killed: {s}); its threads then:\n{threads}"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// What each thread of process `pid` was doing: its name, state and, where readable (as
+/// root), its kernel stack; so that a hang seen once in CI says where it hung.
+fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(its threads cannot be listed)".into();
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or("")
+            .to_owned();
+        let frames: Vec<String> = read("stack")
+            .lines()
+            .take(6)
+            .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+            .collect();
+        out.push_str(&format!(
+            "  {} {:?} {state} in {} [{}]\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            frames.join(" < ")
+        ));
+    }
+    out
 }
 
 /// Runs `podman rmi` (or any podman command) on `store` in the background.

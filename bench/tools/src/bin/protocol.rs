@@ -78,10 +78,7 @@ async fn run(config: HelperConfig, image: &str) -> Result<()> {
             .open_layer(&info.id)
             .await
             .with_context(|| format!("opening layer {}", info.id))?;
-        let reader = layer
-            .take_reader()
-            .context("no stream")?
-            .with_context(|| format!("layer {}", info.id))?;
+        let reader = layer.take_reader().context("no stream")?;
         let mut contents = layer.take_contents().context("no contents")?;
         let id = info.id.clone();
         let counts = tokio::task::spawn_blocking(move || -> Result<(u64, u64, u64)> {
