@@ -28,8 +28,8 @@ const MAX_INLINE_DIR_TAIL: usize = BLOCK / 2;
 
 /// One EROFS inode.
 #[derive(Debug)]
-pub(crate) struct Node<'a> {
-    pub stat: &'a Stat,
+pub(crate) struct Node {
+    /// What the inode is; its stat is the view's (see [`Tree::stat`]), not copied here.
     pub kind: Kind,
     /// Directory entries that point at this inode (for directories: 2 + subdirectories).
     pub nlink: u32,
@@ -187,26 +187,41 @@ impl Entry {
 #[derive(Debug)]
 pub(crate) struct Tree<'a, V: TreeView> {
     pub view: &'a V,
-    pub nodes: Vec<Node<'a>>,
+    pub nodes: Vec<Node>,
     pub entries: Vec<Entry>,
     /// Each directory's layout, in the order of their nodes.
     pub dirs: Vec<DirLayout>,
     /// Each directory of the view, in the same order.
     pub handles: Vec<V::Dir<'a>>,
+    /// The stat of the root's whiteout stubs.
+    pub stub: &'a Stat,
 }
 
 impl<'a, V: TreeView> Tree<'a, V> {
+    /// An inode's stat, the view's own.
+    pub fn stat(&self, node: &Node) -> &'a Stat {
+        match node.kind.get() {
+            KindOf::Dir(d) => match self.handles.get(d) {
+                Some(&handle) => self.view.dir_stat(handle),
+                // Every directory node has a handle (they are pushed together).
+                None => self.stub,
+            },
+            KindOf::Leaf(leaf) => self.view.leaf_stat(leaf),
+            KindOf::Stub => self.stub,
+        }
+    }
+
     /// A leaf's content; `None` for a directory.
-    pub fn content(&self, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
+    pub fn content(&self, node: &Node) -> Option<Content<'a, V::ObjectID>> {
         content(self.view, node)
     }
 
-    pub fn file_type(&self, node: &Node<'_>) -> FileType {
+    pub fn file_type(&self, node: &Node) -> FileType {
         file_type(self.view, node)
     }
 
     /// A directory's layout; `None` for a leaf.
-    pub fn dir(&self, node: &Node<'_>) -> Option<&DirLayout> {
+    pub fn dir(&self, node: &Node) -> Option<&DirLayout> {
         match node.kind.get() {
             KindOf::Dir(d) => self.dirs.get(d),
             _ => None,
@@ -214,7 +229,7 @@ impl<'a, V: TreeView> Tree<'a, V> {
     }
 
     /// The names of a directory node's entries, in the order of its layout's entries.
-    pub fn names(&self, node: &Node<'_>) -> Result<Vec<&'a [u8]>, Error> {
+    pub fn names(&self, node: &Node) -> Result<Vec<&'a [u8]>, Error> {
         let KindOf::Dir(d) = node.kind.get() else {
             return Err(Error::Internal("names asked of a leaf".into()));
         };
@@ -256,7 +271,7 @@ pub(crate) fn listing<'a, V: TreeView>(
     out.sort_by(|a, b| a.0.cmp(b.0));
 }
 
-fn content<'a, V: TreeView>(view: &'a V, node: &Node<'_>) -> Option<Content<'a, V::ObjectID>> {
+fn content<'a, V: TreeView>(view: &'a V, node: &Node) -> Option<Content<'a, V::ObjectID>> {
     match node.kind.get() {
         KindOf::Dir(_) => None,
         KindOf::Leaf(leaf) => Some(view.leaf_content(leaf)),
@@ -264,7 +279,7 @@ fn content<'a, V: TreeView>(view: &'a V, node: &Node<'_>) -> Option<Content<'a, 
     }
 }
 
-fn file_type<V: TreeView>(view: &V, node: &Node<'_>) -> FileType {
+fn file_type<V: TreeView>(view: &V, node: &Node) -> FileType {
     if node.escaped_whiteout {
         return FileType::RegularFile;
     }
@@ -324,13 +339,12 @@ pub(crate) enum Slot<D> {
 
 struct Collector<'a, V: TreeView + 'a> {
     view: &'a V,
-    stub: &'a Stat,
     nlinks: Vec<u32>,
     /// For files with several links: the directory of the link that owns the inode.
     canonical: HashMap<usize, V::Dir<'a>>,
     /// Inodes already given to files with several links.
     linked: HashMap<usize, u32>,
-    nodes: Vec<Node<'a>>,
+    nodes: Vec<Node>,
     /// The view's directories, in the order of their nodes.
     handles: Vec<V::Dir<'a>>,
 }
@@ -424,7 +438,6 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
     // what they need, at the moment the image's tree and layout are all in memory.
     let mut c = Collector {
         view,
-        stub,
         nlinks,
         canonical,
         linked: HashMap::new(),
@@ -437,7 +450,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
     let mut queue = VecDeque::new();
     let root_dir = view.root();
     let root_stat = view.dir_stat(root_dir);
-    let root = c.push_dir(root_stat, root_dir)?;
+    let root = c.push_dir(root_dir)?;
     queue.push_back((root_dir, root, root));
     let mut children: Vec<(&'a [u8], Slot<V::Dir<'a>>)> = Vec::new();
 
@@ -450,12 +463,12 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
                 Slot::Dot => Entry::new(name, Target::Known(me), FileType::Directory),
                 Slot::DotDot => Entry::new(name, Target::Known(parent), FileType::Directory),
                 Slot::Child(Child::Dir(sub)) => {
-                    let idx = c.push_dir(view.dir_stat(sub), sub)?;
+                    let idx = c.push_dir(sub)?;
                     queue.push_back((sub, me, idx));
                     Entry::new(name, Target::Known(idx), FileType::Directory)
                 }
                 Slot::Stub => {
-                    let idx = c.push(c.stub, Kind::STUB, 1);
+                    let idx = c.push(Kind::STUB, 1);
                     Entry::new(name, Target::Known(idx), FileType::CharacterDevice)
                 }
                 Slot::Child(Child::Leaf(id)) => {
@@ -506,13 +519,13 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         entries,
         dirs: layouts,
         handles: c.handles,
+        stub,
     })
 }
 
 impl<'a, V: TreeView> Collector<'a, V> {
-    fn push(&mut self, stat: &'a Stat, kind: Kind, nlink: u32) -> u32 {
+    fn push(&mut self, kind: Kind, nlink: u32) -> u32 {
         self.nodes.push(Node {
-            stat,
             kind,
             nlink,
             escaped_whiteout: false,
@@ -525,10 +538,10 @@ impl<'a, V: TreeView> Collector<'a, V> {
         (self.nodes.len() - 1) as u32
     }
 
-    fn push_dir(&mut self, stat: &'a Stat, handle: V::Dir<'a>) -> Result<u32, Error> {
+    fn push_dir(&mut self, handle: V::Dir<'a>) -> Result<u32, Error> {
         let kind = Kind::dir(self.handles.len())?;
         self.handles.push(handle);
-        Ok(self.push(stat, kind, 0))
+        Ok(self.push(kind, 0))
     }
 
     fn push_leaf(&mut self, id: usize, nlink: u32) -> Result<u32, Error> {
@@ -552,7 +565,7 @@ impl<'a, V: TreeView> Collector<'a, V> {
             }
             _ => (0, 0),
         };
-        let idx = self.push(self.view.leaf_stat(id), Kind::leaf(id)?, nlink);
+        let idx = self.push(Kind::leaf(id)?, nlink);
         let node = &mut self.nodes[idx as usize];
         node.data_blocks = u32::try_from(data_blocks)
             .map_err(|_| Error::Unrepresentable("a file of more than 2^32 blocks".into()))?;
@@ -598,7 +611,7 @@ impl<'a, V: TreeView> Collector<'a, V> {
         let node = &mut self.nodes[idx as usize];
         let escape = whiteout
             && !node.escaped_whiteout
-            && !(in_root && looks_like_stub(name, node.stat, root));
+            && !(in_root && looks_like_stub(name, self.view.leaf_stat(id), root));
         if escape {
             node.escaped_whiteout = true;
         }
@@ -682,5 +695,5 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(size_of::<Entry>() == 8);
-    assert!(size_of::<Node<'static>>() == 32);
+    assert!(size_of::<Node>() == 24);
 };

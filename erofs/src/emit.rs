@@ -13,6 +13,7 @@ use composefs::erofs::format::{
     XAttrHeader,
 };
 use composefs::fsverity::FsVerityHashValue;
+use composefs::tree::Stat;
 use zerocopy::IntoBytes;
 
 use crate::Error;
@@ -104,12 +105,16 @@ pub(crate) fn write<'a, V: TreeView>(
     let min_mtime = tree
         .nodes
         .iter()
-        .map(|n| (n.stat.st_mtim_sec as u64, n.stat.st_mtim_nsec))
+        .map(|n| {
+            let st = tree.stat(n);
+            (st.st_mtim_sec as u64, st.st_mtim_nsec)
+        })
         .min()
         .unwrap_or((0, 0));
     for idx in 0..tree.nodes.len() {
         let xattr_size = InodeXAttrs::new(tree, shared, idx).size();
         let content = tree.content(&tree.nodes[idx]);
+        let stat = tree.stat(&tree.nodes[idx]);
         let node = &mut tree.nodes[idx];
         node.xattr_size = u32::try_from(xattr_size)
             .map_err(|_| Error::Unrepresentable(format!("{xattr_size} bytes of xattrs")))?;
@@ -118,7 +123,7 @@ pub(crate) fn write<'a, V: TreeView>(
         // move to a data block of their own.
         if tail > 0 {
             if let Some(Content::Symlink(_)) = content {
-                let header = if fits_compact(node, min_mtime, tail as u64, node.nlink) {
+                let header = if fits_compact(stat, min_mtime, tail as u64, node.nlink) {
                     COMPACT_SIZE
                 } else {
                     EXTENDED_SIZE
@@ -127,7 +132,9 @@ pub(crate) fn write<'a, V: TreeView>(
                     node.data_blocks += 1;
                     node.tail = 0;
                 }
-            } else if is_chunked(content) && tail + xattr_size % SLOT as usize > BLOCK as usize {
+            } else if is_chunked(content.as_ref())
+                && tail + xattr_size % SLOT as usize > BLOCK as usize
+            {
                 node.data_blocks = 1;
                 node.tail = 0;
             }
@@ -136,8 +143,8 @@ pub(crate) fn write<'a, V: TreeView>(
             KindOf::Dir(d) => tree.dirs.get(d),
             _ => None,
         };
-        let (size, nlink) = size_nlink(node, dir, content);
-        node.compact = fits_compact(node, min_mtime, size, nlink);
+        let (size, nlink) = size_nlink(node, dir, content.as_ref());
+        node.compact = fits_compact(stat, min_mtime, size, nlink);
     }
     let ctx = Ctx {
         tree,
@@ -156,7 +163,7 @@ pub(crate) fn write<'a, V: TreeView>(
     Ok(sink.pos)
 }
 
-fn is_chunked<ObjectID>(content: Option<Content<'_, ObjectID>>) -> bool {
+fn is_chunked<ObjectID>(content: Option<&Content<'_, ObjectID>>) -> bool {
     matches!(
         content,
         Some(Content::External(..) | Content::ExternalNoVerity(..) | Content::Sparse(_))
@@ -166,9 +173,9 @@ fn is_chunked<ObjectID>(content: Option<Content<'_, ObjectID>>) -> bool {
 /// The inode's `size` and `nlink` fields (`dir` and `content` are the node's: its layout if
 /// it is a directory, else its content).
 fn size_nlink<ObjectID>(
-    node: &Node<'_>,
+    node: &Node,
     dir: Option<&DirLayout>,
-    content: Option<Content<'_, ObjectID>>,
+    content: Option<&Content<'_, ObjectID>>,
 ) -> (u64, u32) {
     let size = match (dir, content) {
         (Some(d), _) => d.size(),
@@ -180,7 +187,7 @@ fn size_nlink<ObjectID>(
                 | Content::ExternalNoVerity(_, size)
                 | Content::Sparse(size),
             ),
-        ) => size,
+        ) => *size,
         (_, Some(Content::Symlink(target))) => target.len() as u64,
         _ => 0,
     };
@@ -189,11 +196,11 @@ fn size_nlink<ObjectID>(
 
 /// A compact (32-byte) inode has no mtime of its own (it uses the superblock's build time)
 /// and 16/32-bit owner, link count and size fields.
-fn fits_compact(node: &Node<'_>, min_mtime: (u64, u32), size: u64, nlink: u32) -> bool {
-    (node.stat.st_mtim_sec as u64, node.stat.st_mtim_nsec) == min_mtime
+fn fits_compact(stat: &Stat, min_mtime: (u64, u32), size: u64, nlink: u32) -> bool {
+    (stat.st_mtim_sec as u64, stat.st_mtim_nsec) == min_mtime
         && nlink <= u32::from(u16::MAX)
-        && node.stat.st_uid <= u32::from(u16::MAX)
-        && node.stat.st_gid <= u32::from(u16::MAX)
+        && stat.st_uid <= u32::from(u16::MAX)
+        && stat.st_gid <= u32::from(u16::MAX)
         && size <= u64::from(u32::MAX)
 }
 
@@ -242,9 +249,9 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         }
         s.pad(SLOT)?;
         record(s, first, &mut layout.inodes_end, "end of inodes")?;
-        for (i, x) in self.shared.table.iter().enumerate() {
+        for (i, x) in self.shared.table().enumerate() {
             record_at(s, first, &mut layout.xattrs, i, "shared xattr")?;
-            write_xattr(s, x)?;
+            write_xattr(s, &x)?;
         }
         s.pad(BLOCK)?;
         for idx in 0..nodes.len() {
@@ -266,8 +273,9 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let (compact, xattr_size) = (node.compact, node.xattr_size as usize);
         let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
         let blkaddr = if first { 0 } else { layout.blocks[idx] };
-        let (data_layout, u) = self.data_layout(node, content, data_blocks, tail, blkaddr)?;
-        let (size, nlink) = size_nlink(node, self.tree.dir(node), content);
+        let (data_layout, u) =
+            self.data_layout(node, content.as_ref(), data_blocks, tail, blkaddr)?;
+        let (size, nlink) = size_nlink(node, self.tree.dir(node), content.as_ref());
         let header = (if compact { COMPACT_SIZE } else { EXTENDED_SIZE }) as u64;
         let meta = header + xattr_size as u64;
         let file_type = self.tree.file_type(node);
@@ -311,7 +319,8 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         };
         let xattr_icount = u16::try_from(xattr_icount)
             .map_err(|_| Error::Unrepresentable("xattrs of more than 256 KiB".into()))?;
-        let mode = file_type | node.stat.st_mode;
+        let stat = self.tree.stat(node);
+        let mode = file_type | stat.st_mode;
         if compact {
             s.put(
                 CompactInodeHeader {
@@ -322,8 +331,8 @@ impl<V: TreeView> Ctx<'_, '_, V> {
                     size: (size as u32).into(),
                     u: u.into(),
                     ino: (idx as u32).into(),
-                    uid: (node.stat.st_uid as u16).into(),
-                    gid: (node.stat.st_gid as u16).into(),
+                    uid: (stat.st_uid as u16).into(),
+                    gid: (stat.st_gid as u16).into(),
                     ..Default::default()
                 }
                 .as_bytes(),
@@ -337,10 +346,10 @@ impl<V: TreeView> Ctx<'_, '_, V> {
                     size: size.into(),
                     u: u.into(),
                     ino: (idx as u32).into(),
-                    uid: node.stat.st_uid.into(),
-                    gid: node.stat.st_gid.into(),
-                    mtime: (node.stat.st_mtim_sec as u64).into(),
-                    mtime_nsec: node.stat.st_mtim_nsec.into(),
+                    uid: stat.st_uid.into(),
+                    gid: stat.st_gid.into(),
+                    mtime: (stat.st_mtim_sec as u64).into(),
+                    mtime_nsec: stat.st_mtim_nsec.into(),
                     nlink: nlink.into(),
                     ..Default::default()
                 }
@@ -411,8 +420,8 @@ impl<V: TreeView> Ctx<'_, '_, V> {
     /// The inode's data layout and its `u` field.
     fn data_layout(
         &self,
-        node: &Node<'_>,
-        content: Option<Content<'_, V::ObjectID>>,
+        node: &Node,
+        content: Option<&Content<'_, V::ObjectID>>,
         data_blocks: u32,
         tail: usize,
         blkaddr: u32,
@@ -447,7 +456,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
             Content::External(_, size)
             | Content::ExternalNoVerity(_, size)
             | Content::Sparse(size) => {
-                let chunk_format = chunk_bits(size) - u32::from(format::BLOCK_BITS);
+                let chunk_format = chunk_bits(*size) - u32::from(format::BLOCK_BITS);
                 let u = if data_blocks > 0 {
                     (blkaddr & 0xFFFF_0000) | chunk_format
                 } else {
@@ -457,7 +466,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
             }
             Content::CharacterDevice(rdev) | Content::BlockDevice(rdev) => (
                 DataLayout::FlatPlain,
-                u32::try_from(rdev)
+                u32::try_from(*rdev)
                     .map_err(|_| Error::Unrepresentable(format!("device number {rdev:#x}")))?,
             ),
             Content::Fifo | Content::Socket => (DataLayout::FlatPlain, 0),
@@ -506,7 +515,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
                 s.put(&target[..target.len().min(BLOCK as usize)])?;
                 s.pad(BLOCK)?;
             }
-            content if is_chunked(content) => {
+            content if is_chunked(content.as_ref()) => {
                 for _ in 0..BLOCK / 4 {
                     s.put(&NULL_CHUNK)?;
                 }
@@ -518,7 +527,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
 
     /// The names of a directory's entries, for the emit pass (the layout pass needs only
     /// their lengths, which the entries keep).
-    fn names(&self, node: &Node<'_>, first: bool) -> Result<Option<Vec<&[u8]>>, Error> {
+    fn names(&self, node: &Node, first: bool) -> Result<Option<Vec<&[u8]>>, Error> {
         if first {
             return Ok(None);
         }

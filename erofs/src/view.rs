@@ -13,15 +13,17 @@ use std::os::unix::ffi::OsStrExt;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::tree::{Directory, FileSystem, Inode, LeafContent, RegularFile, Stat};
 
-/// A leaf's content, borrowed from the tree: composefs' `LeafContent` without owning it.
-#[derive(Debug, PartialEq, Eq)]
+/// A leaf's content as the view hands it out: bytes borrowed from the tree, object ids by
+/// value, so that a view may keep its ids out of memory (one per external file: at a million
+/// files the largest table of a tree) and read each when asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content<'a, ObjectID> {
     /// A regular file whose bytes are in the image.
     Inline(&'a [u8]),
     /// A regular file in the repository: its object id and size.
-    External(&'a ObjectID, u64),
+    External(ObjectID, u64),
     /// As [`Content::External`], for an object without an fs-verity digest in its metacopy.
-    ExternalNoVerity(&'a ObjectID, u64),
+    ExternalNoVerity(ObjectID, u64),
     /// A regular file of this size with no data.
     Sparse(u64),
     /// A symbolic link and its target.
@@ -36,23 +38,16 @@ pub enum Content<'a, ObjectID> {
     Socket,
 }
 
-// By hand: derived, both would ask for `ObjectID: Copy`, which only the references need.
-impl<ObjectID> Clone for Content<'_, ObjectID> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<ObjectID> Copy for Content<'_, ObjectID> {}
-
 impl<'a, ObjectID: FsVerityHashValue> Content<'a, ObjectID> {
     /// The view of composefs' leaf content.
     pub fn of(content: &'a LeafContent<ObjectID>) -> Self {
         match content {
             LeafContent::Regular(RegularFile::Inline(data)) => Content::Inline(data),
-            LeafContent::Regular(RegularFile::External(id, size)) => Content::External(id, *size),
+            LeafContent::Regular(RegularFile::External(id, size)) => {
+                Content::External(id.clone(), *size)
+            }
             LeafContent::Regular(RegularFile::ExternalNoVerity(id, size)) => {
-                Content::ExternalNoVerity(id, *size)
+                Content::ExternalNoVerity(id.clone(), *size)
             }
             LeafContent::Regular(RegularFile::Sparse(size)) => Content::Sparse(*size),
             LeafContent::Symlink(target) => Content::Symlink(target.as_bytes()),

@@ -32,11 +32,13 @@ pub(crate) const IBODY_HEADER_SIZE: usize = 12;
 /// On-disk size of an xattr entry header (name length, prefix index, value size).
 pub(crate) const ENTRY_HEADER_SIZE: usize = 4;
 
-#[derive(Debug, Clone, Copy)]
+/// An attribute's value. Object-derived values hold the id itself: a view may hand ids out
+/// by value (see `Content`), so there is nothing to borrow them from.
+#[derive(Debug, Clone)]
 pub(crate) enum Value<'a, ObjectID: FsVerityHashValue> {
     Bytes(&'a [u8]),
-    Metacopy(&'a ObjectID),
-    Redirect(&'a ObjectID),
+    Metacopy(ObjectID),
+    Redirect(ObjectID),
 }
 
 impl<ObjectID: FsVerityHashValue> Value<'_, ObjectID> {
@@ -54,12 +56,12 @@ impl<ObjectID: FsVerityHashValue> Value<'_, ObjectID> {
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match self {
             Value::Bytes(b) => f(b),
-            Value::Metacopy(id) => f(OverlayMetacopy::new(*id).as_bytes()),
+            Value::Metacopy(id) => f(OverlayMetacopy::new(id).as_bytes()),
             Value::Redirect(id) => {
                 let mut buf = [0u8; 2 * 64 + 2];
-                match redirect(*id, &mut buf) {
+                match redirect(id, &mut buf) {
                     Some(n) => f(&buf[..n]),
-                    None => f(&redirect_vec(*id)),
+                    None => f(&redirect_vec(id)),
                 }
             }
         }
@@ -107,26 +109,6 @@ fn redirect_vec<ObjectID: FsVerityHashValue>(id: &ObjectID) -> Vec<u8> {
     out.truncate(n);
     out
 }
-
-/// Object ids are digests: their first bytes are as good a hash as any, and much cheaper
-/// than SipHash over 32 or 64 bytes.
-#[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-}
-
-type IdMap<'a, ObjectID> = HashMap<&'a ObjectID, [u32; 2], std::hash::BuildHasherDefault<IdHasher>>;
 
 #[derive(Debug)]
 pub(crate) struct XAttr<'a, ObjectID: FsVerityHashValue> {
@@ -181,8 +163,8 @@ impl<ObjectID: FsVerityHashValue> XAttr<'_, ObjectID> {
 }
 
 impl<'a, ObjectID: FsVerityHashValue> XAttr<'a, ObjectID> {
-    fn key(&self) -> Key<'a, ObjectID> {
-        match self.value {
+    fn key(&self) -> Key<'_, 'a, ObjectID> {
+        match &self.value {
             Value::Bytes(b) => Key::Bytes(self.name.clone(), b),
             Value::Metacopy(id) => Key::Object(id, 0),
             Value::Redirect(id) => Key::Object(id, 1),
@@ -190,14 +172,27 @@ impl<'a, ObjectID: FsVerityHashValue> XAttr<'a, ObjectID> {
     }
 }
 
-enum Key<'k, ObjectID: FsVerityHashValue> {
-    Bytes(Cow<'k, [u8]>, &'k [u8]),
-    Object(&'k ObjectID, usize),
+/// What the shared table is looked up by: an attribute of bytes (of the tree, `'a`), or an
+/// object-derived one by its id (held by the attribute, `'s`) and which of the two it is.
+enum Key<'s, 'a, ObjectID: FsVerityHashValue> {
+    Bytes(Cow<'a, [u8]>, &'a [u8]),
+    Object(&'s ObjectID, usize),
+}
+
+/// The first 8 bytes of an id: object ids are digests, so equal fingerprints almost always
+/// mean equal ids, and sorting 8 bytes per file is far cheaper than sorting (or holding)
+/// the ids. Where fingerprints meet, the ids are compared.
+fn fingerprint<ObjectID: FsVerityHashValue>(id: &ObjectID) -> u64 {
+    let mut word = [0u8; 8];
+    let bytes = id.as_bytes();
+    let n = bytes.len().min(8);
+    word[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(word)
 }
 
 /// The xattrs of inode `idx`, sorted as they are written.
 pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'a, V::ObjectID>> {
-    let node: &Node<'a> = &tree.nodes[idx];
+    let node: &Node = &tree.nodes[idx];
     let mut out = Vec::new();
     let mut push = |name: &'a [u8], value: Value<'a, V::ObjectID>| {
         out.push(XAttr {
@@ -207,7 +202,7 @@ pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'
     };
     match tree.content(node) {
         Some(Content::External(id, _)) => {
-            push(XATTR_OVERLAY_METACOPY, Value::Metacopy(id));
+            push(XATTR_OVERLAY_METACOPY, Value::Metacopy(id.clone()));
             push(XATTR_OVERLAY_REDIRECT, Value::Redirect(id));
         }
         Some(Content::ExternalNoVerity(id, _)) => {
@@ -217,7 +212,7 @@ pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'
         Some(Content::Sparse(_)) => push(XATTR_OVERLAY_METACOPY, Value::Bytes(b"")),
         _ => {}
     }
-    for (name, value) in &node.stat.xattrs {
+    for (name, value) in &tree.stat(node).xattrs {
         let name = name.as_bytes();
         // The tree's own overlay xattrs must not steer the overlay mount: escape them.
         let name = match name.strip_prefix(XATTR_OVERLAY_PREFIX) {
@@ -254,16 +249,26 @@ pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'
 
 const NOT_SHARED: u32 = u32::MAX;
 
+/// One attribute of the shared table: bytes of the tree, or an object-derived value by its
+/// object's place in [`Shared::objects`] (metacopy 0, redirect 1), so that each repeated id
+/// is held once, not in every value made from it.
+#[derive(Debug)]
+enum TableEntry<'a> {
+    Bytes(Cow<'a, [u8]>, &'a [u8]),
+    Object(u32, usize),
+}
+
 /// The shared xattr table and, for every attribute, its index in it.
 #[derive(Debug)]
 pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
     /// Count while counting, then the index in `table` or [`NOT_SHARED`].
     bytes: HashMap<(Cow<'a, [u8]>, &'a [u8]), u32>,
-    /// Per object used more than once: metacopy and redirect, as above (an object not in
-    /// it is not shared).
-    objects: IdMap<'a, ObjectID>,
+    /// The objects used by more than one inode, sorted by id, with the table index of their
+    /// metacopy and redirect ([`NOT_SHARED`] for one used once). An object not in it is not
+    /// shared.
+    objects: Vec<(ObjectID, [u32; 2])>,
     /// In on-disk order.
-    pub table: Vec<XAttr<'a, ObjectID>>,
+    table: Vec<TableEntry<'a>>,
     /// Some inode has a POSIX ACL (the image header says so).
     pub has_acl: bool,
 }
@@ -272,71 +277,94 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
     pub fn count<V: TreeView<ObjectID = ObjectID>>(tree: &Tree<'a, V>) -> Self {
         let mut this = Shared {
             bytes: HashMap::new(),
-            objects: IdMap::default(),
+            objects: Vec::new(),
             table: Vec::new(),
             has_acl: false,
         };
-        // Object-derived values are counted by sorting their ids, and only the repeated ones
-        // are kept: a map of every object of the image cost ~20 bytes a file for the whole
-        // emit, where most objects are used once.
-        let (mut metacopies, mut redirects) = (Vec::new(), Vec::new());
+        // Object-derived values are counted by sorting fingerprints of their ids, and only
+        // the repeated objects are kept: a map of every object of the image cost ~20 bytes a
+        // file for the whole emit, where most objects are used once, and the ids themselves
+        // need not be in memory at all (the view hands them out one at a time).
+        // (fingerprint, inode, whether it has a metacopy with the digest) per external file.
+        let mut prints: Vec<(u64, u32, bool)> = Vec::new();
         for idx in 0..tree.nodes.len() {
+            let mut metacopy = false;
+            let mut redirect = None;
             for x in of(tree, idx) {
                 let (prefix, _) = x.split();
                 this.has_acl |= prefix == XATTR_INDEX_POSIX_ACL_ACCESS
                     || prefix == XATTR_INDEX_POSIX_ACL_DEFAULT;
                 match x.value {
                     Value::Bytes(b) => *this.bytes.entry((x.name, b)).or_default() += 1,
-                    Value::Metacopy(id) => metacopies.push(id),
-                    Value::Redirect(id) => redirects.push(id),
+                    Value::Metacopy(_) => metacopy = true,
+                    Value::Redirect(id) => redirect = Some(fingerprint(&id)),
+                }
+            }
+            // Every object-derived value comes with a redirect (see `of`). Inode numbers
+            // fit: the writer refuses more than 2^30 leaves.
+            if let Some(print) = redirect {
+                prints.push((print, idx as u32, metacopy));
+            }
+        }
+        prints.sort_unstable();
+        for run in prints.chunk_by(|a, b| a.0 == b.0) {
+            if run.len() < 2 {
+                continue;
+            }
+            let mut ids: Vec<(ObjectID, bool)> = run
+                .iter()
+                .filter_map(|&(_, idx, metacopy)| {
+                    match tree.content(&tree.nodes[idx as usize])? {
+                        Content::External(id, _) | Content::ExternalNoVerity(id, _) => {
+                            Some((id, metacopy))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            ids.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            for same in ids.chunk_by(|a, b| a.0.as_bytes() == b.0.as_bytes()) {
+                let metacopies = same.iter().filter(|(_, m)| *m).count() as u32;
+                let redirects = same.len() as u32;
+                if redirects > 1 {
+                    this.objects
+                        .push((same[0].0.clone(), [metacopies, redirects]));
                 }
             }
         }
-        for (which, mut ids) in [metacopies, redirects].into_iter().enumerate() {
-            ids.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-            for run in ids.chunk_by(|a, b| a.as_bytes() == b.as_bytes()) {
-                if run.len() > 1 {
-                    this.objects.entry(run[0]).or_default()[which] = run.len() as u32;
-                }
-            }
-        }
-        let mut shared: Vec<XAttr<'a, ObjectID>> = Vec::new();
+        drop(prints);
+        this.objects
+            .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+
+        let mut shared: Vec<TableEntry<'a>> = Vec::new();
         for ((name, value), count) in &this.bytes {
             if *count > 1 {
-                shared.push(XAttr {
-                    name: name.clone(),
-                    value: Value::Bytes(value),
-                });
+                shared.push(TableEntry::Bytes(name.clone(), value));
             }
         }
-        for (id, counts) in &this.objects {
-            if counts[0] > 1 {
-                shared.push(XAttr {
-                    name: Cow::Borrowed(XATTR_OVERLAY_METACOPY),
-                    value: Value::Metacopy(id),
-                });
-            }
-            if counts[1] > 1 {
-                shared.push(XAttr {
-                    name: Cow::Borrowed(XATTR_OVERLAY_REDIRECT),
-                    value: Value::Redirect(id),
-                });
+        for (at, (_, counts)) in this.objects.iter().enumerate() {
+            for which in 0..2 {
+                if counts[which] > 1 {
+                    shared.push(TableEntry::Object(at as u32, which));
+                }
             }
         }
-        shared.sort_by(|a, b| b.cmp(a));
+        shared.sort_by(|a, b| this.xattr(b).cmp(&this.xattr(a)));
         this.bytes.values_mut().for_each(|v| *v = NOT_SHARED);
-        this.objects.values_mut().for_each(|v| *v = [NOT_SHARED; 2]);
+        this.objects
+            .iter_mut()
+            .for_each(|(_, v)| *v = [NOT_SHARED; 2]);
         for (i, x) in shared.iter().enumerate() {
             let i = i as u32;
-            match x.key() {
-                Key::Bytes(name, value) => {
-                    if let Some(v) = this.bytes.get_mut(&(name, value)) {
+            match x {
+                TableEntry::Bytes(name, value) => {
+                    if let Some(v) = this.bytes.get_mut(&(name.clone(), *value)) {
                         *v = i;
                     }
                 }
-                Key::Object(id, which) => {
-                    if let Some(v) = this.objects.get_mut(id) {
-                        v[which] = i;
+                TableEntry::Object(at, which) => {
+                    if let Some((_, v)) = this.objects.get_mut(*at as usize) {
+                        v[*which] = i;
                     }
                 }
             }
@@ -345,11 +373,49 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
         this
     }
 
+    /// The attribute of a table entry.
+    fn xattr(&self, entry: &TableEntry<'a>) -> XAttr<'a, ObjectID> {
+        match entry {
+            TableEntry::Bytes(name, value) => XAttr {
+                name: name.clone(),
+                value: Value::Bytes(value),
+            },
+            TableEntry::Object(at, which) => {
+                // `at` indexes `objects` by construction; an empty id cannot be reached.
+                let id = self
+                    .objects
+                    .get(*at as usize)
+                    .map_or(ObjectID::EMPTY, |(id, _)| id.clone());
+                match which {
+                    0 => XAttr {
+                        name: Cow::Borrowed(XATTR_OVERLAY_METACOPY),
+                        value: Value::Metacopy(id),
+                    },
+                    _ => XAttr {
+                        name: Cow::Borrowed(XATTR_OVERLAY_REDIRECT),
+                        value: Value::Redirect(id),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The shared table's attributes, in on-disk order.
+    pub fn table(&self) -> impl Iterator<Item = XAttr<'a, ObjectID>> + '_ {
+        self.table.iter().map(|e| self.xattr(e))
+    }
+
     /// The index of `x` in the shared table, if it is shared.
     pub fn index(&self, x: &XAttr<'a, ObjectID>) -> Option<u32> {
         let i = match x.key() {
             Key::Bytes(name, value) => *self.bytes.get(&(name, value))?,
-            Key::Object(id, which) => self.objects.get(id)?[which],
+            Key::Object(id, which) => {
+                let at = self
+                    .objects
+                    .binary_search_by(|(o, _)| o.as_bytes().cmp(id.as_bytes()))
+                    .ok()?;
+                self.objects[at].1[which]
+            }
         };
         (i != NOT_SHARED).then_some(i)
     }

@@ -52,6 +52,7 @@ mod progress;
 mod push;
 mod repo;
 mod report;
+mod spill;
 mod splitstream;
 mod stream_queue;
 mod sys;

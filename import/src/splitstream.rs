@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use composefs::fsverity::FsVerityHashValue;
@@ -28,6 +28,7 @@ use zstd::stream::write::Encoder;
 
 use crate::error::{Error, Result, repo_err};
 use crate::object_file::ObjectFile;
+use crate::spill::{IdFile, SpillMaker, copy_exact, spill_maker};
 
 const MAGIC: &[u8; 11] = b"SplitStream";
 /// log2 of the fs-verity block size composefs records (4 KiB).
@@ -161,31 +162,6 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
     }
 }
 
-/// Copies exactly `len` bytes (a spill file shorter than what was written to it is an I/O
-/// error, not a shorter stream).
-fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::io::Result<()> {
-    let copied = std::io::copy(&mut from.take(len), to)?;
-    if copied != len {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("a spill file ended after {copied} of {len} bytes"),
-        ));
-    }
-    Ok(())
-}
-
-/// Makes an anonymous file for spilled data: in the objects directory (the repository's
-/// filesystem, not a tmpfs that would hold it in memory after all), else in `$TMPDIR`.
-type SpillMaker = Box<dyn FnMut() -> std::io::Result<File> + Send>;
-
-fn spill_maker<ObjectID: FsVerityHashValue>(repo: &Arc<Repository<ObjectID>>) -> SpillMaker {
-    let repo = repo.clone();
-    Box::new(move || match repo.create_object_tmpfile() {
-        Ok(fd) => Ok(File::from(fd)),
-        Err(_) => tempfile::tempfile(),
-    })
-}
-
 /// Bytes held in memory up to [`SPILL_AT`], then in an anonymous file: a small layer (most
 /// layers of an image of many) creates no file at all (each costs an inode allocation).
 struct Spill {
@@ -245,36 +221,22 @@ impl Write for Spill {
     }
 }
 
-/// The object references of a stream, each once, in order of first use: the ids in a spill
-/// file, and in memory only their 8-byte prefixes (ids are cryptographic digests, so a
+/// The object references of a stream, each once, in order of first use: the ids in an
+/// [`IdFile`], and in memory only their 8-byte prefixes (ids are cryptographic digests, so a
 /// prefix shared by two different ids is astronomically rare; it is handled all the same).
 struct RefTable<ObjectID> {
-    /// Made when the first [`PENDING_MAX`] ids are written out.
-    file: Option<File>,
-    make: SpillMaker,
-    /// Ids not written to `file` yet.
-    pending: Vec<ObjectID>,
-    /// How many ids `file` holds.
-    flushed: usize,
+    ids: IdFile<ObjectID>,
     by_prefix: HashMap<u64, u32>,
     /// Ids whose prefix was taken by another id.
     collided: HashMap<ObjectID, u32>,
-    count: u32,
 }
-
-/// Ids buffered before they are written out.
-const PENDING_MAX: usize = 1024;
 
 impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
     fn new(make: SpillMaker) -> Self {
         Self {
-            file: None,
-            make,
-            pending: Vec::with_capacity(PENDING_MAX),
-            flushed: 0,
+            ids: IdFile::new(Some(make)),
             by_prefix: HashMap::new(),
             collided: HashMap::new(),
-            count: 0,
         }
     }
 
@@ -290,7 +252,7 @@ impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
     fn ensure(&mut self, id: &ObjectID) -> std::io::Result<u32> {
         let prefix = Self::prefix(id);
         match self.by_prefix.get(&prefix).copied() {
-            Some(i) if self.get(i)? == *id => Ok(i),
+            Some(i) if self.ids.get(i as usize)? == *id => Ok(i),
             Some(_) => {
                 if let Some(&i) = self.collided.get(id) {
                     return Ok(i);
@@ -308,84 +270,20 @@ impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
     }
 
     fn push(&mut self, id: &ObjectID) -> std::io::Result<u32> {
-        let i = self.count;
-        self.count = i
-            .checked_add(1)
-            .ok_or_else(|| std::io::Error::other("more than 2^32 objects in one stream"))?;
-        self.pending.push(id.clone());
-        if self.pending.len() >= PENDING_MAX {
-            self.write_pending()?;
-        }
+        let i = u32::try_from(self.ids.len())
+            .map_err(|_| std::io::Error::other("more than 2^32 objects in one stream"))?;
+        self.ids.push(id.clone())?;
         Ok(i)
-    }
-
-    fn write_pending(&mut self) -> std::io::Result<()> {
-        let mut bytes = Vec::with_capacity(self.pending.len() * size_of::<ObjectID>());
-        for id in &self.pending {
-            bytes.extend_from_slice(id.as_bytes());
-        }
-        let at = (self.flushed * size_of::<ObjectID>()) as u64;
-        if self.file.is_none() {
-            self.file = Some((self.make)()?);
-        }
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
-        rustix::io::pwrite(file, &bytes, at)
-            .map_err(std::io::Error::from)
-            .and_then(|n| {
-                if n == bytes.len() {
-                    Ok(())
-                } else {
-                    // pwrite to a regular file writes it all unless the disk is full.
-                    Err(std::io::Error::from(std::io::ErrorKind::WriteZero))
-                }
-            })?;
-        self.flushed += self.pending.len();
-        self.pending.clear();
-        Ok(())
-    }
-
-    /// The id of index `i`.
-    fn get(&self, i: u32) -> std::io::Result<ObjectID> {
-        let i = i as usize;
-        if let Some(id) = i
-            .checked_sub(self.flushed)
-            .and_then(|j| self.pending.get(j))
-        {
-            return Ok(id.clone());
-        }
-        let len = size_of::<ObjectID>();
-        let mut id = ObjectID::EMPTY;
-        let Some(file) = &self.file else {
-            return Err(std::io::Error::other("a reference index past the table"));
-        };
-        let n = rustix::io::pread(file, id.as_mut_bytes(), (i * len) as u64)?;
-        if n != len {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-        }
-        Ok(id)
     }
 
     /// The table's length in bytes.
     fn byte_len(&self) -> u64 {
-        u64::from(self.count) * size_of::<ObjectID>() as u64
+        self.ids.len() as u64 * size_of::<ObjectID>() as u64
     }
 
     /// Writes every id, in index order, to `out`.
     fn copy_to(self, out: &mut dyn Write) -> std::io::Result<()> {
-        if let Some(mut file) = self.file {
-            file.seek(SeekFrom::Start(0))?;
-            copy_exact(
-                &mut file,
-                out,
-                (self.flushed * size_of::<ObjectID>()) as u64,
-            )?;
-        }
-        for id in &self.pending {
-            out.write_all(id.as_bytes())?;
-        }
-        Ok(())
+        self.ids.copy_to(out)
     }
 }
 

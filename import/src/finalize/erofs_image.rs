@@ -11,12 +11,11 @@ use composefs::fsverity::FsVerityHashValue;
 use composefs::generic_tree::{Stat, is_allowed_container_xattr};
 use composefs::repository::Repository;
 use composefs_oci::OciDigest;
-use cstor_erofs::TreeView;
 
 use crate::error::{Error, Result, repo_err};
 use crate::object_file::ObjectFile;
 use crate::report::TreeSource;
-use crate::tree::CompactTree;
+use crate::tree::{CompactTree, Frozen};
 
 /// The EROFS image(s) written for an image, and what went into them.
 #[derive(Debug)]
@@ -59,9 +58,9 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
     let mut tree = match prebuilt {
         Some(tree) => tree,
         None => {
-            let mut tree = CompactTree::new();
+            let mut tree = CompactTree::spilling(Some(crate::spill::spill_maker(repo)));
             for (diff_id, verity) in layers {
-                crate::tree::apply_stored(repo, verity, |e| Ok(tree.apply(e)?))
+                crate::tree::apply_stored(repo, verity, |e| tree.apply(e))
                     .map_err(repo_err(format!("applying layer {diff_id}")))?;
             }
             tree
@@ -98,7 +97,9 @@ pub(super) fn write_erofs<ObjectID: FsVerityHashValue>(
     } else {
         // Other formats (legacy V2, or V1 plus V2) are rare enough to leave to composefs,
         // which writes them from its own tree.
-        let mut fs = tree.to_composefs().map_err(transform_err)?;
+        let mut fs = tree
+            .to_composefs()
+            .map_err(repo_err("transforming the image for OCI"))?;
         drop(tree);
         if fs.nlinks().contains(&0) {
             fs.compact();
@@ -129,17 +130,23 @@ fn erofs_write_error(e: cstor_erofs::Error) -> Error {
 /// in memory: this is where an import used to reach its peak memory.
 fn write_v1_image<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
-    tree: &impl TreeView<ObjectID = ObjectID>,
+    tree: &Frozen<ObjectID>,
 ) -> Result<ObjectID> {
+    let checked = || {
+        tree.check()
+            .map_err(|e| Error::io("reading the tree's object ids back", e))
+    };
     let Some(mut object) = ObjectFile::create(repo)? else {
         // No O_TMPFILE here (some FUSE filesystems): build the image in memory instead.
         let mut image = Vec::new();
         cstor_erofs::write_view(tree, FormatVersion::V1, &mut image).map_err(erofs_write_error)?;
+        checked()?;
         return repo
             .write_image(None, &image)
             .map_err(repo_err("storing the EROFS image"));
     };
     cstor_erofs::write_view(tree, FormatVersion::V1, &mut object).map_err(erofs_write_error)?;
+    checked()?;
     let id = object.finish("the EROFS image")?;
     crate::sys::log_memory("image written");
     repo.symlink(

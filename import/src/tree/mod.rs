@@ -33,7 +33,7 @@ use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
 use composefs_oci::tar::TarEntry;
 
-pub(crate) use compact::CompactTree;
+pub(crate) use compact::{CompactTree, Frozen};
 use fed_reader::FedReader;
 pub use feed::{Backlog, Feed, Piece};
 
@@ -98,7 +98,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
         let thread = std::thread::Builder::new()
             .name("cstor-tree".into())
             .spawn(move || {
-                let mut tree = CompactTree::new();
+                let mut tree = CompactTree::spilling(Some(crate::spill::spill_maker(&repo)));
                 let mut entries = 0usize;
                 for (i, layer) in layers.into_iter().enumerate() {
                     match layer {
@@ -120,7 +120,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                             reader.finish()?;
                         }
                         Source::Stored(verity) => {
-                            entries += apply_stored(&repo, &verity, |e| Ok(tree.apply(e)?))
+                            entries += apply_stored(&repo, &verity, |e| tree.apply(e))
                                 .with_context(|| format!("layer {i}"))?;
                             if entries > max_entries {
                                 return Err(Stop::GaveUp);

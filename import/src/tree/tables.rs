@@ -3,9 +3,13 @@
 //! the old buffer behind, free but resident, about as large as the table. At hundreds of
 //! thousands of files those holes were a tenth of the import's peak.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 
+use composefs::fsverity::FsVerityHashValue;
 use composefs::generic_tree::ImageError;
+
+use crate::spill::{IdFile, SpillMaker};
 
 /// A growable table of `T`s kept in chunks of 16k elements.
 #[derive(Debug)]
@@ -116,6 +120,81 @@ impl Arena {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.blocks.iter().map(Vec::len).sum()
+    }
+}
+
+/// The tree's object ids, one per external file: at a million files the largest table of
+/// the tree (64 MB of SHA-512 ids), and one the writer reads only once per file and pass.
+/// They go to an [`IdFile`] as they come and are read back through a window of [`WINDOW`]
+/// ids: the writer asks for them in inode order, which for a layer's files is close to the
+/// order they were added, so most reads are a copy from the window.
+#[derive(Debug)]
+pub(super) struct IdTable<ObjectID> {
+    ids: IdFile<ObjectID>,
+    window: RefCell<Window>,
+    /// Ids per window ([`WINDOW`] but in tests).
+    window_ids: usize,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    first: usize,
+    count: usize,
+    bytes: Vec<u8>,
+}
+
+/// Ids per read of the spill file.
+const WINDOW: usize = 1024;
+
+impl<ObjectID: FsVerityHashValue> IdTable<ObjectID> {
+    /// Ids spilled to files from `make`, or all kept in memory without it.
+    pub fn new(make: Option<SpillMaker>) -> Self {
+        IdTable {
+            ids: IdFile::new(make),
+            window: RefCell::default(),
+            window_ids: WINDOW,
+        }
+    }
+
+    /// Spills every `batch` ids and reads `window` at a time: small numbers, so that a
+    /// test's few files cross both boundaries.
+    #[cfg(test)]
+    pub fn small(make: SpillMaker, batch: usize, window: usize) -> Self {
+        IdTable {
+            ids: IdFile::with_batch(Some(make), batch),
+            window: RefCell::default(),
+            window_ids: window.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn push(&mut self, id: ObjectID) -> std::io::Result<()> {
+        self.ids.push(id)
+    }
+
+    pub fn get(&self, i: usize) -> std::io::Result<ObjectID> {
+        if self.ids.is_pending(i) {
+            return self.ids.get(i);
+        }
+        let len = size_of::<ObjectID>();
+        let mut w = self.window.borrow_mut();
+        if !(w.first..w.first + w.count).contains(&i) {
+            let first = i - i % self.window_ids;
+            let mut bytes = std::mem::take(&mut w.bytes);
+            bytes.resize(self.window_ids * len, 0);
+            // Emptied first: a failed read leaves no stale window behind.
+            w.count = 0;
+            w.count = self.ids.read_spilled(first, &mut bytes)?;
+            w.first = first;
+            w.bytes = bytes;
+        }
+        let at = (i - w.first) * len;
+        let mut id = ObjectID::EMPTY;
+        id.as_mut_bytes().copy_from_slice(&w.bytes[at..at + len]);
+        Ok(id)
     }
 }
 

@@ -1,0 +1,233 @@
+//! Anonymous files for tables that would otherwise grow in memory with the image.
+//!
+//! Object ids are the largest per-file data an import holds (32 or 64 bytes for each
+//! external file): a layer stream's reference table while it is written, and the image
+//! tree's ids until its EROFS image is. Both go to an [`IdFile`]: appended in order, read
+//! back by index. The file lies beside the repository's objects, so its pages are the
+//! kernel's page cache of a real filesystem (reclaimable, not the process's memory), never
+//! a tmpfs that would hold them in memory after all.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use composefs::fsverity::FsVerityHashValue;
+use composefs::repository::Repository;
+
+/// Makes an anonymous file for spilled data.
+pub(crate) type SpillMaker = Box<dyn FnMut() -> std::io::Result<File> + Send>;
+
+/// Anonymous files in the repository's objects directory, else (no `O_TMPFILE` there) in
+/// `$TMPDIR`.
+pub(crate) fn spill_maker<ObjectID: FsVerityHashValue>(
+    repo: &Arc<Repository<ObjectID>>,
+) -> SpillMaker {
+    let repo = repo.clone();
+    Box::new(move || match repo.create_object_tmpfile() {
+        Ok(fd) => Ok(File::from(fd)),
+        Err(_) => tempfile::tempfile(),
+    })
+}
+
+/// Copies exactly `len` bytes (a spill file shorter than what was written to it is an I/O
+/// error, not a shorter table).
+pub(crate) fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::io::Result<()> {
+    use std::io::Read;
+    let copied = std::io::copy(&mut from.take(len), to)?;
+    if copied != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("a spill file ended after {copied} of {len} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Ids buffered before they are written out.
+const PENDING_MAX: usize = 1024;
+
+/// Ids appended in order and read back by index: the last [`PENDING_MAX`] in memory, the
+/// rest in a file made on first need (a small table never makes one). Without a
+/// [`SpillMaker`] everything stays in memory.
+pub(crate) struct IdFile<ObjectID> {
+    file: Option<File>,
+    make: Option<SpillMaker>,
+    /// Ids not written to `file` yet.
+    pending: Vec<ObjectID>,
+    /// How many ids `file` holds.
+    flushed: usize,
+    /// Pending ids written out at once.
+    batch: usize,
+}
+
+impl<ObjectID> std::fmt::Debug for IdFile<ObjectID> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdFile")
+            .field("spilled", &self.flushed)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl<ObjectID: FsVerityHashValue> IdFile<ObjectID> {
+    pub fn new(make: Option<SpillMaker>) -> Self {
+        Self::with_batch(make, PENDING_MAX)
+    }
+
+    /// Writes out every `batch` ids (tests spill after a few).
+    pub fn with_batch(make: Option<SpillMaker>, batch: usize) -> Self {
+        Self {
+            file: None,
+            make,
+            pending: Vec::new(),
+            flushed: 0,
+            batch: batch.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flushed + self.pending.len()
+    }
+
+    /// Appends `id`; its index is the length before.
+    pub fn push(&mut self, id: ObjectID) -> std::io::Result<()> {
+        self.pending.push(id);
+        if self.pending.len() >= self.batch && self.make.is_some() {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(self.pending.len() * size_of::<ObjectID>());
+        for id in &self.pending {
+            bytes.extend_from_slice(id.as_bytes());
+        }
+        let at = (self.flushed * size_of::<ObjectID>()) as u64;
+        let file = match (&mut self.file, &mut self.make) {
+            (Some(file), _) => file,
+            (file @ None, Some(make)) => file.insert(make()?),
+            (None, None) => return Ok(()),
+        };
+        let n = rustix::io::pwrite(&*file, &bytes, at)?;
+        if n != bytes.len() {
+            // pwrite to a regular file writes it all unless the disk is full.
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        self.flushed += self.pending.len();
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The id of index `i`.
+    pub fn get(&self, i: usize) -> std::io::Result<ObjectID> {
+        if let Some(id) = i
+            .checked_sub(self.flushed)
+            .and_then(|j| self.pending.get(j))
+        {
+            return Ok(id.clone());
+        }
+        let mut id = ObjectID::EMPTY;
+        self.read_spilled(i, id.as_mut_bytes())?;
+        Ok(id)
+    }
+
+    /// Fills `out` (a whole number of ids) from the spilled ids starting at index `first`;
+    /// the number of ids read (fewer at the end of the file, none for a pending index).
+    pub fn read_spilled(&self, first: usize, out: &mut [u8]) -> std::io::Result<usize> {
+        let len = size_of::<ObjectID>();
+        if first >= self.flushed {
+            return Err(std::io::Error::other(format!(
+                "id {first} is not in the spill file ({} are)",
+                self.flushed
+            )));
+        }
+        let Some(file) = &self.file else {
+            return Err(std::io::Error::other("ids were spilled without a file"));
+        };
+        let want = out.len().min((self.flushed - first) * len);
+        let out = &mut out[..want];
+        let mut done = 0;
+        while done < want {
+            let n = rustix::io::pread(file, &mut out[done..], ((first * len) + done) as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            done += n;
+        }
+        Ok(want / len)
+    }
+
+    /// Whether index `i` is held in memory (not in the file).
+    pub fn is_pending(&self, i: usize) -> bool {
+        i >= self.flushed
+    }
+
+    /// Writes every id, in index order, to `out`.
+    pub fn copy_to(self, out: &mut dyn Write) -> std::io::Result<()> {
+        if let Some(mut file) = self.file {
+            file.seek(SeekFrom::Start(0))?;
+            copy_exact(
+                &mut file,
+                out,
+                (self.flushed * size_of::<ObjectID>()) as u64,
+            )?;
+        }
+        for id in &self.pending {
+            out.write_all(id.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use composefs::fsverity::Sha512HashValue;
+    use zerocopy::{FromBytes, IntoBytes};
+
+    use super::*;
+
+    fn id(i: usize) -> Sha512HashValue {
+        let mut bytes = [0u8; 64];
+        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        bytes[63] = (i % 251) as u8;
+        Sha512HashValue::read_from_bytes(&bytes).unwrap()
+    }
+
+    #[test]
+    fn ids_come_back_by_index_from_memory_and_from_the_file() {
+        let n = 3 * PENDING_MAX + 17;
+        let mut spilled = IdFile::new(Some(Box::new(tempfile::tempfile) as SpillMaker));
+        let mut kept = IdFile::new(None);
+        for i in 0..n {
+            spilled.push(id(i)).unwrap();
+            kept.push(id(i)).unwrap();
+        }
+        assert_eq!((spilled.len(), kept.len()), (n, n));
+        assert!(!spilled.is_pending(0) && spilled.is_pending(n - 1));
+        assert!(kept.is_pending(0), "without a maker nothing is spilled");
+        for i in [
+            0,
+            1,
+            PENDING_MAX - 1,
+            PENDING_MAX,
+            2 * PENDING_MAX + 5,
+            n - 1,
+        ] {
+            assert_eq!(spilled.get(i).unwrap(), id(i), "{i}");
+            assert_eq!(kept.get(i).unwrap(), id(i), "{i}");
+        }
+        // A window read stops at the end of the file.
+        let mut buf = vec![0u8; 64 * 100];
+        let read = spilled
+            .read_spilled(3 * PENDING_MAX - 10, &mut buf)
+            .unwrap();
+        assert_eq!(read, 10);
+        assert_eq!(&buf[..64], id(3 * PENDING_MAX - 10).as_bytes());
+        assert!(spilled.read_spilled(n - 1, &mut buf).is_err());
+        let mut all = Vec::new();
+        spilled.copy_to(&mut all).unwrap();
+        assert_eq!(all.len(), 64 * n);
+        assert_eq!(&all[64 * (n - 1)..], id(n - 1).as_bytes());
+    }
+}
