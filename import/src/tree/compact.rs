@@ -7,8 +7,9 @@
 //! object id and an xattr map inline, a `BTreeMap` entry and a boxed name per directory
 //! entry. Here a directory entry is a 20-byte record in one table for the whole tree
 //! (parent, generation, name in one arena, child), found through a hash index of 4-byte
-//! slots; a leaf is 24 bytes: the number of an interned stat (whose xattrs are the number of
-//! an interned set) and its content, the object id as an index. Directories are not maps: a
+//! slots; a leaf is 16 bytes: the number of an interned stat (whose xattrs are the number of
+//! an interned set) and its content packed, the object id as an index (the ids themselves
+//! are in a file, [`IdTable`]). Directories are not maps: a
 //! whiteout drops one index slot, and an opaque directory (or `/run` when canonicalized)
 //! takes a new generation number, which the records made before no longer match, so
 //! clearing it visits nothing. Records of directories cut off from the root are never
@@ -110,12 +111,68 @@ enum Content {
     Socket,
 }
 
-/// A leaf: 24 bytes. Its stat is the number of an interned [`Meta`]: the files of a
-/// layer share a few owners, modes and mtimes (a build's files often all have one mtime).
+/// A leaf: 16 bytes, one per file. Its stat is the number of an interned [`Meta`]: the
+/// files of a layer share a few owners, modes and mtimes (a build's files often all have one
+/// mtime). Its [`Content`] is packed into three words: a 4-bit kind with the high 28 bits of
+/// a size, then two 32-bit words (an object number or arena address, and a length or the
+/// size's low bits); sizes up to 2^60 bytes, device numbers whole.
 #[derive(Debug, Clone, Copy)]
 struct Leaf {
     meta: u32,
-    content: Content,
+    kind_hi: u32,
+    a: u32,
+    b: u32,
+}
+
+/// The high bits of a size a leaf keeps beside its 4-bit kind.
+const SIZE_HI_BITS: u32 = 28;
+
+impl Leaf {
+    fn new(meta: u32, content: Content) -> Result<Self, ImageError> {
+        let sized = |kind: u32, a: u32, size: u64| {
+            let hi = size >> 32;
+            if hi >> SIZE_HI_BITS != 0 {
+                let what = format!("a file of {size} bytes");
+                return Err(ImageError::InvalidFilename(OsStr::new(&what).into()));
+            }
+            Ok((kind << SIZE_HI_BITS | hi as u32, a, size as u32))
+        };
+        let (kind_hi, a, b) = match content {
+            Content::Inline { at, len } => (0 << SIZE_HI_BITS, at, len),
+            Content::External { id, size } => sized(1, id, size)?,
+            Content::ExternalNoVerity { id, size } => sized(2, id, size)?,
+            Content::Sparse(size) => sized(3, 0, size)?,
+            Content::Symlink { at, len } => (4 << SIZE_HI_BITS, at, len),
+            Content::Block(rdev) => (5 << SIZE_HI_BITS, (rdev >> 32) as u32, rdev as u32),
+            Content::Char(rdev) => (6 << SIZE_HI_BITS, (rdev >> 32) as u32, rdev as u32),
+            Content::Fifo => (7 << SIZE_HI_BITS, 0, 0),
+            Content::Socket => (8 << SIZE_HI_BITS, 0, 0),
+        };
+        Ok(Leaf {
+            meta,
+            kind_hi,
+            a,
+            b,
+        })
+    }
+
+    fn content(&self) -> Content {
+        let size = (u64::from(self.kind_hi & ((1 << SIZE_HI_BITS) - 1)) << 32) | u64::from(self.b);
+        let rdev = (u64::from(self.a) << 32) | u64::from(self.b);
+        let (at, len, id) = (self.a, self.b, self.a);
+        match self.kind_hi >> SIZE_HI_BITS {
+            0 => Content::Inline { at, len },
+            1 => Content::External { id, size },
+            2 => Content::ExternalNoVerity { id, size },
+            3 => Content::Sparse(size),
+            4 => Content::Symlink { at, len },
+            5 => Content::Block(rdev),
+            6 => Content::Char(rdev),
+            7 => Content::Fifo,
+            // Only `new` makes leaves: 8 is the one kind left.
+            _ => Content::Socket,
+        }
+    }
 }
 
 /// Xattr maps, each stored once: images repeat a few (SELinux labels, capabilities) over
@@ -343,7 +400,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             LeafContent::Socket => Content::Socket,
         };
         let n = too_many(self.leaves.len(), "files")?;
-        self.leaves.push(Leaf { meta, content });
+        self.leaves.push(Leaf::new(meta, content)?);
         Ok(Node(n))
     }
 
@@ -592,7 +649,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
     pub fn to_composefs(&self) -> anyhow::Result<FileSystem<ObjectID>> {
         let mut fs = FileSystem::new(self.stat(&self.dirs[0].meta));
         for leaf in self.leaves.iter() {
-            let content = match leaf.content {
+            let content = match leaf.content() {
                 Content::Inline { at, len } => {
                     LeafContent::Regular(RegularFile::Inline(self.data(at, len).into()))
                 }
@@ -778,7 +835,7 @@ impl<ObjectID: FsVerityHashValue> cstor_erofs::TreeView for Frozen<ObjectID> {
     fn leaf_content(&self, leaf: usize) -> cstor_erofs::Content<'_, ObjectID> {
         use cstor_erofs::Content as C;
         let t = &self.tree;
-        match t.leaves[leaf].content {
+        match t.leaves[leaf].content() {
             Content::Inline { at, len } => C::Inline(t.data(at, len)),
             Content::External { id, size } => C::External(self.id(id), size),
             Content::ExternalNoVerity { id, size } => C::ExternalNoVerity(self.id(id), size),
@@ -997,9 +1054,49 @@ mod tests {
     }
 
     #[test]
+    fn a_leaf_gives_back_its_content_at_the_edges() {
+        let max = (1u64 << 60) - 1;
+        for c in [
+            Content::Inline {
+                at: u32::MAX,
+                len: 64,
+            },
+            Content::External { id: 7, size: max },
+            Content::ExternalNoVerity {
+                id: u32::MAX,
+                size: 1 << 32,
+            },
+            Content::Sparse(0),
+            Content::Symlink {
+                at: 3,
+                len: u32::MAX,
+            },
+            Content::Block(u64::MAX),
+            Content::Char(0),
+            Content::Fifo,
+            Content::Socket,
+        ] {
+            let back = Leaf::new(9, c).unwrap();
+            assert_eq!(back.meta, 9);
+            assert_eq!(format!("{:?}", back.content()), format!("{c:?}"));
+        }
+        assert!(
+            Leaf::new(
+                0,
+                Content::External {
+                    id: 0,
+                    size: max + 1
+                }
+            )
+            .is_err()
+        );
+        assert!(Leaf::new(0, Content::Sparse(u64::MAX)).is_err());
+    }
+
+    #[test]
     fn a_record_and_a_leaf_stay_small() {
         assert_eq!(size_of::<Record>(), 20);
-        assert_eq!(size_of::<Leaf>(), 24);
+        assert_eq!(size_of::<Leaf>(), 16);
     }
 }
 
