@@ -343,8 +343,8 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             }
         }
         for (at, (_, counts)) in this.objects.iter().enumerate() {
-            for which in 0..2 {
-                if counts[which] > 1 {
+            for (which, &count) in counts.iter().enumerate() {
+                if count > 1 {
                     shared.push(TableEntry::Object(at as u32, which));
                 }
             }
