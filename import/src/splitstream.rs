@@ -30,12 +30,12 @@ use crate::error::{Error, Result, repo_err};
 use crate::object_file::ObjectFile;
 use crate::spill::{IdFile, SpillMaker, copy_exact, spill_maker};
 
-const MAGIC: &[u8; 11] = b"SplitStream";
+pub(crate) const MAGIC: &[u8; 11] = b"SplitStream";
 /// log2 of the fs-verity block size composefs records (4 KiB).
 const LG_BLOCKSIZE: u8 = 12;
 /// Header (32 bytes) and info block (4 ranges and 2 numbers).
-const HEADER_LEN: u64 = 32;
-const INFO_LEN: u64 = 4 * 16 + 2 * 8;
+pub(crate) const HEADER_LEN: u64 = 32;
+pub(crate) const INFO_LEN: u64 = 4 * 16 + 2 * 8;
 /// composefs' compression level (0: zstd's default).
 const LEVEL: i32 = 0;
 

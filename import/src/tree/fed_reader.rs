@@ -19,6 +19,7 @@ use tar_core::parse::{ParseEvent, Parser};
 
 use super::Stop;
 use super::feed::{Backlog, Piece};
+use super::stored::StoredPieces;
 use crate::INLINE_MAX;
 
 /// `return Err(Stop::Failed(anyhow!(...)))`.
@@ -37,13 +38,22 @@ macro_rules! check {
     };
 }
 
+/// Where a [`FedReader`]'s pieces come from.
+pub(super) enum Input<ObjectID> {
+    /// Batches sent by the layer's importer as it writes the stream (inline bytes counted
+    /// in the shared backlog).
+    Fed(Receiver<Vec<Piece<ObjectID>>>),
+    /// The stream as stored, read back.
+    Stored(StoredPieces<ObjectID>),
+}
+
 /// Reads tar entries from a layer's pieces the way composefs' `SplitStreamReader` and
 /// `get_entry` read them from the stored stream: headers come from inline bytes 512 at a
 /// time (consecutive inline pieces form one chunk, as the stream writer merges them); a
 /// file's contents are either the next object reference (followed by its padding, inline) or
 /// inline bytes.
 pub(super) struct FedReader<'a, ObjectID> {
-    rx: Receiver<Vec<Piece<ObjectID>>>,
+    input: Input<ObjectID>,
     backlog: &'a Backlog,
     /// Pieces received, not taken yet.
     received: std::vec::IntoIter<Piece<ObjectID>>,
@@ -57,9 +67,9 @@ pub(super) struct FedReader<'a, ObjectID> {
 }
 
 impl<'a, ObjectID: FsVerityHashValue> FedReader<'a, ObjectID> {
-    pub(super) fn new(rx: Receiver<Vec<Piece<ObjectID>>>, backlog: &'a Backlog) -> Self {
+    pub(super) fn new(input: Input<ObjectID>, backlog: &'a Backlog) -> Self {
         Self {
-            rx,
+            input,
             backlog,
             received: Vec::new().into_iter(),
             inline: VecDeque::new(),
@@ -78,18 +88,19 @@ impl<'a, ObjectID: FsVerityHashValue> FedReader<'a, ObjectID> {
             if let Some(p) = self.received.next() {
                 break p;
             }
-            match self.rx.recv() {
-                Ok(batch) => self.received = batch.into_iter(),
-                Err(_) => {
-                    return Err(Stop::Failed(anyhow::anyhow!(
-                        "the layer's import stopped before its end"
-                    )));
-                }
-            }
+            let batch = match &mut self.input {
+                Input::Fed(rx) => rx.recv().map_err(|_| {
+                    Stop::Failed(anyhow::anyhow!("the layer's import stopped before its end"))
+                })?,
+                Input::Stored(stored) => stored.next_batch()?,
+            };
+            self.received = batch.into_iter();
         };
         match piece {
             Piece::Inline(bytes) => {
-                self.backlog.bytes.fetch_sub(bytes.len(), Relaxed);
+                if let Input::Fed(_) = self.input {
+                    self.backlog.bytes.fetch_sub(bytes.len(), Relaxed);
+                }
                 self.inline.push_back(bytes);
                 Ok(true)
             }

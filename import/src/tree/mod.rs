@@ -22,6 +22,7 @@
 pub(crate) mod compact;
 mod fed_reader;
 mod feed;
+mod stored;
 mod tables;
 
 use std::sync::Arc;
@@ -34,8 +35,9 @@ use composefs::repository::Repository;
 use composefs_oci::tar::TarEntry;
 
 pub(crate) use compact::{CompactTree, Frozen};
-use fed_reader::FedReader;
+use fed_reader::{FedReader, Input};
 pub use feed::{Backlog, Feed, Piece};
+use stored::StoredPieces;
 
 /// Entries (of all layers) above which the tree thread gives up and drops its tree. While the
 /// layers stream, the tree adds to their buffers, where composefs builds it once they are
@@ -103,7 +105,7 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
                 for (i, layer) in layers.into_iter().enumerate() {
                     match layer {
                         Source::Fed(rx) => {
-                            let mut reader = FedReader::new(rx, &shared);
+                            let mut reader = FedReader::new(Input::Fed(rx), &shared);
                             while let Some(entry) = reader.next_entry().map_err(|e| match e {
                                 Stop::Failed(e) => {
                                     Stop::Failed(e.context(format!("reading layer {i}")))
@@ -153,8 +155,34 @@ impl<ObjectID: FsVerityHashValue> Builder<ObjectID> {
 }
 
 /// Reads a stored layer stream's entries, as composefs does to build an image, and hands
-/// each to `apply` (a tree's own rule for it); returns the number of entries applied.
+/// each to `apply` (a tree's own rule for it); returns the number of entries applied. The
+/// stream is read with [`StoredPieces`] (its reference table left in the file), or with
+/// composefs' reader when it is of a shape ours does not know.
 pub fn apply_stored<ObjectID: FsVerityHashValue>(
+    repo: &Repository<ObjectID>,
+    verity: &ObjectID,
+    mut apply: impl FnMut(TarEntry<ObjectID>) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let mut entries = 0;
+    if let Some(stored) = StoredPieces::open(repo, verity)? {
+        let backlog = Backlog::default();
+        let mut reader = FedReader::new(Input::Stored(stored), &backlog);
+        let failed = |e: Stop| match e {
+            Stop::Failed(e) => e.context("reading the layer stream"),
+            Stop::GaveUp => anyhow::anyhow!("reading the layer stream stopped"),
+        };
+        while let Some(entry) = reader.next_entry().map_err(failed)? {
+            apply(entry).context("applying the layer")?;
+            entries += 1;
+        }
+        reader.finish().map_err(failed)?;
+        return Ok(entries);
+    }
+    apply_stored_by_composefs(repo, verity, apply)
+}
+
+/// [`apply_stored`] with composefs' own reader.
+fn apply_stored_by_composefs<ObjectID: FsVerityHashValue>(
     repo: &Repository<ObjectID>,
     verity: &ObjectID,
     mut apply: impl FnMut(TarEntry<ObjectID>) -> anyhow::Result<()>,
@@ -356,6 +384,85 @@ mod tests {
         }
     }
 
+    /// A stored stream read back by [`StoredPieces`] gives the entries composefs' reader
+    /// gives, for streams composefs wrote: long names and links, both tar formats, and a
+    /// layer whose inline run (a few hundred small files between two objects) is larger than
+    /// one inline piece.
+    #[test]
+    fn stored_streams_read_back_as_composefs_reads_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(&tmp.path().join("repo"));
+        let small = tmp.path().join("small");
+        std::fs::create_dir_all(small.join("many")).unwrap();
+        for i in 0..400 {
+            std::fs::write(small.join("many").join(format!("f{i:04}")), format!("{i}")).unwrap();
+        }
+        std::fs::write(small.join("z-big"), vec![7u8; 9000]).unwrap();
+        let mut trees = vec![(small.clone(), "posix")];
+        for (variant, format) in [("lower", "posix"), ("middle", "gnu")] {
+            let root = tmp.path().join(variant);
+            make_tree(&root, variant);
+            trees.push((root, format));
+        }
+        for (root, format) in trees {
+            let pieces = pieces(&tar_of(&root, format));
+            let run = pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Inline(b) => b.len(),
+                    _ => 0,
+                })
+                .collect::<Vec<_>>()
+                .split(|&n| n == 0)
+                .map(|r| r.iter().sum::<usize>())
+                .max()
+                .unwrap_or(0);
+            let verity = store(&repo, &pieces);
+            assert!(StoredPieces::open(&repo, &verity).unwrap().is_some());
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let n = apply_stored(&repo, &verity, |e| {
+                ours.push(format!("{e:?}"));
+                Ok(())
+            })
+            .unwrap();
+            apply_stored_by_composefs(&repo, &verity, |e| {
+                theirs.push(format!("{e:?}"));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(n, theirs.len());
+            assert_eq!(ours, theirs, "{}", root.display());
+            if root == small {
+                assert!(run > 64 << 10, "the inline run is {run} bytes");
+            }
+        }
+    }
+
+    /// A stream cut short fails to read back, naming the stream; it never panics.
+    #[test]
+    fn a_truncated_stored_stream_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(&tmp.path().join("repo"));
+        let root = tmp.path().join("t");
+        make_tree(&root, "t");
+        let verity = store(&repo, &pieces(&tar_of(&root, "posix")));
+        let path = tmp
+            .path()
+            .join("repo/objects")
+            .join(verity.to_object_pathname());
+        let len = std::fs::metadata(&path).unwrap().len();
+        for keep in [10, 100, len / 2, len - 3] {
+            let bytes = std::fs::read(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            std::fs::write(&path, &bytes[..keep as usize]).unwrap();
+            let r = apply_stored(&repo, &verity, |_| Ok(()));
+            let e = r.expect_err("a truncated stream read back");
+            assert!(format!("{e:#}").contains("layer stream"), "{e:#}");
+            std::fs::remove_file(&path).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+    }
+
     /// The tree built from fed pieces (a stored layer below, fed layers above, in PAX and
     /// GNU formats) is the tree composefs builds by reading the stored streams.
     #[test]
@@ -371,7 +478,7 @@ mod tests {
         let verities: Vec<Id> = layers.iter().map(|p| store(&repo, p)).collect();
         let mut expected = FileSystem::new(Stat::uninitialized());
         for v in &verities {
-            apply_stored(&repo, v, |e| {
+            apply_stored_by_composefs(&repo, v, |e| {
                 composefs_oci::image::process_entry(&mut expected, e)
             })
             .unwrap();
