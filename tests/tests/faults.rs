@@ -833,7 +833,7 @@ const LYING_HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stand-in for `cstor-helper` that answers `Initialize` as the real one does, and then
 /// misbehaves as its `--storage-opt` says.
 const LYING_HELPER: &str = r#"#!/usr/bin/env python3
-import json, os, socket, sys
+import hashlib, json, os, socket, sys
 mode = sys.argv[sys.argv.index("--storage-opt") + 1]
 sock = socket.socket(fileno=0)
 init = {"protocol_version": "1.1", "helper_version": "0.1.0",
@@ -843,10 +843,40 @@ init = {"protocol_version": "1.1", "helper_version": "0.1.0",
         "limits": {"max_fds_per_message": 200, "max_fds_queued": 512,
                    "lease_timeout_ms": 120000, "max_open_layers": 64,
                    "max_request_bytes": 65536, "max_requests_in_flight": 64}}
-def send(v):
-    sock.sendall(v if isinstance(v, bytes) else json.dumps(v).encode())
-def reply(req, **kw):
-    send(dict({"jsonrpc": "2.0", "id": req["id"]}, **kw))
+def blob(doc, media_type):
+    content = json.dumps(doc)
+    return {"digest": "sha256:" + hashlib.sha256(content.encode()).hexdigest(),
+            "media_type": media_type, "size": len(content.encode()), "content": content}
+# An image that passes every check the client makes before it reads a layer: one layer, an
+# empty tar (its two end-of-archive blocks), named alike by the config and the chain.
+empty_tar = bytes(1024)
+diff_id = "sha256:" + hashlib.sha256(empty_tar).hexdigest()
+layer = {"id": diff_id[len("sha256:"):], "diff_id": diff_id, "diff_size": len(empty_tar),
+         "tar_split": True, "store": "/nowhere"}
+config = blob({"architecture": "amd64", "os": "linux",
+               "rootfs": {"type": "layers", "diff_ids": [diff_id]}},
+              "application/vnd.oci.image.config.v1+json")
+manifest = blob({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "config": {"mediaType": config["media_type"], "digest": config["digest"],
+                            "size": config["size"]},
+                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                             "digest": diff_id, "size": len(empty_tar)}]},
+                "application/vnd.oci.image.manifest.v1+json")
+image = {"id": config["digest"][len("sha256:"):], "names": ["localhost/lying:latest"],
+         "store": "/nowhere", "manifest": manifest, "config": config, "layers": [layer]}
+# Write ends of layer streams, held open for as long as the fake lives: the client sees
+# neither a byte nor an end.
+never_written = []
+def send(v, fds=()):
+    data = v if isinstance(v, bytes) else json.dumps(v).encode()
+    if fds:
+        data = data[socket.send_fds(sock, [data], fds):]
+    sock.sendall(data)
+def reply(req, fds=(), **kw):
+    msg = dict({"jsonrpc": "2.0", "id": req["id"]}, **kw)
+    if fds:
+        msg["fds"] = len(fds)
+    send(msg, fds)
 def handle(req):
     if req.get("method") == "Initialize":
         if mode == "not-json":
@@ -864,6 +894,20 @@ def handle(req):
     elif mode == "cut-mid-reply":
         send(b'{"jsonrpc": "2.0", "id": %d, "result": {"ima' % req["id"])
         os._exit(0)
+    elif mode == "stream-never-written":
+        # A helper frozen right after it handed out a layer's stream, before the stream's
+        # first byte: every answer up to then is right, and nothing comes after it (no
+        # FetchFds, no KeepAlive). Unlike a stopped process, it still goes away when the
+        # client closes the socket, so a client that hangs leaves nothing behind.
+        if req.get("method") == "GetImage":
+            reply(req, result=image)
+        elif req.get("method") == "GetLayer":
+            stream, w = os.pipe()
+            never_written.append(w)
+            reply(req, fds=[stream], result={
+                "handle": 1, "layer": layer,
+                "stream": {"format": "cstor-layer-stream", "version": 1, "fd": 0}})
+            os.close(stream)
 buf, dec = "", json.JSONDecoder()
 while True:
     data = sock.recv(65536)
@@ -918,6 +962,15 @@ fn a_helper_that_answers_garbage_is_given_up_on_clearly() {
             5,
             &vec!["cstor-helper died while answering GetImage: exit status: 0"],
         ),
+        // A layer's stream that never starts must not stop the clock: the layer's keepalive
+        // goes unanswered, and the helper is killed for it. (An import that read the
+        // stream's first bytes where it took the stream, on the runtime's only thread,
+        // waited for them for ever, deaf to its own deadlines.)
+        (
+            "stream-never-written",
+            5,
+            &vec!["did not answer KeepAlive", "was killed"],
+        ),
     ] {
         let repo = work.path().join(format!("repo-{mode}"));
         let mut cmd = Command::new(&bins.cstor);
@@ -945,8 +998,10 @@ fn a_helper_that_answers_garbage_is_given_up_on_clearly() {
         for says in says {
             assert!(line.contains(says), "{context}: {line}");
         }
+        // One keepalive interval more when the silence comes while a layer is open.
+        let keepalive = cstor_proxy_client::HelperConfig::default().keepalive_interval;
         assert!(
-            done.elapsed < LYING_HELPER_TIMEOUT + Duration::from_secs(30),
+            done.elapsed < LYING_HELPER_TIMEOUT + keepalive + Duration::from_secs(20),
             "{context}: took {:?}",
             done.elapsed
         );
