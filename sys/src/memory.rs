@@ -139,6 +139,10 @@ fn trim_idle_arenas() {
 
 #[cfg(test)]
 mod tests {
+    /// The tests below measure the whole process' memory: one at a time (the other's
+    /// worker would count in it).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn anon_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
@@ -150,6 +154,7 @@ mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn memory_a_finished_worker_freed_is_given_back() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         assert!(super::limit_retained_memory());
         let before = anon_kib();
         std::thread::spawn(|| {
@@ -176,6 +181,7 @@ mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn memory_a_finished_worker_freed_in_small_blocks_is_given_back() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         assert!(super::limit_retained_memory());
         let before = anon_kib();
         std::thread::spawn(|| {
