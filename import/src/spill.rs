@@ -43,6 +43,16 @@ pub(crate) fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::
     Ok(())
 }
 
+/// The first 8 bytes of an object id (fewer for a shorter slice), for in-memory tables that
+/// find ids by prefix and keep the whole ids elsewhere: ids are digests, so prefixes spread
+/// evenly, but two ids may still share one and every such table must allow for it.
+pub(crate) fn id_prefix(id: &[u8]) -> u64 {
+    let mut p = [0u8; 8];
+    let n = id.len().min(8);
+    p[..n].copy_from_slice(&id[..n]);
+    u64::from_le_bytes(p)
+}
+
 /// Ids buffered before they are written out.
 const PENDING_MAX: usize = 1024;
 

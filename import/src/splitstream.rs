@@ -240,17 +240,9 @@ impl<ObjectID: FsVerityHashValue> RefTable<ObjectID> {
         }
     }
 
-    fn prefix(id: &ObjectID) -> u64 {
-        let b = id.as_bytes();
-        let mut p = [0u8; 8];
-        let n = b.len().min(8);
-        p[..n].copy_from_slice(&b[..n]);
-        u64::from_le_bytes(p)
-    }
-
     /// The index of `id`, added if it is new.
     fn ensure(&mut self, id: &ObjectID) -> std::io::Result<u32> {
-        let prefix = Self::prefix(id);
+        let prefix = crate::spill::id_prefix(id.as_bytes());
         match self.by_prefix.get(&prefix).copied() {
             Some(i) if self.ids.get(i as usize)? == *id => Ok(i),
             Some(_) => {

@@ -59,14 +59,15 @@ pub(crate) fn store_as<ObjectID: FsVerityHashValue>(
         name,
         ..
     } = *source;
-    // Objects seen before cost a set lookup (duplicates within the image) or a stat (in the
-    // repository already) instead of a tmpfile, a clone and an inode to free again.
-    if state.is_present(id.as_bytes()) {
-        return Ok((id, Stored::AlreadyPresent));
-    }
     let objects_dir = repo
         .objects_dir()
         .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    // Objects seen before cost a set lookup and a stat (duplicates within the image) or a
+    // stat (in the repository already) instead of a tmpfile, a clone and an inode to free
+    // again.
+    if seen_and_stored(objects_dir, &id, state) {
+        return Ok((id, Stored::AlreadyPresent));
+    }
     if state.probe() {
         let present = rustix::fs::statat(
             objects_dir,
@@ -147,6 +148,23 @@ pub(crate) fn store_as<ObjectID: FsVerityHashValue>(
     }
 }
 
+/// Whether this import stored or found `id` already. The workers' set holds id prefixes
+/// only, so a hit is confirmed by the object's name: two ids sharing a prefix (a layer can
+/// be made so) must not make the second object look stored.
+fn seen_and_stored<ObjectID: FsVerityHashValue>(
+    objects: &OwnedFd,
+    id: &ObjectID,
+    state: &WorkerState,
+) -> bool {
+    state.maybe_present(id.as_bytes())
+        && rustix::fs::statat(
+            objects,
+            object_path(id),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
+}
+
 /// A new, empty `O_TMPFILE` of `repo` in `objects/<dir>`, for a content the importer
 /// produces itself (an inflated archive-mode file) and names with [`store_filled`].
 pub(crate) fn object_tmpfile_in<ObjectID: FsVerityHashValue>(
@@ -174,12 +192,12 @@ pub(crate) fn store_filled<ObjectID: FsVerityHashValue>(
     name: &str,
     state: &WorkerState,
 ) -> Result<(ObjectID, Stored)> {
-    if state.is_present(id.as_bytes()) {
-        return Ok((id, Stored::AlreadyPresent));
-    }
     let objects = repo
         .objects_dir()
         .map_err(|e| Error::io("opening the objects directory", e.into()))?;
+    if seen_and_stored(objects, &id, state) {
+        return Ok((id, Stored::AlreadyPresent));
+    }
     let new = if repo.is_insecure() {
         link_object(objects, &tmp, &id, state, false)?
     } else {
@@ -262,8 +280,9 @@ fn hardlink<ObjectID: FsVerityHashValue>(
 mod tests {
     use std::os::unix::fs::MetadataExt;
 
-    use composefs::fsverity::FsVerityHashValue;
+    use composefs::fsverity::{FsVerityHashValue, Sha512HashValue};
     use cstor_protocol::assemble::CRC64;
+    use zerocopy::{FromBytes, IntoBytes};
 
     use super::*;
     use crate::objects::source::Expected;
@@ -337,6 +356,65 @@ mod tests {
         // The same content again is found, not stored twice.
         let (how, _, _) = store_file("again", &[7u8; 5000], 0o644);
         assert_eq!(how, Stored::AlreadyPresent);
+    }
+
+    /// The workers remember stored objects by id prefix; a second object whose id shares
+    /// the first one's prefix is still stored, not taken for the first.
+    #[test]
+    fn an_id_sharing_a_stored_ids_prefix_is_stored_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = insecure_repo(&tmp.path().join("repo"));
+        let state = WorkerState::default();
+        let content = [5u8; 3000];
+        let src = source(tmp.path(), "first", &content, 0o644);
+        let first = Source {
+            file: &src,
+            data: Some(&content),
+            size: content.len() as u64,
+            expected: &Expected::Crc64(CRC64.checksum(&content)),
+            name: "first",
+            layer: "test-layer",
+        };
+        let (id, how) = store(
+            &repo,
+            &first,
+            CopyPolicy::CopyOnly,
+            &state,
+            None,
+            &mut [0u8; 4096],
+        )
+        .unwrap();
+        assert_eq!(how, Stored::Copied);
+        let (_, how) = store_as(
+            &repo,
+            id.clone(),
+            &first,
+            CopyPolicy::CopyOnly,
+            &state,
+            None,
+        )
+        .unwrap();
+        assert_eq!(how, Stored::AlreadyPresent, "the same id is found");
+
+        let mut bytes = id.as_bytes().to_vec();
+        *bytes.last_mut().unwrap() ^= 0xff;
+        let twin = Sha512HashValue::read_from_bytes(&bytes).unwrap();
+        assert!(state.maybe_present(twin.as_bytes()), "the prefix is known");
+        let (_, how) = store_as(
+            &repo,
+            twin.clone(),
+            &first,
+            CopyPolicy::CopyOnly,
+            &state,
+            None,
+        )
+        .unwrap();
+        assert_eq!(how, Stored::Copied, "an id sharing the prefix is stored");
+        let object = tmp
+            .path()
+            .join("repo/objects")
+            .join(twin.to_object_pathname());
+        assert_eq!(std::fs::read(object).unwrap(), content);
     }
 
     /// Once the import is stopped, a file the worker reads itself (a large one) ends

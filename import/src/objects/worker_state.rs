@@ -17,10 +17,14 @@ pub struct WorkerState {
     unsupported: AtomicBool,
     /// A [`LinkByFd`], as learnt by the first object linked.
     link_by_fd: AtomicU8,
-    /// Objects known to be in the repository: stored by this import or found there.
-    /// Only completed objects go in, so a layer never references one still in flight
-    /// elsewhere.
-    present: Mutex<HashSet<Box<[u8]>>>,
+    /// Objects known to be in the repository (stored by this import or found there), by
+    /// the first 8 bytes of their id: some 9 bytes each in the table, where whole ids cost
+    /// about 100 (a boxed id and a fat pointer), the largest per-object cost of an import
+    /// of a million files. A prefix is a hint, not an answer: two ids can share one (a
+    /// layer can be crafted so), so a hit is confirmed by the object's name in the
+    /// repository before the object is skipped. Only completed objects go in, so a layer
+    /// never references one still in flight elsewhere.
+    present: Mutex<HashSet<u64>>,
     /// Consecutive lookups of objects in the repository that found nothing. Importing into
     /// an empty or unrelated repository, every lookup misses; after [`PROBE_MISSES`] of them
     /// only one object in [`PROBE_MISSES`] is looked up, and an object that turns out to
@@ -69,14 +73,16 @@ impl WorkerState {
         self.stop.load(Relaxed)
     }
 
-    pub(super) fn is_present(&self, id: &[u8]) -> bool {
+    /// Whether an object with `id`'s prefix was stored or found: if so, `id` itself may be
+    /// (see [`WorkerState::present`]); if not, it was not seen by this import.
+    pub(super) fn maybe_present(&self, id: &[u8]) -> bool {
         self.present
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .contains(&crate::spill::id_prefix(id))
     }
 
-    /// Drops the set of stored objects (about 100 bytes each) once no worker needs it.
+    /// Drops the set of stored objects once no worker needs it.
     pub fn forget_objects(&self) {
         *self.present.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
     }
@@ -85,7 +91,7 @@ impl WorkerState {
         self.present
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.into());
+            .insert(crate::spill::id_prefix(id));
     }
 
     /// Whether to look the next object up in the repository before storing it.
