@@ -121,7 +121,8 @@ pub fn write_view<V: TreeView>(
     }
     let stub = collect::whiteout_stub(view.dir_stat(view.root()));
     let mut tree = collect::collect(view, &stub)?;
-    let shared = xattr::Shared::count(&tree);
+    let shared = xattr::Shared::count(&tree)?;
+    view.laid_out();
     emit::write(&mut tree, &shared, out)
 }
 

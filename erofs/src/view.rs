@@ -144,6 +144,11 @@ pub trait TreeView {
     fn leaf_stat(&self, leaf: usize) -> &Stat;
     /// A leaf's content (`leaf` below [`TreeView::leaf_count`]).
     fn leaf_content(&self, leaf: usize) -> Content<'_, Self::ObjectID>;
+    /// Called once, when the image is laid out and its bytes are about to be written: the
+    /// writer has freed what it needed only to count (shared xattrs, for one), and keeps
+    /// its layout tables until the end. A view that minds its process' memory may give the
+    /// freed memory back to the system here; by default nothing is done.
+    fn laid_out(&self) {}
 }
 
 /// A directory of a composefs tree, compared and hashed by address: two directories with the

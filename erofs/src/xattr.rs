@@ -274,7 +274,7 @@ pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
 }
 
 impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
-    pub fn count<V: TreeView<ObjectID = ObjectID>>(tree: &Tree<'a, V>) -> Self {
+    pub fn count<V: TreeView<ObjectID = ObjectID>>(tree: &Tree<'a, V>) -> Result<Self, Error> {
         let mut this = Shared {
             bytes: HashMap::new(),
             objects: Vec::new(),
@@ -284,9 +284,11 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
         // Object-derived values are counted by sorting fingerprints of their ids, and only
         // the repeated objects are kept: a map of every object of the image cost ~20 bytes a
         // file for the whole emit, where most objects are used once, and the ids themselves
-        // need not be in memory at all (the view hands them out one at a time).
-        // (fingerprint, inode, whether it has a metacopy with the digest) per external file.
-        let mut prints: Vec<(u64, u32, bool)> = Vec::new();
+        // need not be in memory at all (the view hands them out one at a time). One word per
+        // external file, as there may be millions: the fingerprint's high 32 bits, the
+        // inode (31 bits) and whether it has a metacopy with the digest. Fingerprints that
+        // merely share 32 bits cost a comparison of the ids, no more.
+        let mut prints: Vec<u64> = Vec::new();
         for idx in 0..tree.nodes.len() {
             let mut metacopy = false;
             let mut redirect = None;
@@ -300,21 +302,27 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
                     Value::Redirect(id) => redirect = Some(fingerprint(&id)),
                 }
             }
-            // Every object-derived value comes with a redirect (see `of`). Inode numbers
-            // fit: the writer refuses more than 2^30 leaves.
+            // Every object-derived value comes with a redirect (see `of`).
             if let Some(print) = redirect {
-                prints.push((print, idx as u32, metacopy));
+                let inode = u32::try_from(idx)
+                    .ok()
+                    .filter(|&i| i < 1 << 31)
+                    .ok_or_else(|| Error::Unrepresentable("more than 2^31 inodes".into()))?;
+                prints.push(
+                    (print & !u64::from(u32::MAX)) | u64::from(inode) << 1 | u64::from(metacopy),
+                );
             }
         }
         prints.sort_unstable();
-        for run in prints.chunk_by(|a, b| a.0 == b.0) {
+        for run in prints.chunk_by(|a, b| a >> 32 == b >> 32) {
             if run.len() < 2 {
                 continue;
             }
             let mut ids: Vec<(ObjectID, bool)> = run
                 .iter()
-                .filter_map(|&(_, idx, metacopy)| {
-                    match tree.content(&tree.nodes[idx as usize])? {
+                .filter_map(|&word| {
+                    let (idx, metacopy) = ((word as u32 >> 1) as usize, word & 1 == 1);
+                    match tree.content(&tree.nodes[idx])? {
                         Content::External(id, _) | Content::ExternalNoVerity(id, _) => {
                             Some((id, metacopy))
                         }
@@ -370,7 +378,7 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             }
         }
         this.table = shared;
-        this
+        Ok(this)
     }
 
     /// The attribute of a table entry.

@@ -847,6 +847,14 @@ impl<ObjectID: FsVerityHashValue> cstor_erofs::TreeView for Frozen<ObjectID> {
             Content::Socket => C::Socket,
         }
     }
+
+    /// The writer's counting tables lie in the heap between the tree's and its layout's
+    /// (arena blocks, below the mmap threshold): freed, they would stay resident through the
+    /// whole write, at its peak.
+    fn laid_out(&self) {
+        cstor_sys::memory::release_free_memory();
+        crate::sys::log_memory("image laid out");
+    }
 }
 
 #[cfg(test)]
