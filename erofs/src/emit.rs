@@ -36,9 +36,23 @@ struct Layout {
     inodes: Vec<u32>,
     inodes_end: u64,
     xattrs: Vec<u64>,
-    /// Each inode's first data block.
-    blocks: Vec<u32>,
+    /// The first data block of each inode that has any, as (inode, block), in inode order:
+    /// most inodes have none (their tail is inline), so a table of every inode's block
+    /// would mostly repeat its neighbour's.
+    blocks: Vec<(u32, u32)>,
+    /// The block after the last inode's data.
+    blocks_end: u32,
     end: u64,
+}
+
+impl Layout {
+    /// Inode `idx`'s first data block: for an inode without data blocks, where the next
+    /// inode's data starts (the data area is written in inode order, each inode's data
+    /// block-aligned), as composefs' writer records it.
+    fn block(&self, idx: usize) -> u32 {
+        let at = self.blocks.partition_point(|&(i, _)| (i as usize) < idx);
+        self.blocks.get(at).map_or(self.blocks_end, |&(_, block)| block)
+    }
 }
 
 trait Sink {
@@ -153,7 +167,6 @@ pub(crate) fn write<'a, V: TreeView>(
     };
     let mut layout = Layout {
         inodes: Vec::with_capacity(tree.nodes.len()),
-        blocks: Vec::with_capacity(tree.nodes.len()),
         ..Layout::default()
     };
     ctx.emit(&mut Counter(0), &mut layout, true)?;
@@ -255,8 +268,31 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         }
         s.pad(BLOCK)?;
         for idx in 0..nodes.len() {
-            record_unit(s, first, &mut layout.blocks, idx, BLOCK, "data block")?;
+            let start = s.pos();
+            if !start.is_multiple_of(BLOCK) {
+                return Err(Error::Internal(format!(
+                    "data of inode {idx} at {start}, not a multiple of {BLOCK}"
+                )));
+            }
+            let block = to_u32(start / BLOCK, "data block")?;
+            if !first && layout.block(idx) != block {
+                return Err(Error::Internal(format!(
+                    "data block of inode {idx} moved between the layout and emit passes"
+                )));
+            }
             self.blocks(s, layout, first, idx)?;
+            if first && s.pos() != start {
+                let inode = to_u32(idx as u64, "inode")?;
+                layout.blocks.push((inode, block));
+            }
+        }
+        let end = to_u32(s.pos().div_ceil(BLOCK), "data block")?;
+        if first {
+            layout.blocks_end = end;
+        } else if layout.blocks_end != end {
+            return Err(Error::Internal(
+                "the data area's end moved between the layout and emit passes".into(),
+            ));
         }
         record(s, first, &mut layout.end, "end of image")
     }
@@ -272,7 +308,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let content = self.tree.content(node);
         let (compact, xattr_size) = (node.compact, node.xattr_size as usize);
         let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
-        let blkaddr = if first { 0 } else { layout.blocks[idx] };
+        let blkaddr = if first { 0 } else { layout.block(idx) };
         let (data_layout, u) =
             self.data_layout(node, content.as_ref(), data_blocks, tail, blkaddr)?;
         let (size, nlink) = size_nlink(node, self.tree.dir(node), content.as_ref());
