@@ -33,21 +33,65 @@ pub(crate) struct Node {
     pub kind: Kind,
     /// Directory entries that point at this inode (for directories: 2 + subdirectories).
     pub nlink: u32,
-    /// A user whiteout written as a regular file with `overlay.whiteout` xattrs.
-    pub escaped_whiteout: bool,
-    /// A directory holding escaped whiteouts: it gets the `whiteouts`/`opaque` xattrs.
-    pub holds_whiteouts: bool,
     /// Whole data blocks after the inode table (inline files, promoted symlinks and chunk
     /// indexes).
     pub data_blocks: u32,
     /// Bytes stored right after the inode (file tail, symlink target, chunk indexes).
     pub tail: u32,
-    /// Bytes of the inode's own xattr area (set by the emitter's layout decisions, like the
-    /// two fields above after it promotes a tail to a block, and `compact`). Kept in the node
-    /// rather than in tables beside it: at a million files every byte per node is a MB.
-    pub xattr_size: u32,
+    /// The bytes of the inode's own xattr area (set by the emitter's layout decisions, like
+    /// the two fields above after it promotes a tail to a block) in the low 29 bits, and
+    /// three flags above them: see the accessors. Kept in the node rather than in tables
+    /// beside it, and packed: at a million files every byte per node is a MB.
+    packed: u32,
+}
+
+const ESCAPED_WHITEOUT: u32 = 1 << 31;
+const HOLDS_WHITEOUTS: u32 = 1 << 30;
+const COMPACT: u32 = 1 << 29;
+const XATTR_SIZE: u32 = COMPACT - 1;
+
+impl Node {
+    /// A user whiteout written as a regular file with `overlay.whiteout` xattrs.
+    pub fn escaped_whiteout(&self) -> bool {
+        self.packed & ESCAPED_WHITEOUT != 0
+    }
+
+    pub fn set_escaped_whiteout(&mut self) {
+        self.packed |= ESCAPED_WHITEOUT;
+    }
+
+    /// A directory holding escaped whiteouts: it gets the `whiteouts`/`opaque` xattrs.
+    pub fn holds_whiteouts(&self) -> bool {
+        self.packed & HOLDS_WHITEOUTS != 0
+    }
+
+    pub fn set_holds_whiteouts(&mut self) {
+        self.packed |= HOLDS_WHITEOUTS;
+    }
+
     /// Whether the inode fits the 32-byte compact header.
-    pub compact: bool,
+    pub fn compact(&self) -> bool {
+        self.packed & COMPACT != 0
+    }
+
+    pub fn set_compact(&mut self, compact: bool) {
+        self.packed = (self.packed & !COMPACT) | if compact { COMPACT } else { 0 };
+    }
+
+    /// Bytes of the inode's own xattr area.
+    pub fn xattr_size(&self) -> usize {
+        (self.packed & XATTR_SIZE) as usize
+    }
+
+    /// Fails above 2^29 - 1 bytes, far beyond what an inode's 16-bit xattr count allows.
+    pub fn set_xattr_size(&mut self, size: usize) -> Result<(), Error> {
+        let size = u32::try_from(size)
+            .ok()
+            .filter(|&n| n <= XATTR_SIZE)
+            .ok_or_else(|| Error::Unrepresentable(format!("{size} bytes of xattrs")))?;
+        self.packed = (self.packed & !XATTR_SIZE) | size;
+        Ok(())
+    }
 }
 
 /// What an inode is, in 4 bytes (a node is per file): two tag bits and a 30-bit number.
@@ -195,6 +239,8 @@ pub(crate) struct Tree<'a, V: TreeView> {
     pub handles: Vec<V::Dir<'a>>,
     /// The stat of the root's whiteout stubs.
     pub stub: &'a Stat,
+    /// Inodes of files in the repository (external content): what the shared xattrs count.
+    pub externals: usize,
 }
 
 impl<'a, V: TreeView> Tree<'a, V> {
@@ -280,7 +326,7 @@ fn content<'a, V: TreeView>(view: &'a V, node: &Node) -> Option<Content<'a, V::O
 }
 
 fn file_type<V: TreeView>(view: &V, node: &Node) -> FileType {
-    if node.escaped_whiteout {
+    if node.escaped_whiteout() {
         return FileType::RegularFile;
     }
     match content(view, node) {
@@ -347,6 +393,8 @@ struct Collector<'a, V: TreeView + 'a> {
     nodes: Vec<Node>,
     /// The view's directories, in the order of their nodes.
     handles: Vec<V::Dir<'a>>,
+    /// Inodes of files in the repository.
+    externals: usize,
 }
 
 /// What one walk of the whole tree finds out before the inodes are numbered.
@@ -443,6 +491,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         linked: HashMap::new(),
         nodes: Vec::with_capacity(dirs + files + STUB_NAMES.len()),
         handles: Vec::with_capacity(dirs),
+        externals: 0,
     };
     let mut entries: Vec<Entry> =
         Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
@@ -484,7 +533,9 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
             entries.push(entry);
         }
         let span = start..entries.len();
-        c.nodes[me as usize].holds_whiteouts = holds_whiteouts;
+        if holds_whiteouts {
+            c.nodes[me as usize].set_holds_whiteouts();
+        }
         dir_spans.push((me, span));
     }
 
@@ -520,6 +571,7 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         dirs: layouts,
         handles: c.handles,
         stub,
+        externals: c.externals,
     })
 }
 
@@ -528,12 +580,9 @@ impl<'a, V: TreeView> Collector<'a, V> {
         self.nodes.push(Node {
             kind,
             nlink,
-            escaped_whiteout: false,
-            holds_whiteouts: false,
             data_blocks: 0,
             tail: 0,
-            xattr_size: 0,
-            compact: false,
+            packed: 0,
         });
         (self.nodes.len() - 1) as u32
     }
@@ -556,13 +605,11 @@ impl<'a, V: TreeView> Collector<'a, V> {
                 }
             }
             Content::Symlink(target) => (0, target.len()),
-            Content::External(_, size)
-            | Content::ExternalNoVerity(_, size)
-            | Content::Sparse(size)
-                if size > 0 =>
-            {
+            Content::External(_, size) | Content::ExternalNoVerity(_, size) => {
+                self.externals += 1;
                 (0, chunk_count(size) as usize * 4)
             }
+            Content::Sparse(size) => (0, chunk_count(size) as usize * 4),
             _ => (0, 0),
         };
         let idx = self.push(Kind::leaf(id)?, nlink);
@@ -610,10 +657,10 @@ impl<'a, V: TreeView> Collector<'a, V> {
         let whiteout = matches!(self.view.leaf_content(id), Content::CharacterDevice(0));
         let node = &mut self.nodes[idx as usize];
         let escape = whiteout
-            && !node.escaped_whiteout
+            && !node.escaped_whiteout()
             && !(in_root && looks_like_stub(name, self.view.leaf_stat(id), root));
         if escape {
-            node.escaped_whiteout = true;
+            node.set_escaped_whiteout();
         }
         Ok((Target::Known(idx), escape))
     }
@@ -695,5 +742,5 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 #[cfg(target_pointer_width = "64")]
 const _: () = {
     assert!(size_of::<Entry>() == 8);
-    assert!(size_of::<Node>() == 24);
+    assert!(size_of::<Node>() == 20);
 };

@@ -51,7 +51,9 @@ impl Layout {
     /// block-aligned), as composefs' writer records it.
     fn block(&self, idx: usize) -> u32 {
         let at = self.blocks.partition_point(|&(i, _)| (i as usize) < idx);
-        self.blocks.get(at).map_or(self.blocks_end, |&(_, block)| block)
+        self.blocks
+            .get(at)
+            .map_or(self.blocks_end, |&(_, block)| block)
     }
 }
 
@@ -130,8 +132,7 @@ pub(crate) fn write<'a, V: TreeView>(
         let content = tree.content(&tree.nodes[idx]);
         let stat = tree.stat(&tree.nodes[idx]);
         let node = &mut tree.nodes[idx];
-        node.xattr_size = u32::try_from(xattr_size)
-            .map_err(|_| Error::Unrepresentable(format!("{xattr_size} bytes of xattrs")))?;
+        node.set_xattr_size(xattr_size)?;
         let tail = node.tail as usize;
         // Symlinks whose inode would not fit a block, and chunk indexes that would cross one,
         // move to a data block of their own.
@@ -158,7 +159,7 @@ pub(crate) fn write<'a, V: TreeView>(
             _ => None,
         };
         let (size, nlink) = size_nlink(node, dir, content.as_ref());
-        node.compact = fits_compact(stat, min_mtime, size, nlink);
+        node.set_compact(fits_compact(stat, min_mtime, size, nlink));
     }
     let ctx = Ctx {
         tree,
@@ -306,7 +307,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
     ) -> Result<(), Error> {
         let node = &self.tree.nodes[idx];
         let content = self.tree.content(node);
-        let (compact, xattr_size) = (node.compact, node.xattr_size as usize);
+        let (compact, xattr_size) = (node.compact(), node.xattr_size());
         let (data_blocks, tail) = (node.data_blocks, node.tail as usize);
         let blkaddr = if first { 0 } else { layout.block(idx) };
         let (data_layout, u) =
@@ -431,7 +432,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
                 self.dirents(s, layout, first, range, names.as_deref())?
             }
             (_, Some(Content::Inline(data))) => s.put(&data[data.len() - tail..])?,
-            (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(target)?,
+            (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(&target)?,
             _ if chunked => {
                 for _ in 0..tail / 4 {
                     s.put(&NULL_CHUNK)?;

@@ -6,6 +6,7 @@
 //! gets the same bytes without first building composefs' tree beside its own. composefs'
 //! `FileSystem` is one implementation.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::hash::{Hash, Hasher};
 use std::os::unix::ffi::OsStrExt;
@@ -13,13 +14,14 @@ use std::os::unix::ffi::OsStrExt;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::tree::{Directory, FileSystem, Inode, LeafContent, RegularFile, Stat};
 
-/// A leaf's content as the view hands it out: bytes borrowed from the tree, object ids by
-/// value, so that a view may keep its ids out of memory (one per external file: at a million
-/// files the largest table of a tree) and read each when asked.
+/// A leaf's content as the view hands it out: bytes borrowed from the tree or read for the
+/// occasion, object ids by value, so that a view may keep its ids and inline data out of
+/// memory (one id per external file: at a million files the largest table of a tree) and
+/// read each when asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content<'a, ObjectID> {
     /// A regular file whose bytes are in the image.
-    Inline(&'a [u8]),
+    Inline(Cow<'a, [u8]>),
     /// A regular file in the repository: its object id and size.
     External(ObjectID, u64),
     /// As [`Content::External`], for an object without an fs-verity digest in its metacopy.
@@ -27,7 +29,7 @@ pub enum Content<'a, ObjectID> {
     /// A regular file of this size with no data.
     Sparse(u64),
     /// A symbolic link and its target.
-    Symlink(&'a [u8]),
+    Symlink(Cow<'a, [u8]>),
     /// A block device and its device number.
     BlockDevice(u64),
     /// A character device and its device number (0 is an overlay whiteout).
@@ -42,7 +44,7 @@ impl<'a, ObjectID: FsVerityHashValue> Content<'a, ObjectID> {
     /// The view of composefs' leaf content.
     pub fn of(content: &'a LeafContent<ObjectID>) -> Self {
         match content {
-            LeafContent::Regular(RegularFile::Inline(data)) => Content::Inline(data),
+            LeafContent::Regular(RegularFile::Inline(data)) => Content::Inline(Cow::Borrowed(data)),
             LeafContent::Regular(RegularFile::External(id, size)) => {
                 Content::External(id.clone(), *size)
             }
@@ -50,7 +52,7 @@ impl<'a, ObjectID: FsVerityHashValue> Content<'a, ObjectID> {
                 Content::ExternalNoVerity(id.clone(), *size)
             }
             LeafContent::Regular(RegularFile::Sparse(size)) => Content::Sparse(*size),
-            LeafContent::Symlink(target) => Content::Symlink(target.as_bytes()),
+            LeafContent::Symlink(target) => Content::Symlink(Cow::Borrowed(target.as_bytes())),
             LeafContent::BlockDevice(rdev) => Content::BlockDevice(*rdev),
             LeafContent::CharacterDevice(rdev) => Content::CharacterDevice(*rdev),
             LeafContent::Fifo => Content::Fifo,
@@ -107,7 +109,7 @@ pub enum Child<D> {
 ///         &self.file
 ///     }
 ///     fn leaf_content(&self, _: usize) -> Content<'_, Sha256HashValue> {
-///         Content::Inline(b"")
+///         Content::Inline(b"".into())
 ///     }
 /// }
 ///

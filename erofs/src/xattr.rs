@@ -230,11 +230,11 @@ pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'
             value: Value::Bytes(value),
         })
     };
-    if node.escaped_whiteout {
+    if node.escaped_whiteout() {
         push(XATTR_OVERLAY_WHITEOUT, b"");
         push(XATTR_USERXATTR_WHITEOUT, b"");
     }
-    if node.holds_whiteouts {
+    if node.holds_whiteouts() {
         push(XATTR_OVERLAY_WHITEOUTS, b"");
         push(XATTR_USERXATTR_WHITEOUTS, b"");
         push(XATTR_OVERLAY_OPAQUE, b"x");
@@ -288,7 +288,7 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
         // external file, as there may be millions: the fingerprint's high 32 bits, the
         // inode (31 bits) and whether it has a metacopy with the digest. Fingerprints that
         // merely share 32 bits cost a comparison of the ids, no more.
-        let mut prints: Vec<u64> = Vec::new();
+        let mut prints: Vec<u64> = Vec::with_capacity(tree.externals);
         for idx in 0..tree.nodes.len() {
             let mut metacopy = false;
             let mut redirect = None;

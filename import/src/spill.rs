@@ -14,8 +14,8 @@ use std::sync::Arc;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
 
-/// Makes an anonymous file for spilled data.
-pub(crate) type SpillMaker = Box<dyn FnMut() -> std::io::Result<File> + Send>;
+/// Makes an anonymous file for spilled data; shared by the tables of one tree.
+pub(crate) type SpillMaker = Arc<dyn Fn() -> std::io::Result<File> + Send + Sync>;
 
 /// Anonymous files in the repository's objects directory, else (no `O_TMPFILE` there) in
 /// `$TMPDIR`.
@@ -23,7 +23,7 @@ pub(crate) fn spill_maker<ObjectID: FsVerityHashValue>(
     repo: &Arc<Repository<ObjectID>>,
 ) -> SpillMaker {
     let repo = repo.clone();
-    Box::new(move || match repo.create_object_tmpfile() {
+    Arc::new(move || match repo.create_object_tmpfile() {
         Ok(fd) => Ok(File::from(fd)),
         Err(_) => tempfile::tempfile(),
     })
@@ -41,6 +41,151 @@ pub(crate) fn copy_exact(from: &mut File, to: &mut dyn Write, len: u64) -> std::
         ));
     }
     Ok(())
+}
+
+/// Writes all of `bytes` at `at` (pwrite to a regular file writes it all unless the disk is
+/// full).
+fn write_all_at(file: &File, bytes: &[u8], at: u64) -> std::io::Result<()> {
+    if rustix::io::pwrite(file, bytes, at)? != bytes.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+    }
+    Ok(())
+}
+
+/// Fills `out` from `at`: a spill file shorter than what was written to it is an error.
+fn read_exact_at(file: &File, out: &mut [u8], at: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        let n = rustix::io::pread(file, &mut out[done..], at + done as u64)?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Byte strings (a tree's inline file contents and link targets) appended and read back by
+/// address: the last [`DataFile::BATCH`] bytes in memory, the rest in a file made on first
+/// need, read back through a window of [`DataFile::WINDOW`] bytes. Addresses are byte
+/// offsets, 32 bits as the tree packs them: at most 4 GiB in all. Without a [`SpillMaker`]
+/// everything stays in memory.
+pub(crate) struct DataFile {
+    file: Option<File>,
+    make: Option<SpillMaker>,
+    /// Bytes not written to `file` yet; they start at `flushed`.
+    pending: Vec<u8>,
+    flushed: u64,
+    batch: usize,
+    window: std::cell::RefCell<Window>,
+}
+
+/// Bytes of a spill file read at once, starting at `start`.
+#[derive(Debug, Default)]
+struct Window {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for DataFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataFile")
+            .field("spilled", &self.flushed)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl DataFile {
+    /// Bytes kept in memory before they are written out.
+    const BATCH: usize = 1 << 20;
+    /// Bytes read at once: the writer asks for contents in inode order, which for the
+    /// files of one directory is the order they were added, so most reads are a copy from
+    /// the window, and a read that misses costs a few pages, not a megabyte.
+    const WINDOW: usize = 16 << 10;
+
+    pub fn new(make: Option<SpillMaker>) -> Self {
+        Self::with_batch(make, Self::BATCH)
+    }
+
+    /// Writes out every `batch` bytes (tests spill after a few).
+    pub fn with_batch(make: Option<SpillMaker>, batch: usize) -> Self {
+        DataFile {
+            file: None,
+            make,
+            pending: Vec::new(),
+            flushed: 0,
+            batch: batch.max(1),
+            window: Default::default(),
+        }
+    }
+
+    /// Bytes stored.
+    pub fn len(&self) -> u64 {
+        self.flushed + self.pending.len() as u64
+    }
+
+    /// Stores `bytes`; their address and length, or `None` past 4 GiB in all.
+    pub fn push(&mut self, bytes: &[u8]) -> std::io::Result<Option<(u32, u32)>> {
+        let (Ok(at), Ok(len)) = (u32::try_from(self.len()), u32::try_from(bytes.len())) else {
+            return Ok(None);
+        };
+        if at.checked_add(len).is_none() {
+            return Ok(None);
+        }
+        if self.pending.is_empty() && self.make.is_some() {
+            // Filled once to the batch, then reused: no doubling, no holes left behind.
+            self.pending.reserve_exact(self.batch);
+        }
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= self.batch && self.make.is_some() {
+            let file = match (&mut self.file, &mut self.make) {
+                (Some(file), _) => file,
+                (file @ None, Some(make)) => file.insert(make()?),
+                (None, None) => return Ok(Some((at, len))),
+            };
+            write_all_at(file, &self.pending, self.flushed)?;
+            self.flushed += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(Some((at, len)))
+    }
+
+    /// The `len` bytes at `at`, as [`DataFile::push`] returned them.
+    pub fn get(&self, at: u32, len: u32) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        let (at, len) = (u64::from(at), len as usize);
+        let end = at + len as u64;
+        if end > self.len() {
+            return Err(std::io::Error::other(format!(
+                "data at {at}..{end} is past the end of the table ({} bytes)",
+                self.len()
+            )));
+        }
+        if at >= self.flushed {
+            let from = (at - self.flushed) as usize;
+            return Ok(std::borrow::Cow::Borrowed(&self.pending[from..from + len]));
+        }
+        // Everything is flushed or pending whole: what starts in the file ends there.
+        let Some(file) = &self.file else {
+            return Err(std::io::Error::other("data was spilled without a file"));
+        };
+        let mut w = self.window.borrow_mut();
+        let held = w.start..w.start + w.bytes.len() as u64;
+        if !(held.contains(&at) && end <= held.end) {
+            let start = at - at % 4096;
+            let want = (end - start)
+                .max(Self::WINDOW as u64)
+                .min(self.flushed - start);
+            let mut bytes = std::mem::take(&mut w.bytes);
+            // Emptied first: a failed read leaves no stale window behind.
+            bytes.clear();
+            bytes.resize(want as usize, 0);
+            read_exact_at(file, &mut bytes, start)?;
+            *w = Window { start, bytes };
+        }
+        let from = (at - w.start) as usize;
+        Ok(std::borrow::Cow::Owned(w.bytes[from..from + len].to_vec()))
+    }
 }
 
 /// The first 8 bytes of an object id (fewer for a shorter slice), for in-memory tables that
@@ -119,11 +264,7 @@ impl<ObjectID: FsVerityHashValue> IdFile<ObjectID> {
             (file @ None, Some(make)) => file.insert(make()?),
             (None, None) => return Ok(()),
         };
-        let n = rustix::io::pwrite(&*file, &bytes, at)?;
-        if n != bytes.len() {
-            // pwrite to a regular file writes it all unless the disk is full.
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
+        write_all_at(file, &bytes, at)?;
         self.flushed += self.pending.len();
         self.pending.clear();
         Ok(())
@@ -157,14 +298,7 @@ impl<ObjectID: FsVerityHashValue> IdFile<ObjectID> {
         };
         let want = out.len().min((self.flushed - first) * len);
         let out = &mut out[..want];
-        let mut done = 0;
-        while done < want {
-            let n = rustix::io::pread(file, &mut out[done..], ((first * len) + done) as u64)?;
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-            }
-            done += n;
-        }
+        read_exact_at(file, out, (first * len) as u64)?;
         Ok(want / len)
     }
 
@@ -207,7 +341,7 @@ mod tests {
     #[test]
     fn ids_come_back_by_index_from_memory_and_from_the_file() {
         let n = 3 * PENDING_MAX + 17;
-        let mut spilled = IdFile::new(Some(Box::new(tempfile::tempfile) as SpillMaker));
+        let mut spilled = IdFile::new(Some(Arc::new(tempfile::tempfile) as SpillMaker));
         let mut kept = IdFile::new(None);
         for i in 0..n {
             spilled.push(id(i)).unwrap();
@@ -239,5 +373,58 @@ mod tests {
         spilled.copy_to(&mut all).unwrap();
         assert_eq!(all.len(), 64 * n);
         assert_eq!(&all[64 * (n - 1)..], id(n - 1).as_bytes());
+    }
+
+    /// Contents of every size, some larger than the read window, come back whole from
+    /// memory and from the file, in any order; a file cut short is an error, not data.
+    #[test]
+    fn data_comes_back_by_address_in_any_order() {
+        let file = Arc::new(std::sync::Mutex::new(None::<File>));
+        let kept_file = file.clone();
+        let make: SpillMaker = Arc::new(move || {
+            let f = tempfile::tempfile()?;
+            *kept_file.lock().unwrap() = Some(f.try_clone()?);
+            Ok(f)
+        });
+        let mut spilled = DataFile::with_batch(Some(make), 1000);
+        let mut kept = DataFile::new(None);
+        let content = |i: usize| -> Vec<u8> {
+            let len = match i % 50 {
+                0 => DataFile::WINDOW + 4096 + i,
+                n => n * 7,
+            };
+            (0..len).map(|j| (i * 31 + j) as u8).collect()
+        };
+        let mut stored = Vec::new();
+        for i in 0..600 {
+            let bytes = content(i);
+            let at = spilled.push(&bytes).unwrap().unwrap();
+            assert_eq!(kept.push(&bytes).unwrap().unwrap(), at);
+            stored.push(at);
+        }
+        assert!(
+            spilled.flushed > 20 * DataFile::WINDOW as u64,
+            "most are in the file"
+        );
+        assert!(!spilled.pending.is_empty() && kept.flushed == 0);
+        // Forwards, backwards, and hopping across the whole table.
+        let order = (0..600)
+            .chain((0..600).rev())
+            .chain((0..600).map(|i| i * 257 % 600));
+        for i in order {
+            let (at, len) = stored[i];
+            assert_eq!(&*spilled.get(at, len).unwrap(), &content(i)[..], "{i}");
+            assert_eq!(&*kept.get(at, len).unwrap(), &content(i)[..], "{i}");
+        }
+        assert!(spilled.get(u32::MAX - 3, 3).is_err(), "past the end");
+
+        let cut = spilled.flushed / 2;
+        file.lock().unwrap().as_ref().unwrap().set_len(cut).unwrap();
+        let beyond = stored
+            .iter()
+            .rev()
+            .find(|&&(at, _)| u64::from(at) > cut && u64::from(at) < spilled.flushed);
+        let &(at, len) = beyond.unwrap();
+        assert!(spilled.get(at, len).is_err(), "a truncated spill file");
     }
 }

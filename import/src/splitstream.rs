@@ -375,7 +375,7 @@ mod tests {
             .map(|i| ((i * 31) >> 3) as u8)
             .collect();
         for len in [0, 100, SPILL_AT, SPILL_AT + 1, bytes.len()] {
-            let mut spill = Spill::new(Box::new(tempfile::tempfile));
+            let mut spill = Spill::new(Arc::new(tempfile::tempfile));
             for chunk in bytes[..len].chunks(70_000) {
                 spill.write_all(chunk).unwrap();
             }
@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn a_shared_prefix_does_not_merge_two_objects() {
-        let mut t = RefTable::<Sha256HashValue>::new(Box::new(tempfile::tempfile));
+        let mut t = RefTable::<Sha256HashValue>::new(Arc::new(tempfile::tempfile));
         let mut a = [0u8; 32];
         let mut b = [0u8; 32];
         a[31] = 1;

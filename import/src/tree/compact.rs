@@ -21,6 +21,7 @@
 //! `FileSystem`'s. The tests apply random layers to both trees and compare their dumpfiles
 //! and the EROFS images written from them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -34,7 +35,7 @@ use composefs_oci::tar::{TarEntry, TarItem};
 use hashbrown::{DefaultHashBuilder, HashMap as FastMap, HashTable};
 
 use super::tables::{Arena, Chunks, IdTable};
-use crate::spill::SpillMaker;
+use crate::spill::{DataFile, SpillMaker};
 
 type Xattrs = BTreeMap<Box<OsStr>, Box<[u8]>>;
 
@@ -222,7 +223,7 @@ pub(crate) struct CompactTree<ObjectID> {
     dirs: Vec<Dir>,
     leaves: Chunks<Leaf>,
     ids: IdTable<ObjectID>,
-    data: Arena,
+    data: DataFile,
     xattrs: XattrSets,
     /// The leaves' stats, each stored once.
     metas: Vec<Meta>,
@@ -237,13 +238,13 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         Self::spilling(None)
     }
 
-    /// An empty tree as composefs' import starts it, with its object ids in files from
-    /// `spill` (see [`IdTable`]), or in memory without.
+    /// An empty tree as composefs' import starts it, with its object ids and inline data in
+    /// files from `spill` (see [`IdTable`], [`DataFile`]), or in memory without.
     pub fn spilling(spill: Option<SpillMaker>) -> Self {
-        Self::with_ids(IdTable::new(spill))
+        Self::with_tables(IdTable::new(spill.clone()), DataFile::new(spill))
     }
 
-    fn with_ids(ids: IdTable<ObjectID>) -> Self {
+    fn with_tables(ids: IdTable<ObjectID>, data: DataFile) -> Self {
         let mut tree = CompactTree {
             names: Arena::default(),
             records: Chunks::new(),
@@ -252,7 +253,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
             dirs: Vec::new(),
             leaves: Chunks::new(),
             ids,
-            data: Arena::default(),
+            data,
             xattrs: XattrSets::new(),
             metas: Vec::new(),
             meta_numbers: FastMap::default(),
@@ -342,8 +343,14 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         })
     }
 
-    fn push_data(&mut self, bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-        self.data.push(bytes)
+    fn push_data(&mut self, bytes: &[u8]) -> anyhow::Result<(u32, u32)> {
+        self.data
+            .push(bytes)
+            .map_err(|e| anyhow::anyhow!("spilling the tree's inline data: {e}"))?
+            .ok_or_else(|| {
+                let what = OsStr::new("more than 4 GiB of inline data and link targets");
+                ImageError::InvalidFilename(what.into()).into()
+            })
     }
 
     fn push_id(&mut self, id: ObjectID) -> anyhow::Result<u32> {
@@ -588,7 +595,8 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         }
     }
 
-    fn data(&self, at: u32, len: u32) -> &[u8] {
+    /// Inline data or a link target, as [`CompactTree::push_data`] stored it.
+    fn data(&self, at: u32, len: u32) -> std::io::Result<Cow<'_, [u8]>> {
         self.data.get(at, len)
     }
 
@@ -651,7 +659,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         for leaf in self.leaves.iter() {
             let content = match leaf.content() {
                 Content::Inline { at, len } => {
-                    LeafContent::Regular(RegularFile::Inline(self.data(at, len).into()))
+                    LeafContent::Regular(RegularFile::Inline(self.data(at, len)?.into()))
                 }
                 Content::External { id, size } => {
                     LeafContent::Regular(RegularFile::External(self.id(id)?, size))
@@ -661,7 +669,7 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
                 }
                 Content::Sparse(size) => LeafContent::Regular(RegularFile::Sparse(size)),
                 Content::Symlink { at, len } => {
-                    LeafContent::Symlink(OsStr::from_bytes(self.data(at, len)).into())
+                    LeafContent::Symlink(OsStr::from_bytes(&self.data(at, len)?).into())
                 }
                 Content::Block(rdev) => LeafContent::BlockDevice(rdev),
                 Content::Char(rdev) => LeafContent::CharacterDevice(rdev),
@@ -782,8 +790,16 @@ impl<ObjectID: FsVerityHashValue> Frozen<ObjectID> {
         })
     }
 
-    /// Fails if an object id could not be read back while the image was written: that
-    /// image is wrong and must not be stored.
+    /// [`Frozen::id`] for inline data and link targets.
+    fn data(&self, at: u32, len: u32) -> Cow<'_, [u8]> {
+        self.tree.data(at, len).unwrap_or_else(|e| {
+            self.error.borrow_mut().get_or_insert(e);
+            Cow::Borrowed(&[])
+        })
+    }
+
+    /// Fails if an object id or inline data could not be read back while the image was
+    /// written: that image is wrong and must not be stored.
     pub fn check(&self) -> std::io::Result<()> {
         match self.error.borrow_mut().take() {
             Some(e) => Err(e),
@@ -836,11 +852,11 @@ impl<ObjectID: FsVerityHashValue> cstor_erofs::TreeView for Frozen<ObjectID> {
         use cstor_erofs::Content as C;
         let t = &self.tree;
         match t.leaves[leaf].content() {
-            Content::Inline { at, len } => C::Inline(t.data(at, len)),
+            Content::Inline { at, len } => C::Inline(self.data(at, len)),
             Content::External { id, size } => C::External(self.id(id), size),
             Content::ExternalNoVerity { id, size } => C::ExternalNoVerity(self.id(id), size),
             Content::Sparse(size) => C::Sparse(size),
-            Content::Symlink { at, len } => C::Symlink(t.data(at, len)),
+            Content::Symlink { at, len } => C::Symlink(self.data(at, len)),
             Content::Block(rdev) => C::BlockDevice(rdev),
             Content::Char(rdev) => C::CharacterDevice(rdev),
             Content::Fifo => C::Fifo,
@@ -988,10 +1004,14 @@ mod tests {
         for seed in 0..300 {
             let mut rng = Rng(seed);
             let mut expected: FileSystem<Id> = FileSystem::new(Stat::uninitialized());
-            // Odd seeds keep their ids in a file, spilled every 3 and read 4 at a time.
+            // Odd seeds keep their ids and data in files: ids spilled every 3 and read 4
+            // at a time, data every 5 bytes.
             let mut tree = match seed % 2 {
                 0 => CompactTree::<Id>::new(),
-                _ => CompactTree::with_ids(IdTable::small(Box::new(tempfile::tempfile), 3, 4)),
+                _ => CompactTree::with_tables(
+                    IdTable::small(std::sync::Arc::new(tempfile::tempfile), 3, 4),
+                    DataFile::with_batch(Some(std::sync::Arc::new(tempfile::tempfile)), 5),
+                ),
             };
             for _ in 0..(rng.next() % 120) {
                 let e = entry(&mut rng);
@@ -1164,7 +1184,7 @@ mod probe {
             let bytes = t.records.capacity() * size_of::<Record>()
                 + t.leaves.capacity() * size_of::<Leaf>()
                 + t.names.capacity()
-                + t.data.capacity()
+                + t.data.len() as usize
                 + t.index.capacity() * 5;
             println!(
                 "{} records, {} leaves, {} ids (in a file), {} B of names, {} B of data, {} metas: \
