@@ -314,6 +314,14 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             }
         }
         prints.sort_unstable();
+        // Sized up front, like the table below: doubling these (tens of thousands of
+        // repeated objects in a large image) left the old buffer resident beside the new
+        // one at the write's peak.
+        let runs = prints
+            .chunk_by(|a, b| a >> 32 == b >> 32)
+            .filter(|run| run.len() > 1)
+            .count();
+        this.objects.reserve_exact(runs);
         for run in prints.chunk_by(|a, b| a >> 32 == b >> 32) {
             if run.len() < 2 {
                 continue;
@@ -344,7 +352,14 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
         this.objects
             .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
 
-        let mut shared: Vec<TableEntry<'a>> = Vec::new();
+        let entries = this.bytes.values().filter(|&&n| n > 1).count()
+            + this
+                .objects
+                .iter()
+                .flat_map(|(_, counts)| counts)
+                .filter(|&&n| n > 1)
+                .count();
+        let mut shared: Vec<TableEntry<'a>> = Vec::with_capacity(entries);
         for ((name, value), count) in &this.bytes {
             if *count > 1 {
                 shared.push(TableEntry::Bytes(name.clone(), value));
@@ -357,7 +372,9 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
                 }
             }
         }
-        shared.sort_by(|a, b| this.xattr(b).cmp(&this.xattr(a)));
+        // No two entries are equal (distinct attributes, distinct objects), so an unstable
+        // sort gives the one order, without a stable sort's scratch copy of the table.
+        shared.sort_unstable_by(|a, b| this.xattr(b).cmp(&this.xattr(a)));
         this.bytes.values_mut().for_each(|v| *v = NOT_SHARED);
         this.objects
             .iter_mut()
