@@ -249,13 +249,14 @@ pub(crate) fn of<'a, V: TreeView>(tree: &Tree<'a, V>, idx: usize) -> Vec<XAttr<'
 
 const NOT_SHARED: u32 = u32::MAX;
 
-/// One attribute of the shared table: bytes of the tree, or an object-derived value by its
-/// object's place in [`Shared::objects`] (metacopy 0, redirect 1), so that each repeated id
-/// is held once, not in every value made from it.
-#[derive(Debug)]
-enum TableEntry<'a> {
-    Bytes(Cow<'a, [u8]>, &'a [u8]),
-    Object(u32, usize),
+/// One attribute of the shared table, 8 bytes (a large image's table has an entry or two
+/// per repeated object): bytes of the tree by their place in [`Shared::repeated`], or an
+/// object-derived value by its object's place in [`Shared::objects`] (metacopy 0, redirect
+/// 1), so that each repeated id is held once, not in every value made from it.
+#[derive(Debug, Clone, Copy)]
+enum TableEntry {
+    Bytes(u32),
+    Object(u32, u8),
 }
 
 /// The shared xattr table and, for every attribute, its index in it.
@@ -268,7 +269,9 @@ pub(crate) struct Shared<'a, ObjectID: FsVerityHashValue> {
     /// shared.
     objects: Vec<(ObjectID, [u32; 2])>,
     /// In on-disk order.
-    table: Vec<TableEntry<'a>>,
+    table: Vec<TableEntry>,
+    /// The byte attributes used by more than one inode.
+    repeated: Vec<(Cow<'a, [u8]>, &'a [u8])>,
     /// Some inode has a POSIX ACL (the image header says so).
     pub has_acl: bool,
 }
@@ -279,6 +282,7 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             bytes: HashMap::new(),
             objects: Vec::new(),
             table: Vec::new(),
+            repeated: Vec::new(),
             has_acl: false,
         };
         // Object-derived values are counted by sorting fingerprints of their ids, and only
@@ -359,14 +363,15 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
                 .flat_map(|(_, counts)| counts)
                 .filter(|&&n| n > 1)
                 .count();
-        let mut shared: Vec<TableEntry<'a>> = Vec::with_capacity(entries);
+        let mut shared: Vec<TableEntry> = Vec::with_capacity(entries);
         for ((name, value), count) in &this.bytes {
             if *count > 1 {
-                shared.push(TableEntry::Bytes(name.clone(), value));
+                shared.push(TableEntry::Bytes(this.repeated.len() as u32));
+                this.repeated.push((name.clone(), value));
             }
         }
         for (at, (_, counts)) in this.objects.iter().enumerate() {
-            for (which, &count) in counts.iter().enumerate() {
+            for (which, &count) in (0u8..).zip(counts) {
                 if count > 1 {
                     shared.push(TableEntry::Object(at as u32, which));
                 }
@@ -381,15 +386,17 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
             .for_each(|(_, v)| *v = [NOT_SHARED; 2]);
         for (i, x) in shared.iter().enumerate() {
             let i = i as u32;
-            match x {
-                TableEntry::Bytes(name, value) => {
-                    if let Some(v) = this.bytes.get_mut(&(name.clone(), *value)) {
+            match *x {
+                TableEntry::Bytes(at) => {
+                    if let Some(key) = this.repeated.get(at as usize)
+                        && let Some(v) = this.bytes.get_mut(key)
+                    {
                         *v = i;
                     }
                 }
                 TableEntry::Object(at, which) => {
-                    if let Some((_, v)) = this.objects.get_mut(*at as usize) {
-                        v[*which] = i;
+                    if let Some((_, v)) = this.objects.get_mut(at as usize) {
+                        v[usize::from(which)] = i;
                     }
                 }
             }
@@ -399,17 +406,26 @@ impl<'a, ObjectID: FsVerityHashValue> Shared<'a, ObjectID> {
     }
 
     /// The attribute of a table entry.
-    fn xattr(&self, entry: &TableEntry<'a>) -> XAttr<'a, ObjectID> {
-        match entry {
-            TableEntry::Bytes(name, value) => XAttr {
-                name: name.clone(),
-                value: Value::Bytes(value),
-            },
+    fn xattr(&self, entry: &TableEntry) -> XAttr<'a, ObjectID> {
+        match *entry {
+            TableEntry::Bytes(at) => {
+                // `at` indexes `repeated` by construction: no empty attribute is reached.
+                let (name, value) = self
+                    .repeated
+                    .get(at as usize)
+                    .map_or((Cow::Borrowed(&b""[..]), &b""[..]), |(n, v)| {
+                        (n.clone(), *v)
+                    });
+                XAttr {
+                    name,
+                    value: Value::Bytes(value),
+                }
+            }
             TableEntry::Object(at, which) => {
                 // `at` indexes `objects` by construction; an empty id cannot be reached.
                 let id = self
                     .objects
-                    .get(*at as usize)
+                    .get(at as usize)
                     .map_or(ObjectID::EMPTY, |(id, _)| id.clone());
                 match which {
                     0 => XAttr {
