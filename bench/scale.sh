@@ -72,6 +72,10 @@ trap 'log "interrupted"; exit 130' INT TERM
 
 # ---- setup ------------------------------------------------------------------------------------
 build_binaries() {
+    # The source the binaries are built from, taken now: commits made while the series runs
+    # must not be credited with its results.
+    BUILT_COMMIT=$(git -C "$SRC_DIR" rev-parse HEAD 2>/dev/null || echo unknown)
+    BUILT_DIRTY=$(git -C "$SRC_DIR" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo true || echo false)
     if [[ $BUILD == 1 ]]; then
         log "building (cargo build --release -p cstor-cli -p cstor-helper -p cstor-bench)"
         (cd "$SRC_DIR" && cargo build --release --quiet -p cstor-cli -p cstor-helper -p cstor-bench)
@@ -299,8 +303,7 @@ machine_json() {
         --arg xfs "XFS on $LOOP_IMG via loop (direct-io $LOOP_DIRECT_IO), $(df -h --output=size "$MNT" | tail -1 | tr -d ' '), reflink=$(xfs_info "$MNT" | grep -o 'reflink=[01]' | head -1 | cut -d= -f2)" \
         --arg ext4 "$(findmnt -no FSTYPE,SOURCE --target "$SE" | tr -s ' ') ($SE)" \
         --arg uptime_start "$UPTIME_START" --arg uptime_end "$(uptime)" \
-        --arg commit "$(git -C "$SRC_DIR" rev-parse HEAD 2>/dev/null || echo unknown)" \
-        --argjson dirty "$(git -C "$SRC_DIR" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo true || echo false)" \
+        --arg commit "$BUILT_COMMIT" --argjson dirty "$BUILT_DIRTY" \
         --arg cstor "$("$BIN/cstor" --version 2>&1 | head -1)" --arg podman "$(podman --version)" \
         --arg skopeo "$(skopeo --version)" --arg cfsctl "$("$CFSCTL" --version 2>&1 | head -1)" \
         --arg points "$POINTS" --arg fses "$FSES" --argjson runs "$RUNS" --argjson timeout "$TIMEOUT" \
