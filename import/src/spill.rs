@@ -188,6 +188,61 @@ impl DataFile {
     }
 }
 
+/// Object ids of a table in a file, read back through a window of a few hundred at a time:
+/// readers ask for them in nearly the order they were written, so most reads are a copy
+/// from the window. The compact tree's ids and a stored layer stream's reference table are
+/// read this way.
+#[derive(Debug)]
+pub(crate) struct IdWindow {
+    /// Ids per read.
+    ids: usize,
+    first: u64,
+    held: u64,
+    bytes: Vec<u8>,
+}
+
+impl IdWindow {
+    pub fn new(ids: usize) -> Self {
+        IdWindow {
+            ids: ids.max(1),
+            first: 0,
+            held: 0,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Id `i` of the `count` ids stored from offset `base` of `file`.
+    pub fn get<ObjectID: FsVerityHashValue>(
+        &mut self,
+        file: &File,
+        base: u64,
+        count: u64,
+        i: u64,
+    ) -> std::io::Result<ObjectID> {
+        if i >= count {
+            return Err(std::io::Error::other(format!(
+                "id {i} asked of a table of {count}"
+            )));
+        }
+        let len = size_of::<ObjectID>() as u64;
+        if !(self.first..self.first + self.held).contains(&i) {
+            let first = i - i % self.ids as u64;
+            let n = (count - first).min(self.ids as u64);
+            // Emptied first: a failed read leaves no stale window behind.
+            self.held = 0;
+            self.bytes.resize((n * len) as usize, 0);
+            read_exact_at(file, &mut self.bytes, base + first * len)?;
+            self.first = first;
+            self.held = n;
+        }
+        let at = ((i - self.first) * len) as usize;
+        let mut id = ObjectID::EMPTY;
+        id.as_mut_bytes()
+            .copy_from_slice(&self.bytes[at..at + len as usize]);
+        Ok(id)
+    }
+}
+
 /// The first 8 bytes of an object id (fewer for a shorter slice), for in-memory tables that
 /// find ids by prefix and keep the whole ids elsewhere: ids are digests, so prefixes spread
 /// evenly, but two ids may still share one and every such table must allow for it.
@@ -300,6 +355,11 @@ impl<ObjectID: FsVerityHashValue> IdFile<ObjectID> {
         let out = &mut out[..want];
         read_exact_at(file, out, (first * len) as u64)?;
         Ok(want / len)
+    }
+
+    /// The spill file and how many ids it holds, once there is one.
+    pub fn spilled(&self) -> Option<(&File, u64)> {
+        self.file.as_ref().map(|f| (f, self.flushed as u64))
     }
 
     /// Whether index `i` is held in memory (not in the file).

@@ -21,6 +21,7 @@ use composefs::fsverity::FsVerityHashValue;
 use composefs::repository::Repository;
 
 use super::feed::Piece;
+use crate::spill::IdWindow;
 use crate::splitstream::{HEADER_LEN, INFO_LEN, MAGIC};
 
 /// Ids read from the reference table at a time.
@@ -61,9 +62,7 @@ pub(super) struct StoredPieces<ObjectID> {
     /// The object reference table.
     refs: Span,
     ref_count: u64,
-    window: Vec<u8>,
-    window_first: u64,
-    window_len: u64,
+    window: IdWindow,
     body: zstd::stream::read::Decoder<'static, BufReader<Take<File>>>,
     /// Inline bytes of the current instruction not handed out yet.
     inline_left: u64,
@@ -149,9 +148,7 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
             file,
             refs,
             ref_count: refs.len() / id_len,
-            window: Vec::new(),
-            window_first: 0,
-            window_len: 0,
+            window: IdWindow::new(WINDOW),
             body: decoder,
             inline_left: 0,
             done: false,
@@ -166,29 +163,9 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
             "the layer stream names reference {i} of {}",
             self.ref_count
         );
-        let len = size_of::<ObjectID>();
-        if !(self.window_first..self.window_first + self.window_len).contains(&i) {
-            let first = i - i % WINDOW as u64;
-            let n = (self.ref_count - first).min(WINDOW as u64);
-            self.window.resize(n as usize * len, 0);
-            self.window_len = 0;
-            let offset = self.refs.start + first * len as u64;
-            let mut done = 0;
-            while done < self.window.len() {
-                let read =
-                    rustix::io::pread(&self.file, &mut self.window[done..], offset + done as u64)
-                        .context("reading the layer stream's reference table")?;
-                ensure!(read > 0, "the layer stream's reference table ends early");
-                done += read;
-            }
-            self.window_first = first;
-            self.window_len = n;
-        }
-        let at = (i - self.window_first) as usize * len;
-        let mut id = ObjectID::EMPTY;
-        id.as_mut_bytes()
-            .copy_from_slice(&self.window[at..at + len]);
-        Ok(id)
+        self.window
+            .get(&self.file, self.refs.start, self.ref_count, i)
+            .context("reading the layer stream's reference table")
     }
 
     /// Reads exactly `buf.len()` bytes of the decompressed body; false at its clean end

@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use composefs::fsverity::FsVerityHashValue;
 use composefs::generic_tree::ImageError;
 
-use crate::spill::{IdFile, SpillMaker};
+use crate::spill::{IdFile, IdWindow, SpillMaker};
 
 /// A growable table of `T`s kept in chunks of 16k elements.
 #[derive(Debug)]
@@ -125,22 +125,13 @@ impl Arena {
 
 /// The tree's object ids, one per external file: at a million files the largest table of
 /// the tree (64 MB of SHA-512 ids), and one the writer reads only once per file and pass.
-/// They go to an [`IdFile`] as they come and are read back through a window of [`WINDOW`]
-/// ids: the writer asks for them in inode order, which for a layer's files is close to the
-/// order they were added, so most reads are a copy from the window.
+/// They go to an [`IdFile`] as they come and are read back through an [`IdWindow`] of
+/// [`WINDOW`] ids: the writer asks for them in inode order, which for a layer's files is
+/// close to the order they were added.
 #[derive(Debug)]
 pub(super) struct IdTable<ObjectID> {
     ids: IdFile<ObjectID>,
-    window: RefCell<Window>,
-    /// Ids per window ([`WINDOW`] but in tests).
-    window_ids: usize,
-}
-
-#[derive(Debug, Default)]
-struct Window {
-    first: usize,
-    count: usize,
-    bytes: Vec<u8>,
+    window: RefCell<IdWindow>,
 }
 
 /// Ids per read of the spill file.
@@ -151,8 +142,7 @@ impl<ObjectID: FsVerityHashValue> IdTable<ObjectID> {
     pub fn new(make: Option<SpillMaker>) -> Self {
         IdTable {
             ids: IdFile::new(make),
-            window: RefCell::default(),
-            window_ids: WINDOW,
+            window: RefCell::new(IdWindow::new(WINDOW)),
         }
     }
 
@@ -162,8 +152,7 @@ impl<ObjectID: FsVerityHashValue> IdTable<ObjectID> {
     pub fn small(make: SpillMaker, batch: usize, window: usize) -> Self {
         IdTable {
             ids: IdFile::with_batch(Some(make), batch),
-            window: RefCell::default(),
-            window_ids: window.max(1),
+            window: RefCell::new(IdWindow::new(window)),
         }
     }
 
@@ -176,25 +165,12 @@ impl<ObjectID: FsVerityHashValue> IdTable<ObjectID> {
     }
 
     pub fn get(&self, i: usize) -> std::io::Result<ObjectID> {
-        if self.ids.is_pending(i) {
-            return self.ids.get(i);
+        match self.ids.spilled() {
+            Some((file, count)) if !self.ids.is_pending(i) => {
+                self.window.borrow_mut().get(file, 0, count, i as u64)
+            }
+            _ => self.ids.get(i),
         }
-        let len = size_of::<ObjectID>();
-        let mut w = self.window.borrow_mut();
-        if !(w.first..w.first + w.count).contains(&i) {
-            let first = i - i % self.window_ids;
-            let mut bytes = std::mem::take(&mut w.bytes);
-            bytes.resize(self.window_ids * len, 0);
-            // Emptied first: a failed read leaves no stale window behind.
-            w.count = 0;
-            w.count = self.ids.read_spilled(first, &mut bytes)?;
-            w.first = first;
-            w.bytes = bytes;
-        }
-        let at = (i - w.first) * len;
-        let mut id = ObjectID::EMPTY;
-        id.as_mut_bytes().copy_from_slice(&w.bytes[at..at + len]);
-        Ok(id)
     }
 }
 
