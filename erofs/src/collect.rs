@@ -593,8 +593,13 @@ impl<'a, V: TreeView> Collector<'a, V> {
         Ok(self.push(kind, 0))
     }
 
-    fn push_leaf(&mut self, id: usize, nlink: u32) -> Result<u32, Error> {
-        let (data_blocks, tail) = match self.view.leaf_content(id) {
+    fn push_leaf(
+        &mut self,
+        id: usize,
+        nlink: u32,
+        content: &Content<'_, V::ObjectID>,
+    ) -> Result<u32, Error> {
+        let (data_blocks, tail) = match content {
             Content::Inline(data) if !data.is_empty() => {
                 let (blocks, tail) = (data.len() / BLOCK, data.len() % BLOCK);
                 // A tail over half a block is cheaper as a block of its own.
@@ -607,9 +612,9 @@ impl<'a, V: TreeView> Collector<'a, V> {
             Content::Symlink(target) => (0, target.len()),
             Content::External(_, size) | Content::ExternalNoVerity(_, size) => {
                 self.externals += 1;
-                (0, chunk_count(size) as usize * 4)
+                (0, chunk_count(*size) as usize * 4)
             }
-            Content::Sparse(size) => (0, chunk_count(size) as usize * 4),
+            Content::Sparse(size) => (0, chunk_count(*size) as usize * 4),
             _ => (0, 0),
         };
         let idx = self.push(Kind::leaf(id)?, nlink);
@@ -644,17 +649,19 @@ impl<'a, V: TreeView> Collector<'a, V> {
                 false,
             ));
         }
+        // Asked once: a view may read it from a file (ids, inline data).
+        let content = self.view.leaf_content(id);
         let idx = match self.linked.get(&id) {
             Some(&idx) if nlink > 1 => idx,
             _ => {
-                let idx = self.push_leaf(id, nlink)?;
+                let idx = self.push_leaf(id, nlink, &content)?;
                 if nlink > 1 {
                     self.linked.insert(id, idx);
                 }
                 idx
             }
         };
-        let whiteout = matches!(self.view.leaf_content(id), Content::CharacterDevice(0));
+        let whiteout = matches!(content, Content::CharacterDevice(0));
         let node = &mut self.nodes[idx as usize];
         let escape = whiteout
             && !node.escaped_whiteout()
