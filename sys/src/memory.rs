@@ -149,31 +149,35 @@ mod tests {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Runs `worker` on a thread of its own to its end, gives free memory back, and fails
+    /// unless the anonymous memory it freed (48 MB) is gone: other tests of this binary may
+    /// allocate meanwhile, but 48 MB kept would show anyway.
+    fn assert_given_back(what: &str, worker: fn()) {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(super::limit_retained_memory());
+        let before = anon_kib();
+        std::thread::spawn(worker).join().unwrap();
+        super::release_free_memory();
+        let after = anon_kib();
+        assert!(
+            after < before + 24 * 1024,
+            "{before} KiB anonymous memory before, {after} KiB after the worker freed {what}"
+        );
+    }
+
     /// What the import relies on: buffers a worker thread allocated and freed do not stay
     /// resident once the worker is done.
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn memory_a_finished_worker_freed_is_given_back() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(super::limit_retained_memory());
-        let before = anon_kib();
-        std::thread::spawn(|| {
+        assert_given_back("48 MiB", || {
             // As an import's layer reader does: a large buffer freed (with glibc's default
             // thresholds, this raises the trim threshold to 60 MiB), then 48 MiB of smaller
             // ones, which live in this thread's arena.
             drop(std::hint::black_box(vec![1u8; 30 << 20]));
             let blocks: Vec<Vec<u8>> = (0..192).map(|i| vec![i as u8; 256 << 10]).collect();
             std::hint::black_box(&blocks);
-        })
-        .join()
-        .unwrap();
-        super::release_free_memory();
-        let after = anon_kib();
-        // Other tests of this binary may allocate meanwhile; 48 MiB kept would show anyway.
-        assert!(
-            after < before + 24 * 1024,
-            "{before} KiB anonymous memory before, {after} KiB after the worker freed 48 MiB"
-        );
+        });
     }
 
     /// A worker whose last frees were small blocks leaves its arena's top resident
@@ -181,23 +185,11 @@ mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn memory_a_finished_worker_freed_in_small_blocks_is_given_back() {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(super::limit_retained_memory());
-        let before = anon_kib();
-        std::thread::spawn(|| {
+        assert_given_back("48 MB in 1,000-byte blocks", || {
             let blocks: Vec<Vec<u8>> = (0..48 * 1024).map(|i| vec![i as u8; 1000]).collect();
             std::hint::black_box(&blocks);
             // Freed one by one, each far below the size whose free trims the arena.
             drop(blocks);
-        })
-        .join()
-        .unwrap();
-        super::release_free_memory();
-        let after = anon_kib();
-        assert!(
-            after < before + 24 * 1024,
-            "{before} KiB anonymous memory before, {after} KiB after the worker freed 48 MB \
-             in 1,000-byte blocks"
-        );
+        });
     }
 }
