@@ -7,8 +7,10 @@
 //! depth-first walk in name order, which is where C mkcomposefs meets it in a dumpfile.
 //!
 //! The tree is read through a [`TreeView`] and nothing of it is copied: a node names its
-//! stat and its leaf, an entry keeps only its target and its name's length (the emitter
-//! lists the directory again for the names). At a million files every byte here is a MB.
+//! stat and its leaf, and directory entries are not kept at all. A directory's visit makes
+//! the nodes of its children in the order it lists them, so the emitter, listing it again,
+//! finds each entry's inode by position ([`Tree::dirents`]); only the further links of
+//! multi-link files are looked up. At a million files every byte here is a MB.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
@@ -39,16 +41,20 @@ pub(crate) struct Node {
     /// Bytes stored right after the inode (file tail, symlink target, chunk indexes).
     pub tail: u32,
     /// The bytes of the inode's own xattr area (set by the emitter's layout decisions, like
-    /// the two fields above after it promotes a tail to a block) in the low 29 bits, and
-    /// three flags above them: see the accessors. Kept in the node rather than in tables
-    /// beside it, and packed: at a million files every byte per node is a MB.
+    /// the two fields above after it promotes a tail to a block) in the low 26 bits, the
+    /// file type in 3 bits above them and three flags on top: see the accessors. Kept in the
+    /// node rather than in tables beside it, and packed: at a million files every byte per
+    /// node is a MB.
     packed: u32,
 }
 
 const ESCAPED_WHITEOUT: u32 = 1 << 31;
 const HOLDS_WHITEOUTS: u32 = 1 << 30;
 const COMPACT: u32 = 1 << 29;
-const XATTR_SIZE: u32 = COMPACT - 1;
+const TYPE_SHIFT: u32 = 26;
+const TYPE: u32 = 7 << TYPE_SHIFT;
+/// 64 MiB, far beyond the 256 KiB an inode's 16-bit xattr count can describe.
+const XATTR_SIZE: u32 = (1 << TYPE_SHIFT) - 1;
 
 impl Node {
     /// A user whiteout written as a regular file with `overlay.whiteout` xattrs.
@@ -83,7 +89,7 @@ impl Node {
         (self.packed & XATTR_SIZE) as usize
     }
 
-    /// Fails above 2^29 - 1 bytes, far beyond what an inode's 16-bit xattr count allows.
+    /// Fails above 2^26 - 1 bytes, far beyond what an inode's 16-bit xattr count allows.
     pub fn set_xattr_size(&mut self, size: usize) -> Result<(), Error> {
         let size = u32::try_from(size)
             .ok()
@@ -91,6 +97,44 @@ impl Node {
             .ok_or_else(|| Error::Unrepresentable(format!("{size} bytes of xattrs")))?;
         self.packed = (self.packed & !XATTR_SIZE) | size;
         Ok(())
+    }
+
+    /// The type the image gives the inode: a whiteout escaped into a regular file is one.
+    /// Kept rather than derived from the content, which a view may have to read from a file.
+    pub fn file_type(&self) -> FileType {
+        if self.escaped_whiteout() {
+            return FileType::RegularFile;
+        }
+        match (self.packed & TYPE) >> TYPE_SHIFT {
+            1 => FileType::RegularFile,
+            2 => FileType::Directory,
+            3 => FileType::CharacterDevice,
+            4 => FileType::BlockDevice,
+            5 => FileType::Fifo,
+            6 => FileType::Socket,
+            7 => FileType::Symlink,
+            _ => FileType::Unknown,
+        }
+    }
+
+    fn new(kind: Kind, nlink: u32, file_type: FileType) -> Self {
+        let bits = match file_type {
+            FileType::Unknown => 0,
+            FileType::RegularFile => 1,
+            FileType::Directory => 2,
+            FileType::CharacterDevice => 3,
+            FileType::BlockDevice => 4,
+            FileType::Fifo => 5,
+            FileType::Socket => 6,
+            FileType::Symlink => 7,
+        };
+        Node {
+            kind,
+            nlink,
+            data_blocks: 0,
+            tail: 0,
+            packed: bits << TYPE_SHIFT,
+        }
     }
 }
 
@@ -141,98 +185,103 @@ impl Kind {
     }
 }
 
-/// A directory's entries (a range of [`Tree::entries`], sorted by name, `.` and `..`
-/// included) split into full blocks and an inline tail.
+/// A directory's entries as [`listing`] gives them (`.` and `..` included), where its
+/// children's nodes are, and how the entries split into full blocks and an inline tail.
 #[derive(Debug, Default)]
 pub(crate) struct DirLayout {
-    pub entries: Range<usize>,
-    /// Exclusive end (index into `entries`) of each block written after the inode table.
-    pub block_ends: Box<[usize]>,
+    /// The node of the first child this directory's visit made: the nodes of its
+    /// subdirectories, whiteout stubs and of the files whose inode it owns follow one another
+    /// from there in the order of the listing.
+    pub first_child: u32,
+    /// How many nodes the visit made.
+    pub children: u32,
+    /// The parent's node (the root's own for the root).
+    pub parent: u32,
+    /// Entries in the listing.
+    pub len: u32,
+    /// Exclusive end (index into the listing) of each block written after the inode table.
+    pub block_ends: Box<[u32]>,
     /// Bytes of the entries stored inline after the inode.
-    pub inline_bytes: usize,
+    pub inline_bytes: u32,
 }
 
 impl DirLayout {
     pub fn size(&self) -> u64 {
-        (BLOCK * self.block_ends.len() + self.inline_bytes) as u64
+        (BLOCK * self.block_ends.len()) as u64 + u64::from(self.inline_bytes)
     }
 
-    /// The entry ranges of the full blocks, then of the inline tail.
+    /// The entry ranges of the full blocks (indexes into the listing).
     pub fn blocks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
-        let mut start = self.entries.start;
+        let mut start = 0;
         self.block_ends.iter().map(move |&end| {
-            let r = start..end;
-            start = end;
+            let r = start..end as usize;
+            start = end as usize;
             r
         })
     }
 
+    /// The entry range of the inline tail.
     pub fn inline(&self) -> Range<usize> {
-        let start = self
-            .block_ends
-            .last()
-            .copied()
-            .unwrap_or(self.entries.start);
-        start..self.entries.end
+        let start = self.block_ends.last().copied().unwrap_or(0);
+        start as usize..self.len as usize
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Target {
-    Known(u32),
-    /// A further link of a file whose inode comes from a directory visited later (the leaf's
-    /// number, kept to 32 bits as every entry carries one).
-    Deferred(u32),
+/// Splits a directory's entries, fed in listing order, into full blocks and an inline tail
+/// of at most half a block.
+#[derive(Default)]
+struct Split {
+    block_ends: Vec<u32>,
+    bytes: usize,
+    len: u32,
 }
 
-/// One directory entry: 8 bytes, as there is one per file. The name is not kept: the
-/// emitter lists the directory again ([`listing`]) and checks each name's length against
-/// the one kept here. [`Target`] is unpacked into a number and a flag.
+impl Split {
+    fn push(&mut self, name_len: usize) -> Result<(), Error> {
+        let size = DIRENT_SIZE + name_len;
+        if size > BLOCK {
+            return Err(Error::Unrepresentable(format!(
+                "a name of {name_len} bytes"
+            )));
+        }
+        self.bytes += size;
+        if self.bytes > BLOCK {
+            self.block_ends.push(self.len);
+            self.bytes = size;
+        }
+        self.len = self.len.checked_add(1).ok_or_else(|| {
+            Error::Unrepresentable("more than 2^32 entries in a directory".into())
+        })?;
+        Ok(())
+    }
+
+    /// The block ends, the inline bytes and the number of entries.
+    fn finish(mut self) -> (Vec<u32>, u32, u32) {
+        if self.bytes > MAX_INLINE_DIR_TAIL {
+            self.block_ends.push(self.len);
+            self.bytes = 0;
+        }
+        // At most half a block.
+        (self.block_ends, self.bytes as u32, self.len)
+    }
+}
+
+/// One entry of a directory as the emitter writes it.
 #[derive(Debug)]
-pub(crate) struct Entry {
-    target: u32,
-    pub name_len: u16,
-    deferred: bool,
+pub(crate) struct Dirent<'a> {
+    pub name: &'a [u8],
+    /// The target's node.
+    pub node: u32,
     pub file_type: FileType,
-}
-
-impl Entry {
-    pub fn new(name: &[u8], target: Target, file_type: FileType) -> Result<Self, Error> {
-        let (target, deferred) = match target {
-            Target::Known(i) => (i, false),
-            Target::Deferred(id) => (id, true),
-        };
-        let name_len = u16::try_from(name.len())
-            .map_err(|_| Error::Unrepresentable(format!("a name of {} bytes", name.len())))?;
-        Ok(Entry {
-            target,
-            name_len,
-            deferred,
-            file_type,
-        })
-    }
-
-    pub fn target(&self) -> Target {
-        if self.deferred {
-            Target::Deferred(self.target)
-        } else {
-            Target::Known(self.target)
-        }
-    }
-
-    pub fn inode(&self) -> Result<usize, Error> {
-        match self.target() {
-            Target::Known(i) => Ok(i as usize),
-            Target::Deferred(_) => Err(Error::Internal("unresolved hardlink".into())),
-        }
-    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Tree<'a, V: TreeView> {
     pub view: &'a V,
     pub nodes: Vec<Node>,
-    pub entries: Vec<Entry>,
+    /// The node of each file with several links, by leaf: its links other than the one whose
+    /// directory made the node find it here.
+    pub linked: HashMap<usize, u32>,
     /// Each directory's layout, in the order of their nodes.
     pub dirs: Vec<DirLayout>,
     /// Each directory of the view, in the same order.
@@ -262,10 +311,6 @@ impl<'a, V: TreeView> Tree<'a, V> {
         content(self.view, node)
     }
 
-    pub fn file_type(&self, node: &Node) -> FileType {
-        file_type(self.view, node)
-    }
-
     /// A directory's layout; `None` for a leaf.
     pub fn dir(&self, node: &Node) -> Option<&DirLayout> {
         match node.kind.get() {
@@ -274,18 +319,80 @@ impl<'a, V: TreeView> Tree<'a, V> {
         }
     }
 
-    /// The names of a directory node's entries, in the order of its layout's entries.
-    pub fn names(&self, node: &Node) -> Result<Vec<&'a [u8]>, Error> {
+    /// The entries of directory node `me` in the order of its layout, each with its target's
+    /// node, for the emit pass. The nodes of the directory's children are found by position
+    /// (see [`DirLayout::first_child`]); the listing must split into blocks as it did when the
+    /// layout was made.
+    pub fn dirents(&self, me: u32) -> Result<Vec<Dirent<'a>>, Error> {
+        let node = self
+            .nodes
+            .get(me as usize)
+            .ok_or_else(|| Error::Internal(format!("no inode {me}")))?;
         let KindOf::Dir(d) = node.kind.get() else {
-            return Err(Error::Internal("names asked of a leaf".into()));
+            return Err(Error::Internal("entries asked of a leaf".into()));
         };
-        let handle = *self
-            .handles
-            .get(d)
-            .ok_or_else(|| Error::Internal(format!("directory {d} has no handle")))?;
-        let mut out = Vec::new();
-        listing(self.view, handle, d == 0, &mut out);
-        Ok(out.into_iter().map(|(name, _)| name).collect())
+        let (Some(&handle), Some(layout)) = (self.handles.get(d), self.dirs.get(d)) else {
+            return Err(Error::Internal(format!("directory {d} has no handle")));
+        };
+        let mut listed = Vec::new();
+        listing(self.view, handle, d == 0, &mut listed);
+        let mut next = layout.first_child as usize;
+        let end = next + layout.children as usize;
+        let mut split = Split::default();
+        let mut out = Vec::with_capacity(listed.len());
+        for (name, slot) in listed {
+            split.push(name.len())?;
+            let made = (next < end)
+                .then(|| &self.nodes[next])
+                .map(|n| n.kind.get());
+            let target = match (slot, made) {
+                (Slot::Dot, _) => me,
+                (Slot::DotDot, _) => layout.parent,
+                (Slot::Child(Child::Dir(sub)), Some(KindOf::Dir(k)))
+                    if self.handles.get(k) == Some(&sub) =>
+                {
+                    next += 1;
+                    (next - 1) as u32
+                }
+                (Slot::Stub, Some(KindOf::Stub)) => {
+                    next += 1;
+                    (next - 1) as u32
+                }
+                (Slot::Child(Child::Leaf(id)), Some(KindOf::Leaf(made))) if made == id => {
+                    next += 1;
+                    (next - 1) as u32
+                }
+                (Slot::Child(Child::Leaf(id)), _) => *self.linked.get(&id).ok_or_else(|| {
+                    Error::Internal(format!("leaf {id} listed where it has no inode"))
+                })?,
+                _ => {
+                    return Err(Error::Internal(
+                        "a directory listed other entries in the emit pass".into(),
+                    ));
+                }
+            };
+            let file_type = self
+                .nodes
+                .get(target as usize)
+                .ok_or_else(|| Error::Internal(format!("no inode {target}")))?
+                .file_type();
+            out.push(Dirent {
+                name,
+                node: target,
+                file_type,
+            });
+        }
+        let (block_ends, inline_bytes, len) = split.finish();
+        if next != end
+            || len != layout.len
+            || inline_bytes != layout.inline_bytes
+            || *block_ends != *layout.block_ends
+        {
+            return Err(Error::Internal(
+                "a directory listed other entries in the emit pass".into(),
+            ));
+        }
+        Ok(out)
     }
 }
 
@@ -325,23 +432,18 @@ fn content<'a, V: TreeView>(view: &'a V, node: &Node) -> Option<Content<'a, V::O
     }
 }
 
-fn file_type<V: TreeView>(view: &V, node: &Node) -> FileType {
-    if node.escaped_whiteout() {
-        return FileType::RegularFile;
-    }
-    match content(view, node) {
-        None => FileType::Directory,
-        Some(content) => match content {
-            Content::Inline(_)
-            | Content::External(..)
-            | Content::ExternalNoVerity(..)
-            | Content::Sparse(_) => FileType::RegularFile,
-            Content::CharacterDevice(_) => FileType::CharacterDevice,
-            Content::BlockDevice(_) => FileType::BlockDevice,
-            Content::Fifo => FileType::Fifo,
-            Content::Socket => FileType::Socket,
-            Content::Symlink(_) => FileType::Symlink,
-        },
+/// The type of a leaf's content.
+fn type_of<ObjectID>(content: &Content<'_, ObjectID>) -> FileType {
+    match content {
+        Content::Inline(_)
+        | Content::External(..)
+        | Content::ExternalNoVerity(..)
+        | Content::Sparse(_) => FileType::RegularFile,
+        Content::CharacterDevice(_) => FileType::CharacterDevice,
+        Content::BlockDevice(_) => FileType::BlockDevice,
+        Content::Fifo => FileType::Fifo,
+        Content::Socket => FileType::Socket,
+        Content::Symlink(_) => FileType::Symlink,
     }
 }
 
@@ -402,8 +504,6 @@ struct Census<'a, V: TreeView + 'a> {
     /// Links to each leaf (0 for an orphan, which the image leaves out).
     nlinks: Vec<u32>,
     dirs: usize,
-    /// Entries that are not directories.
-    links: usize,
     canonical: HashMap<usize, V::Dir<'a>>,
 }
 
@@ -413,7 +513,7 @@ struct Census<'a, V: TreeView + 'a> {
 fn census<'a, V: TreeView>(view: &'a V) -> Result<Census<'a, V>, Error> {
     let leaf_count = view.leaf_count();
     let mut nlinks = vec![0u32; leaf_count];
-    let (mut dirs, mut links) = (1usize, 0usize);
+    let mut dirs = 1usize;
     let mut seen = HashSet::new();
     let root = view.root();
     seen.insert(root);
@@ -435,7 +535,6 @@ fn census<'a, V: TreeView>(view: &'a V) -> Result<Census<'a, V>, Error> {
                     .get_mut(id)
                     .ok_or_else(|| Error::InvalidTree(format!("dangling leaf {id}")))?;
                 *n = n.saturating_add(1);
-                links += 1;
             }
         }
     }
@@ -461,7 +560,6 @@ fn census<'a, V: TreeView>(view: &'a V) -> Result<Census<'a, V>, Error> {
     Ok(Census {
         nlinks,
         dirs,
-        links,
         canonical,
     })
 }
@@ -478,12 +576,11 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
     let Census {
         nlinks,
         dirs,
-        links,
         canonical,
     } = census;
     let files = nlinks.iter().filter(|&&n| n > 0).count();
-    // Both tables are allocated at their final size: grown by doubling, they held up to twice
-    // what they need, at the moment the image's tree and layout are all in memory.
+    // The node table is allocated at its final size: grown by doubling, it held up to twice
+    // what it needs, at the moment the image's tree and layout are all in memory.
     let mut c = Collector {
         view,
         nlinks,
@@ -493,9 +590,9 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
         handles: Vec::with_capacity(dirs),
         externals: 0,
     };
-    let mut entries: Vec<Entry> =
-        Vec::with_capacity(2 * dirs + links + dirs.saturating_sub(1) + STUB_NAMES.len());
-    let mut dir_spans: Vec<(u32, Range<usize>)> = Vec::with_capacity(dirs);
+    let mut layouts: Vec<DirLayout> = Vec::with_capacity(dirs);
+    // Further links met before the link that makes their file's node.
+    let mut deferred = Vec::new();
     let mut queue = VecDeque::new();
     let root_dir = view.root();
     let root_stat = view.dir_stat(root_dir);
@@ -503,71 +600,67 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
     queue.push_back((root_dir, root, root));
     let mut children: Vec<(&'a [u8], Slot<V::Dir<'a>>)> = Vec::new();
 
+    // Breadth first: directories leave the queue in the order their nodes were made, which
+    // is the order of their layouts.
     while let Some((dir, parent, me)) = queue.pop_front() {
-        let start = entries.len();
+        if c.nodes[me as usize].kind.get() != KindOf::Dir(layouts.len()) {
+            return Err(Error::Internal("directories laid out out of order".into()));
+        }
+        let first_child = c.nodes.len();
         listing(view, dir, me == root, &mut children);
         let mut holds_whiteouts = false;
+        let mut split = Split::default();
+        let mut nlink = 0u32;
         for (name, child) in children.drain(..) {
-            let entry = match child {
-                Slot::Dot => Entry::new(name, Target::Known(me), FileType::Directory),
-                Slot::DotDot => Entry::new(name, Target::Known(parent), FileType::Directory),
+            split.push(name.len())?;
+            match child {
+                Slot::Dot | Slot::DotDot => nlink += 1,
                 Slot::Child(Child::Dir(sub)) => {
                     let idx = c.push_dir(sub)?;
                     queue.push_back((sub, me, idx));
-                    Entry::new(name, Target::Known(idx), FileType::Directory)
+                    nlink += 1;
                 }
                 Slot::Stub => {
-                    let idx = c.push(Kind::STUB, 1);
-                    Entry::new(name, Target::Known(idx), FileType::CharacterDevice)
+                    c.nodes
+                        .push(Node::new(Kind::STUB, 1, FileType::CharacterDevice));
                 }
                 Slot::Child(Child::Leaf(id)) => {
                     let (target, escaped) = c.link(dir, me == root, name, id, root_stat)?;
                     holds_whiteouts |= escaped;
-                    let file_type = match target {
-                        Target::Known(i) => file_type(view, &c.nodes[i as usize]),
-                        Target::Deferred(_) => FileType::RegularFile,
-                    };
-                    Entry::new(name, target, file_type)
+                    if target.is_none() {
+                        deferred.push(id);
+                    }
                 }
-            }?;
-            entries.push(entry);
+            }
         }
-        let span = start..entries.len();
-        if holds_whiteouts {
-            c.nodes[me as usize].set_holds_whiteouts();
-        }
-        dir_spans.push((me, span));
-    }
-
-    for entry in &mut entries {
-        if let Target::Deferred(id) = entry.target() {
-            let idx = *c
-                .linked
-                .get(&(id as usize))
-                .ok_or_else(|| Error::InvalidTree(format!("leaf {id} has no canonical link")))?;
-            *entry = Entry {
-                target: idx,
-                deferred: false,
-                file_type: file_type(view, &c.nodes[idx as usize]),
-                ..*entry
-            };
-        }
-    }
-    let mut layouts = Vec::with_capacity(dir_spans.len());
-    // Breadth first: directories leave the queue in the order their nodes were made.
-    for (me, span) in dir_spans {
-        let (layout, nlink) = split_dir(&entries[span.clone()], span)?;
+        let (block_ends, inline_bytes, len) = split.finish();
         let node = &mut c.nodes[me as usize];
-        if node.kind.get() != KindOf::Dir(layouts.len()) {
-            return Err(Error::Internal("directories laid out out of order".into()));
+        if holds_whiteouts {
+            node.set_holds_whiteouts();
         }
-        layouts.push(layout);
         node.nlink = nlink;
+        layouts.push(DirLayout {
+            first_child: u32::try_from(first_child)
+                .map_err(|_| Error::Unrepresentable("more than 2^32 inodes".into()))?,
+            children: (c.nodes.len() - first_child) as u32,
+            parent,
+            len,
+            block_ends: block_ends.into_boxed_slice(),
+            inline_bytes,
+        });
+    }
+    if let Some(id) = deferred.into_iter().find(|id| !c.linked.contains_key(id)) {
+        return Err(Error::InvalidTree(format!(
+            "leaf {id} has no canonical link"
+        )));
+    }
+    if u32::try_from(c.nodes.len()).is_err() {
+        return Err(Error::Unrepresentable("more than 2^32 inodes".into()));
     }
     Ok(Tree {
         view,
         nodes: c.nodes,
-        entries,
+        linked: c.linked,
         dirs: layouts,
         handles: c.handles,
         stub,
@@ -576,21 +669,16 @@ pub(crate) fn collect<'a, V: TreeView>(view: &'a V, stub: &'a Stat) -> Result<Tr
 }
 
 impl<'a, V: TreeView> Collector<'a, V> {
-    fn push(&mut self, kind: Kind, nlink: u32) -> u32 {
-        self.nodes.push(Node {
-            kind,
-            nlink,
-            data_blocks: 0,
-            tail: 0,
-            packed: 0,
-        });
+    fn push(&mut self, node: Node) -> u32 {
+        self.nodes.push(node);
+        // Checked against 2^32 when the walk ends; a leaf's number fits 30 bits anyway.
         (self.nodes.len() - 1) as u32
     }
 
     fn push_dir(&mut self, handle: V::Dir<'a>) -> Result<u32, Error> {
         let kind = Kind::dir(self.handles.len())?;
         self.handles.push(handle);
-        Ok(self.push(kind, 0))
+        Ok(self.push(Node::new(kind, 0, FileType::Directory)))
     }
 
     fn push_leaf(
@@ -617,7 +705,7 @@ impl<'a, V: TreeView> Collector<'a, V> {
             Content::Sparse(size) => (0, chunk_count(*size) as usize * 4),
             _ => (0, 0),
         };
-        let idx = self.push(Kind::leaf(id)?, nlink);
+        let idx = self.push(Node::new(Kind::leaf(id)?, nlink, type_of(content)));
         let node = &mut self.nodes[idx as usize];
         node.data_blocks = u32::try_from(data_blocks)
             .map_err(|_| Error::Unrepresentable("a file of more than 2^32 blocks".into()))?;
@@ -626,7 +714,8 @@ impl<'a, V: TreeView> Collector<'a, V> {
         Ok(idx)
     }
 
-    /// The target of one link to leaf `id` found in `dir`, and whether it escaped a whiteout.
+    /// The node of one link to leaf `id` found in `dir` (`None` for a further link met before
+    /// the one that makes the node), and whether it escaped a whiteout.
     fn link(
         &mut self,
         dir: V::Dir<'a>,
@@ -634,20 +723,12 @@ impl<'a, V: TreeView> Collector<'a, V> {
         name: &[u8],
         id: usize,
         root: &Stat,
-    ) -> Result<(Target, bool), Error> {
+    ) -> Result<(Option<u32>, bool), Error> {
         // The census counted every link, so a leaf met here has a count of at least one.
         let nlink = self.nlinks.get(id).copied().unwrap_or(1);
         let canonical = nlink <= 1 || self.canonical.get(&id) == Some(&dir);
         if !canonical {
-            return Ok((
-                match self.linked.get(&id) {
-                    Some(&idx) => Target::Known(idx),
-                    None => Target::Deferred(u32::try_from(id).map_err(|_| {
-                        Error::Unrepresentable(format!("more than 2^32 files (leaf {id})"))
-                    })?),
-                },
-                false,
-            ));
+            return Ok((self.linked.get(&id).copied(), false));
         }
         // Asked once: a view may read it from a file (ids, inline data).
         let content = self.view.leaf_content(id);
@@ -669,7 +750,7 @@ impl<'a, V: TreeView> Collector<'a, V> {
         if escape {
             node.set_escaped_whiteout();
         }
-        Ok((Target::Known(idx), escape))
+        Ok((Some(idx), escape))
     }
 }
 
@@ -692,42 +773,6 @@ fn looks_like_stub(name: &[u8], leaf: &Stat, root: &Stat) -> bool {
         && xattrs_match
 }
 
-/// Splits sorted entries into full blocks and an inline tail (at most half a block).
-fn split_dir(entries: &[Entry], span: Range<usize>) -> Result<(DirLayout, u32), Error> {
-    let mut block_ends = Vec::new();
-    let mut bytes = 0usize;
-    let mut nlink = 0u32;
-    for (i, entry) in entries.iter().enumerate() {
-        let size = DIRENT_SIZE + usize::from(entry.name_len);
-        if size > BLOCK {
-            return Err(Error::Unrepresentable(format!(
-                "a name of {} bytes",
-                entry.name_len
-            )));
-        }
-        if matches!(entry.file_type, FileType::Directory) {
-            nlink += 1;
-        }
-        bytes += size;
-        if bytes > BLOCK {
-            block_ends.push(span.start + i);
-            bytes = size;
-        }
-    }
-    if bytes > MAX_INLINE_DIR_TAIL {
-        block_ends.push(span.end);
-        bytes = 0;
-    }
-    Ok((
-        DirLayout {
-            entries: span,
-            block_ends: block_ends.into_boxed_slice(),
-            inline_bytes: bytes,
-        },
-        nlink,
-    ))
-}
-
 /// log2 of the chunk size of an external file: the smallest power of two covering the file,
 /// at least a block, at most 2^31 blocks.
 pub(crate) fn chunk_bits(size: u64) -> u32 {
@@ -748,6 +793,5 @@ pub(crate) fn chunk_count(size: u64) -> u64 {
 // million files.
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<Entry>() == 8);
     assert!(size_of::<Node>() == 20);
 };

@@ -17,7 +17,7 @@ use composefs::tree::Stat;
 use zerocopy::IntoBytes;
 
 use crate::Error;
-use crate::collect::{DIRENT_SIZE, DirLayout, KindOf, Node, Tree, chunk_bits};
+use crate::collect::{DIRENT_SIZE, DirLayout, Dirent, KindOf, Node, Tree, chunk_bits};
 use crate::view::{Content, TreeView};
 use crate::xattr::{InodeXAttrs, Shared, XAttr};
 
@@ -315,7 +315,7 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let (size, nlink) = size_nlink(node, self.tree.dir(node), content.as_ref());
         let header = (if compact { COMPACT_SIZE } else { EXTENDED_SIZE }) as u64;
         let meta = header + xattr_size as u64;
-        let file_type = self.tree.file_type(node);
+        let file_type = node.file_type();
         let is_symlink = matches!(file_type, FileType::Symlink);
 
         s.pad(SLOT)?;
@@ -426,10 +426,11 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         }
 
         match (self.tree.dir(node), content) {
+            // The layout pass needs only the entries' size, which the layout knows.
+            (Some(d), _) if first => s.zeros(u64::from(d.inline_bytes))?,
             (Some(d), _) => {
-                let names = self.names(node, first)?;
-                let range = (d.inline(), d.entries.start);
-                self.dirents(s, layout, first, range, names.as_deref())?
+                let dirents = self.tree.dirents(idx as u32)?;
+                self.dirents(s, layout, dirents.get(d.inline()))?
             }
             (_, Some(Content::Inline(data))) => s.put(&data[data.len() - tail..])?,
             (_, Some(Content::Symlink(target))) if data_blocks == 0 => s.put(&target)?,
@@ -527,13 +528,15 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         let node = &self.tree.nodes[idx];
         let data_blocks = node.data_blocks;
         if let Some(d) = self.tree.dir(node) {
-            let names = match d.block_ends.is_empty() {
-                true => None,
-                false => self.names(node, first)?,
-            };
+            if first {
+                return s.zeros(BLOCK * d.block_ends.len() as u64);
+            }
+            if d.block_ends.is_empty() {
+                return Ok(());
+            }
+            let dirents = self.tree.dirents(idx as u32)?;
             for block in d.blocks() {
-                let range = (block, d.entries.start);
-                self.dirents(s, layout, first, range, names.as_deref())?;
+                self.dirents(s, layout, dirents.get(block))?;
                 s.pad(BLOCK)?;
             }
             return Ok(());
@@ -562,67 +565,34 @@ impl<V: TreeView> Ctx<'_, '_, V> {
         Ok(())
     }
 
-    /// The names of a directory's entries, for the emit pass (the layout pass needs only
-    /// their lengths, which the entries keep).
-    fn names(&self, node: &Node, first: bool) -> Result<Option<Vec<&[u8]>>, Error> {
-        if first {
-            return Ok(None);
-        }
-        self.tree.names(node).map(Some)
-    }
-
-    /// Writes the entries `range` of a directory whose entries start at `start`, named from
-    /// `names` (all of the directory's names; `None` in the layout pass).
+    /// Writes a run of a directory's entries (`None` if the directory listed fewer).
     fn dirents(
         &self,
         s: &mut impl Sink,
         layout: &Layout,
-        first: bool,
-        (range, start): (std::ops::Range<usize>, usize),
-        names: Option<&[&[u8]]>,
+        entries: Option<&[Dirent<'_>]>,
     ) -> Result<(), Error> {
-        let entries = &self.tree.entries[range.clone()];
-        let names = match names {
-            Some(all) => {
-                let names = all
-                    .get(range.start - start..range.end - start)
-                    .ok_or_else(|| Error::Internal("a directory listed fewer names".into()))?;
-                if entries
-                    .iter()
-                    .zip(names)
-                    .any(|(e, n)| usize::from(e.name_len) != n.len())
-                {
-                    return Err(Error::Internal(
-                        "a directory listed other names in the emit pass".into(),
-                    ));
-                }
-                Some(names)
-            }
-            None => None,
-        };
+        let entries =
+            entries.ok_or_else(|| Error::Internal("a directory listed fewer entries".into()))?;
+        // Below a block: the layout's split checked the names' lengths.
         let mut name_offset = DIRENT_SIZE * entries.len();
         for e in entries {
-            let nid = if first {
-                0
-            } else {
-                u64::from(layout.inodes[e.inode()?])
-            };
+            let nid = layout
+                .inodes
+                .get(e.node as usize)
+                .ok_or_else(|| Error::Internal(format!("no inode {}", e.node)))?;
             s.put(
                 DirectoryEntryHeader {
-                    inode_offset: nid.into(),
+                    inode_offset: u64::from(*nid).into(),
                     name_offset: (name_offset as u16).into(),
                     file_type: e.file_type.into(),
                     reserved: 0,
                 }
                 .as_bytes(),
             )?;
-            name_offset += usize::from(e.name_len);
+            name_offset += e.name.len();
         }
-        match names {
-            Some(names) => names.iter().try_for_each(|n| s.put(n))?,
-            None => s.zeros(entries.iter().map(|e| u64::from(e.name_len)).sum())?,
-        }
-        Ok(())
+        entries.iter().try_for_each(|e| s.put(e.name))
     }
 }
 

@@ -493,3 +493,81 @@ fn a_view_skips_orphans_and_refuses_dangling_leaves() {
         "{e}"
     );
 }
+
+/// A view that lists a directory differently once the image is laid out: dropping an entry or
+/// naming another file where the layout put one. The writer must notice and fail, not write an
+/// image whose entries point at the wrong inodes.
+#[test]
+fn a_view_that_changes_its_listing_after_the_layout_is_an_error() {
+    use std::cell::Cell;
+
+    use crate::view::{Child, Content, DirRef, TreeView};
+
+    struct Fickle<'f> {
+        fs: &'f Fs,
+        changed: Cell<bool>,
+        drop_last: bool,
+    }
+
+    impl TreeView for Fickle<'_> {
+        type ObjectID = Sha512HashValue;
+        type Dir<'a>
+            = DirRef<'a, Sha512HashValue>
+        where
+            Self: 'a;
+        fn root(&self) -> Self::Dir<'_> {
+            self.fs.root()
+        }
+        fn dir_stat<'a>(&'a self, dir: Self::Dir<'a>) -> &'a Stat {
+            self.fs.dir_stat(dir)
+        }
+        fn entries<'a>(
+            &'a self,
+            dir: Self::Dir<'a>,
+        ) -> impl Iterator<Item = (&'a [u8], Child<Self::Dir<'a>>)> + 'a {
+            let mut entries: Vec<_> = self.fs.entries(dir).collect();
+            if self.changed.get() && dir == self.fs.root() {
+                if self.drop_last {
+                    entries.pop();
+                } else {
+                    for (_, child) in &mut entries {
+                        if let Child::Leaf(id) = child {
+                            *id ^= 1;
+                        }
+                    }
+                }
+            }
+            entries.into_iter()
+        }
+        fn leaf_count(&self) -> usize {
+            self.fs.leaf_count()
+        }
+        fn leaf_stat(&self, leaf: usize) -> &Stat {
+            self.fs.leaf_stat(leaf)
+        }
+        fn leaf_content(&self, leaf: usize) -> Content<'_, Sha512HashValue> {
+            self.fs.leaf_content(leaf)
+        }
+        fn laid_out(&self) {
+            self.changed.set(true);
+        }
+    }
+
+    let mut fs = Fs::new(stat(0o755, 0, 1000, &[]));
+    add(&mut fs, "", "a", stat(0o644, 0, 1000, &[]), file(b"a"));
+    add(&mut fs, "", "b", stat(0o644, 0, 1000, &[]), ext(1, 5000));
+    for drop_last in [true, false] {
+        let view = Fickle {
+            fs: &fs,
+            changed: Cell::new(false),
+            drop_last,
+        };
+        let e = crate::write_view(&view, FormatVersion::V1, Vec::new()).unwrap_err();
+        assert!(
+            matches!(&e, crate::Error::Internal(m) if m.contains("listed")),
+            "drop_last {drop_last}: {e}"
+        );
+    }
+    // Left alone, the tree writes composefs' bytes.
+    assert_same(&fs);
+}
