@@ -45,7 +45,9 @@ pub(crate) struct StreamWriter<ObjectID: FsVerityHashValue> {
     /// What the stream is, for errors ("the splitstream of layer sha256:…").
     what: String,
     content_type: u64,
-    stream: Encoder<'static, Spill>,
+    stream: Compressor,
+    /// Instructions and inline bytes not yet handed to the compressor.
+    pending: Vec<u8>,
     inline: Vec<u8>,
     total_size: u64,
     refs: RefTable<ObjectID>,
@@ -61,7 +63,12 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
     ) -> Result<Self> {
         let stream = Encoder::new(Spill::new(spill_maker(repo)), LEVEL)
             .map_err(|e| Error::io(format!("starting the compressor of {what}"), e))?;
+        let stream = Compressor::Here {
+            encoder: stream,
+            handed: 0,
+        };
         Ok(Self {
+            pending: Vec::new(),
             refs: RefTable::new(spill_maker(repo)),
             repo: repo.clone(),
             what,
@@ -88,7 +95,18 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
     pub(crate) fn write_reference(&mut self, id: ObjectID) -> std::io::Result<()> {
         self.flush_inline()?;
         let index = self.refs.ensure(&id)?;
-        self.stream.write_all(&(index as i64).to_le_bytes())
+        self.pending
+            .extend_from_slice(&(index as i64).to_le_bytes());
+        self.hand_over(false)
+    }
+
+    /// Gives the pending bytes to the compressor once there are enough of them (or all of
+    /// them, `all`).
+    fn hand_over(&mut self, all: bool) -> std::io::Result<()> {
+        if self.pending.len() >= CHUNK || (all && !self.pending.is_empty()) {
+            self.stream.write(&mut self.pending)?;
+        }
+        Ok(())
     }
 
     fn flush_inline(&mut self) -> std::io::Result<()> {
@@ -96,10 +114,10 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
             return Ok(());
         }
         let len = i64::try_from(self.inline.len()).map_err(std::io::Error::other)?;
-        self.stream.write_all(&(-len).to_le_bytes())?;
-        self.stream.write_all(&self.inline)?;
+        self.pending.extend_from_slice(&(-len).to_le_bytes());
+        self.pending.extend_from_slice(&self.inline);
         self.inline.clear();
-        Ok(())
+        self.hand_over(false)
     }
 
     /// Stores the stream as an object and returns its id (unnamed: the caller names it).
@@ -107,6 +125,7 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
         let what = std::mem::take(&mut self.what);
         let io = |e| Error::io(format!("writing {what}"), e);
         self.flush_inline().map_err(io)?;
+        self.hand_over(true).map_err(io)?;
         let stream = self.stream.finish().map_err(io)?;
         let stream_len = stream.len;
         let refs = self.refs;
@@ -158,6 +177,104 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
                     .ensure_object(&whole)
                     .map_err(repo_err(format!("storing {what}")))
             }
+        }
+    }
+}
+
+/// Uncompressed bytes handed to the compressor at once.
+const CHUNK: usize = 256 << 10;
+/// Uncompressed bytes after which a stream's compression moves to a thread of its own.
+const THREAD_AT: u64 = 4 << 20;
+/// Chunks on their way to the compressor thread: bounds the memory when it falls behind.
+const IN_FLIGHT: usize = 4;
+
+/// The stream's zstd compressor: on the writer's thread for a small stream (most layers of
+/// an image of many: no thread to start), on a thread of its own once the stream passes
+/// [`THREAD_AT`]. The thread running the import also reads every file and runs the layer's
+/// sha256; compression there made it the import's slowest stage on layers of many small
+/// files. zstd's output does not depend on how its input is cut into writes, so both give
+/// composefs' bytes.
+enum Compressor {
+    Here {
+        encoder: Encoder<'static, Spill>,
+        /// Uncompressed bytes compressed so far.
+        handed: u64,
+    },
+    Thread {
+        chunks: std::sync::mpsc::SyncSender<Vec<u8>>,
+        /// Emptied chunks coming back, to be filled again.
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        thread: std::thread::JoinHandle<std::io::Result<Spill>>,
+    },
+    /// Between the two (only if starting the thread failed).
+    Gone,
+}
+
+impl Compressor {
+    /// Compresses `chunk`, leaving it empty.
+    fn write(&mut self, chunk: &mut Vec<u8>) -> std::io::Result<()> {
+        if let Compressor::Here { encoder, handed } = self {
+            *handed += chunk.len() as u64;
+            if *handed < THREAD_AT {
+                encoder.write_all(chunk)?;
+                chunk.clear();
+                return Ok(());
+            }
+            self.start()?;
+        }
+        match self {
+            Compressor::Thread { chunks, spare, .. } => {
+                let next = spare.try_recv().unwrap_or_default();
+                let full = std::mem::replace(chunk, next);
+                if chunks.send(full).is_ok() {
+                    return Ok(());
+                }
+                // The thread stopped on an error: that error is the one to report.
+                match std::mem::replace(self, Compressor::Gone).finish() {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(std::io::Error::other("the stream's compressor stopped")),
+                }
+            }
+            _ => Err(std::io::Error::other("the stream's compressor is gone")),
+        }
+    }
+
+    fn start(&mut self) -> std::io::Result<()> {
+        let Compressor::Here { encoder, .. } = std::mem::replace(self, Compressor::Gone) else {
+            return Ok(());
+        };
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+        let (back, spare) = std::sync::mpsc::sync_channel(IN_FLIGHT + 1);
+        let thread = std::thread::Builder::new()
+            .name("cstor-zstd".into())
+            .spawn(move || {
+                let mut encoder = encoder;
+                for mut chunk in rx {
+                    encoder.write_all(&chunk)?;
+                    chunk.clear();
+                    // The writer may have enough spares already.
+                    let _ = back.try_send(chunk);
+                }
+                encoder.finish()
+            })?;
+        *self = Compressor::Thread {
+            chunks,
+            spare,
+            thread,
+        };
+        Ok(())
+    }
+
+    fn finish(self) -> std::io::Result<Spill> {
+        match self {
+            Compressor::Here { encoder, .. } => encoder.finish(),
+            Compressor::Thread { chunks, thread, .. } => {
+                drop(chunks);
+                thread
+                    .join()
+                    .map_err(|_| std::io::Error::other("the stream's compressor panicked"))?
+            }
+            Compressor::Gone => Err(std::io::Error::other("the stream's compressor is gone")),
         }
     }
 }
@@ -342,6 +459,11 @@ mod tests {
             "a test stream".into(),
         )
         .unwrap();
+        let inline: usize = pieces.iter().flatten().map(Vec::len).sum();
+        assert!(
+            n < 40_000 || inline as u64 > 2 * THREAD_AT,
+            "{inline} inline bytes"
+        );
         for p in &pieces {
             match p {
                 Ok(bytes) => {
@@ -363,7 +485,8 @@ mod tests {
 
     #[test]
     fn the_stream_is_composefs_own_byte_for_byte() {
-        for n in [0, 1, 7, 5000] {
+        // 40,000 pieces pass THREAD_AT: the compressor moves to its thread mid-stream.
+        for n in [0, 1, 7, 5000, 40_000] {
             same_bytes_as_composefs::<Sha512HashValue>(Algorithm::SHA512, n);
         }
         same_bytes_as_composefs::<Sha256HashValue>(Algorithm::SHA256, 3000);
