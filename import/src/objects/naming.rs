@@ -68,24 +68,21 @@ pub(super) fn object_tmpfile(objects: &OwnedFd, dir: &str) -> Result<File> {
 /// `linkat(tmp, "", AT_EMPTY_PATH)` where the kernel allows it, else through
 /// /proc/self/fd as composefs does for its own tmpfiles.
 ///
-/// With `proc_only` it always goes through /proc/self/fd: for files this process did not
-/// create, where AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH but the /proc route only the
-/// `fs.protected_hardlinks` rules.
+/// `foreign` says the file was opened by another process (the helper): AT_EMPTY_PATH then
+/// needs CAP_DAC_READ_SEARCH (root has it; it saves the /proc lookup, a sixth of
+/// `linkat`'s cost) where the /proc route needs only the `fs.protected_hardlinks` rules, so
+/// whether it works is learnt apart from this process's own tmpfiles.
 pub(super) fn link_object<ObjectID: FsVerityHashValue>(
     objects: &OwnedFd,
     tmp: &File,
     id: &ObjectID,
     state: &WorkerState,
-    proc_only: bool,
+    foreign: bool,
 ) -> Result<bool> {
     let rel = object_path(id);
     let mut made_dir = false;
     loop {
-        let how = if proc_only {
-            LinkByFd::Refused
-        } else {
-            state.link_by_fd()
-        };
+        let how = state.link_by_fd(foreign);
         let r = if how != LinkByFd::Refused {
             let r = rustix::fs::linkat(tmp, "", objects, &rel, rustix::fs::AtFlags::EMPTY_PATH);
             match r {
@@ -97,14 +94,14 @@ pub(super) fn link_object<ObjectID: FsVerityHashValue>(
                     match rustix::fs::statat(objects, object_dir(id), rustix::fs::AtFlags::empty())
                     {
                         Ok(_) => {
-                            state.set_link_by_fd(false);
+                            state.set_link_by_fd(foreign, false);
                             continue;
                         }
                         Err(_) => r,
                     }
                 }
                 Ok(()) => {
-                    state.set_link_by_fd(true);
+                    state.set_link_by_fd(foreign, true);
                     r
                 }
                 other => other,

@@ -15,8 +15,10 @@ pub struct WorkerState {
     first_fallback: Mutex<Option<String>>,
     /// Once FICLONE failed with EXDEV/EOPNOTSUPP, later files skip the attempt.
     unsupported: AtomicBool,
-    /// A [`LinkByFd`], as learnt by the first object linked.
-    link_by_fd: AtomicU8,
+    /// A [`LinkByFd`] for this process's own tmpfiles and one for files passed by the
+    /// helper (opened by another process: the kernel may allow the first and refuse the
+    /// second), each as learnt by the first such object linked.
+    link_by_fd: [AtomicU8; 2],
     /// Objects known to be in the repository (stored by this import or found there), by
     /// the first 8 bytes of their id: some 9 bytes each in the table, where whole ids cost
     /// about 100 (a boxed id and a fat pointer), the largest per-object cost of an import
@@ -123,16 +125,17 @@ impl WorkerState {
         self.unsupported.store(true, Relaxed);
     }
 
-    pub(super) fn link_by_fd(&self) -> LinkByFd {
-        match self.link_by_fd.load(Relaxed) {
+    /// What linking by fd did for files this process made (`foreign` false) or was passed.
+    pub(super) fn link_by_fd(&self, foreign: bool) -> LinkByFd {
+        match self.link_by_fd[usize::from(foreign)].load(Relaxed) {
             0 => LinkByFd::Untried,
             1 => LinkByFd::Works,
             _ => LinkByFd::Refused,
         }
     }
 
-    pub(super) fn set_link_by_fd(&self, works: bool) {
-        self.link_by_fd.store(if works { 1 } else { 2 }, Relaxed);
+    pub(super) fn set_link_by_fd(&self, foreign: bool, works: bool) {
+        self.link_by_fd[usize::from(foreign)].store(if works { 1 } else { 2 }, Relaxed);
     }
 
     /// The first reason a reflink fell back to a copy.
@@ -179,10 +182,15 @@ mod tests {
     #[test]
     fn what_linking_by_fd_did_reads_back() {
         let state = WorkerState::default();
-        assert_eq!(state.link_by_fd(), LinkByFd::Untried);
-        state.set_link_by_fd(false);
-        assert_eq!(state.link_by_fd(), LinkByFd::Refused);
-        state.set_link_by_fd(true);
-        assert_eq!(state.link_by_fd(), LinkByFd::Works);
+        assert_eq!(state.link_by_fd(false), LinkByFd::Untried);
+        state.set_link_by_fd(false, false);
+        assert_eq!(state.link_by_fd(false), LinkByFd::Refused);
+        // Learnt separately for passed files.
+        assert_eq!(state.link_by_fd(true), LinkByFd::Untried);
+        state.set_link_by_fd(false, true);
+        assert_eq!(state.link_by_fd(false), LinkByFd::Works);
+        state.set_link_by_fd(true, false);
+        assert_eq!(state.link_by_fd(true), LinkByFd::Refused);
+        assert_eq!(state.link_by_fd(false), LinkByFd::Works);
     }
 }
