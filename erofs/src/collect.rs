@@ -261,7 +261,7 @@ impl Split {
             self.block_ends.push(self.len);
             self.bytes = 0;
         }
-        // At most half a block.
+        // The tail is at most half a block here: the cast cannot truncate.
         (self.block_ends, self.bytes as u32, self.len)
     }
 }
