@@ -2,12 +2,13 @@
 //!
 //! composefs' `SplitStreamWriter` keeps the zstd-compressed stream in memory, and every
 //! object reference twice (in a list and as a hash map key), then copies all of it into one
-//! more buffer to store it: for a layer of a few hundred thousand files, the largest
-//! allocations of the whole import, growing with the layer. [`StreamWriter`] writes the same
-//! file, byte for byte (a test compares it with composefs' writer), with the compressed
-//! stream and the reference table, once they pass a MiB, in anonymous files beside the
-//! repository's objects; what stays in memory is an index of 8-byte id prefixes, a few
-//! bytes per distinct object.
+//! more buffer to store it; a run of inline bytes (in a layer of empty files, the whole
+//! layer's tar headers) is one more buffer: for a layer of a few hundred thousand files, the
+//! largest allocations of the whole import, growing with the layer. [`StreamWriter`] writes
+//! the same file, byte for byte (a test compares it with composefs' writer), with the
+//! compressed stream, the reference table and a long run, once they pass a MiB, in anonymous
+//! files beside the repository's objects; what stays in memory is an index of 8-byte id
+//! prefixes, a few bytes per distinct object.
 //!
 //! The layout (composefs 0.9.4's splitstream): a 32-byte header (magic, version 0, flags,
 //! the fs-verity algorithm, log2 block size, the info range), the info block (ranges of the
@@ -46,9 +47,10 @@ pub(crate) struct StreamWriter<ObjectID: FsVerityHashValue> {
     what: String,
     content_type: u64,
     stream: Compressor,
-    /// Instructions and inline bytes not yet handed to the compressor.
+    /// Instructions not yet handed to the compressor, the last of them maybe the open run of
+    /// inline bytes (see `run`).
     pending: Vec<u8>,
-    inline: Vec<u8>,
+    run: Run,
     total_size: u64,
     refs: RefTable<ObjectID>,
 }
@@ -74,15 +76,44 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
             what,
             content_type,
             stream,
-            inline: Vec::new(),
+            run: Run::Closed,
             total_size: 0,
         })
     }
 
     /// Inline bytes (tar headers, padding, small files).
-    pub(crate) fn write_inline(&mut self, data: &[u8]) {
+    ///
+    /// Consecutive inline bytes make one instruction whose length comes first, so a run is
+    /// kept until the next reference closes it: in `pending` behind a placeholder for its
+    /// length, or, past [`LONG_RUN`] (a layer of empty files and directories is one run of
+    /// headers), in an anonymous file.
+    pub(crate) fn write_inline(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.total_size += data.len() as u64;
-        self.inline.extend_from_slice(data);
+        if data.is_empty() {
+            // composefs opens no run for nothing, and neither may we: an empty run would be
+            // an instruction of its own.
+            return Ok(());
+        }
+        let at = match &mut self.run {
+            Run::Spilled(spill) => return spill.write_all(data),
+            Run::InPending(at) => *at,
+            Run::Closed => {
+                let at = self.pending.len();
+                self.pending.extend_from_slice(&[0; 8]);
+                self.run = Run::InPending(at);
+                at
+            }
+        };
+        self.pending.extend_from_slice(data);
+        if self.pending.len() - at - 8 > LONG_RUN {
+            let mut spill = Spill::new(spill_maker(&self.repo));
+            spill.write_all(&self.pending[at + 8..])?;
+            self.pending.truncate(at);
+            self.run = Run::Spilled(spill);
+            // What is left are whole instructions.
+            self.hand_over(true)?;
+        }
+        Ok(())
     }
 
     /// Counts `size` bytes of external content in the stream's size (as composefs'
@@ -109,15 +140,24 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
         Ok(())
     }
 
+    /// Ends the open run of inline bytes, writing its length before it.
     fn flush_inline(&mut self) -> std::io::Result<()> {
-        if self.inline.is_empty() {
-            return Ok(());
+        match std::mem::replace(&mut self.run, Run::Closed) {
+            Run::Closed => Ok(()),
+            Run::InPending(at) => {
+                let len = run_word((self.pending.len() - at - 8) as u64)?;
+                self.pending[at..at + 8].copy_from_slice(&len);
+                Ok(())
+            }
+            Run::Spilled(spill) => {
+                let len = run_word(spill.len)?;
+                self.pending.extend_from_slice(&len);
+                spill.copy_to(&mut ToCompressor {
+                    stream: &mut self.stream,
+                    pending: &mut self.pending,
+                })
+            }
         }
-        let len = i64::try_from(self.inline.len()).map_err(std::io::Error::other)?;
-        self.pending.extend_from_slice(&(-len).to_le_bytes());
-        self.pending.extend_from_slice(&self.inline);
-        self.inline.clear();
-        self.hand_over(false)
     }
 
     /// Stores the stream as an object and returns its id (unnamed: the caller names it).
@@ -181,6 +221,47 @@ impl<ObjectID: FsVerityHashValue> StreamWriter<ObjectID> {
     }
 }
 
+/// A run of inline bytes longer than this goes to an anonymous file until it closes.
+const LONG_RUN: usize = 1 << 20;
+
+/// The open run of inline bytes.
+enum Run {
+    Closed,
+    /// In `pending`, its length word (a placeholder until the run closes) at this offset.
+    InPending(usize),
+    /// Longer than [`LONG_RUN`]: its bytes so far; its length word is not written yet.
+    Spilled(Spill),
+}
+
+/// The instruction word that opens a run of `len` inline bytes.
+fn run_word(len: u64) -> std::io::Result<[u8; 8]> {
+    let len = i64::try_from(len).map_err(std::io::Error::other)?;
+    Ok((-len).to_le_bytes())
+}
+
+/// Hands bytes to the compressor through `pending`, a [`CHUNK`] at a time.
+struct ToCompressor<'a> {
+    stream: &'a mut Compressor,
+    pending: &'a mut Vec<u8>,
+}
+
+impl Write for ToCompressor<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let take = buf
+            .len()
+            .min(CHUNK.saturating_sub(self.pending.len()).max(1));
+        self.pending.extend_from_slice(&buf[..take]);
+        if self.pending.len() >= CHUNK {
+            self.stream.write(self.pending)?;
+        }
+        Ok(take)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Uncompressed bytes handed to the compressor at once.
 const CHUNK: usize = 256 << 10;
 /// Uncompressed bytes after which a stream's compression moves to a thread of its own.
@@ -206,7 +287,8 @@ enum Compressor {
         spare: std::sync::mpsc::Receiver<Vec<u8>>,
         thread: std::thread::JoinHandle<std::io::Result<Spill>>,
     },
-    /// Between the two (only if starting the thread failed).
+    /// Between the two, or after the thread stopped on an error (reported once, by the
+    /// write that found it; later writes only say the compressor is gone).
     Gone,
 }
 
@@ -447,9 +529,24 @@ mod tests {
     }
 
     fn same_bytes_as_composefs<ObjectID: FsVerityHashValue>(algorithm: Algorithm, n: usize) {
+        let pieces = pieces::<ObjectID>(n);
+        let inline: usize = pieces.iter().flatten().map(Vec::len).sum();
+        assert!(
+            n < 40_000 || inline as u64 > 2 * THREAD_AT,
+            "{inline} inline bytes"
+        );
+        compare_with_composefs(algorithm, &pieces, &format!("{n} pieces"));
+    }
+
+    /// Writes `pieces` with composefs' writer and ours; both must store the same object.
+    /// Returns the largest `pending` buffer ours had.
+    fn compare_with_composefs<ObjectID: FsVerityHashValue>(
+        algorithm: Algorithm,
+        pieces: &[Result<Vec<u8>, ObjectID>],
+        what: &str,
+    ) -> usize {
         let tmp = tempfile::tempdir().unwrap();
         let repo = repo::<ObjectID>(tmp.path(), algorithm);
-        let pieces = pieces::<ObjectID>(n);
         let mut theirs = repo
             .create_stream(composefs_oci::LAYER_CONTENT_TYPE)
             .unwrap();
@@ -459,16 +556,12 @@ mod tests {
             "a test stream".into(),
         )
         .unwrap();
-        let inline: usize = pieces.iter().flatten().map(Vec::len).sum();
-        assert!(
-            n < 40_000 || inline as u64 > 2 * THREAD_AT,
-            "{inline} inline bytes"
-        );
-        for p in &pieces {
+        let mut most = 0;
+        for p in pieces {
             match p {
                 Ok(bytes) => {
                     theirs.write_inline(bytes);
-                    ours.write_inline(bytes);
+                    ours.write_inline(bytes).unwrap();
                 }
                 Err(id) => {
                     theirs.add_external_size(4096);
@@ -477,10 +570,12 @@ mod tests {
                     ours.write_reference(id.clone()).unwrap();
                 }
             }
+            most = most.max(ours.pending.capacity());
         }
         let want = theirs.done().unwrap();
         let got = ours.done().unwrap();
-        assert_eq!(got.to_hex(), want.to_hex(), "{n} pieces");
+        assert_eq!(got.to_hex(), want.to_hex(), "{what}");
+        most
     }
 
     #[test]
@@ -490,6 +585,35 @@ mod tests {
             same_bytes_as_composefs::<Sha512HashValue>(Algorithm::SHA512, n);
         }
         same_bytes_as_composefs::<Sha256HashValue>(Algorithm::SHA256, 3000);
+    }
+
+    #[test]
+    fn a_long_run_of_inline_bytes_waits_in_a_file_not_in_memory() {
+        // A layer of empty files is one run of tar headers, as long as the layer: runs of
+        // several times LONG_RUN (with empty writes among them) between and after
+        // references, and runs just under and over the limit.
+        let ids = crate::verity::ids::<Sha512HashValue>(&[&b"a"[..], &b"b"[..]]);
+        let header: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+        let run = |bytes: usize| {
+            let mut run = Vec::new();
+            for i in 0..bytes / 512 {
+                run.push(Ok(header[..512 - i % 3].to_vec()));
+                if i % 100 == 0 {
+                    run.push(Ok(Vec::new()));
+                }
+            }
+            run
+        };
+        let mut pieces = vec![Err(ids[0].clone())];
+        pieces.extend(run(5 * LONG_RUN));
+        pieces.push(Err(ids[1].clone()));
+        pieces.extend(run(LONG_RUN - 2048));
+        pieces.push(Err(ids[0].clone()));
+        pieces.extend(run(LONG_RUN + 2048));
+        pieces.push(Err(ids[1].clone()));
+        pieces.extend(run(3 * LONG_RUN));
+        let most = compare_with_composefs(Algorithm::SHA512, &pieces, "long runs");
+        assert!(most <= 2 * LONG_RUN + CHUNK, "{most} bytes pending at once");
     }
 
     #[test]

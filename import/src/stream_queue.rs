@@ -150,7 +150,9 @@ impl<ObjectID: FsVerityHashValue> Queue<ObjectID> {
             match op {
                 Op::Inline(_) => {
                     if let Some(Op::Inline(b)) = self.ops.pop_front() {
-                        writer.write_inline(&b);
+                        writer.write_inline(&b).map_err(|e| {
+                            Error::io(format!("writing the splitstream of layer {layer}"), e)
+                        })?;
                         if let Some(feed) = feed.as_deref_mut() {
                             feed.inline(b);
                         }
