@@ -22,7 +22,7 @@ use crate::layer_import::Imported;
 use crate::objects::{Expected, Pool, Submission, unless_stopped};
 use crate::report::ObjectStats;
 use crate::stream_queue::{BUFFERED_MAX, Queue};
-use crate::tree::Feed;
+use crate::tree::{Feed, Piece as StoredPiece, StoredPieces};
 
 /// Opens object `id` of `repo` for reading, confined to its `objects/` directory: a
 /// symlink there is refused rather than followed out of the repository.
@@ -57,6 +57,23 @@ pub(super) fn digest_file<ObjectID: FsVerityHashValue>(file: &File) -> std::io::
     }
 }
 
+/// A source's layer stream being read: by [`StoredPieces`] (the reference table left in the
+/// file, long inline runs in bounded pieces, no length trusted with an allocation), or by
+/// composefs' reader for a stream of a shape ours does not know.
+pub(super) enum SourceStream<S: FsVerityHashValue> {
+    Ours(StoredPieces<S>),
+    Theirs(SplitStreamReader<S>),
+}
+
+impl<S: FsVerityHashValue> SourceStream<S> {
+    fn total_size(&self) -> u64 {
+        match self {
+            SourceStream::Ours(s) => s.total_size(),
+            SourceStream::Theirs(r) => r.total_size,
+        }
+    }
+}
+
 /// The layer stream `verity` of `source`, checked against its name (the layer's stream
 /// names the object, so a stream whose bytes changed is refused before anything is read
 /// from it).
@@ -64,7 +81,7 @@ pub(super) fn open_stream<S: FsVerityHashValue>(
     source: &Repository<S>,
     verity: &S,
     diff_id: &str,
-) -> Result<SplitStreamReader<S>> {
+) -> Result<SourceStream<S>> {
     read_stream(source, verity, diff_id, true)
 }
 
@@ -76,7 +93,7 @@ pub(super) fn stream_size<S: FsVerityHashValue>(
     verity: &S,
     diff_id: &str,
 ) -> Result<u64> {
-    Ok(read_stream(source, verity, diff_id, false)?.total_size)
+    Ok(read_stream(source, verity, diff_id, false)?.total_size())
 }
 
 /// Opens layer stream `verity` of `source` and reads its header; `check`: first its whole
@@ -86,7 +103,7 @@ fn read_stream<S: FsVerityHashValue>(
     verity: &S,
     diff_id: &str,
     check: bool,
-) -> Result<SplitStreamReader<S>> {
+) -> Result<SourceStream<S>> {
     let corrupt = |detail: String| Error::SourceObject {
         object: format!("layer stream {} of {diff_id}", verity.to_hex()),
         detail,
@@ -101,8 +118,16 @@ fn read_stream<S: FsVerityHashValue>(
             )));
         }
     }
-    SplitStreamReader::new(file, Some(composefs_oci::LAYER_CONTENT_TYPE))
-        .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}")))
+    let theirs = file
+        .try_clone()
+        .map_err(|e| corrupt(format!("cannot open it again: {e}")))?;
+    match StoredPieces::from_file(file) {
+        Ok(Some(ours)) => Ok(SourceStream::Ours(ours)),
+        Ok(None) => SplitStreamReader::new(theirs, Some(composefs_oci::LAYER_CONTENT_TYPE))
+            .map(SourceStream::Theirs)
+            .map_err(|e| corrupt(format!("not a layer splitstream: {e:#}"))),
+        Err(e) => Err(corrupt(format!("{e:#}"))),
+    }
 }
 
 /// What a layer's copy needs besides its source.
@@ -136,38 +161,40 @@ pub(super) enum Piece {
 /// What a walk over a layer's pieces calls for each piece, in stream order.
 pub(super) type Each<'a> = &'a mut dyn FnMut(Piece) -> Result<()>;
 
-/// Walks layer stream `reader` of `source`, handing `each` its pieces: inline bytes, and
+/// Walks layer stream `stream` of `source`, handing `each` its pieces: inline bytes, and
 /// every referenced object opened in the source's `objects/` with its name to check.
 pub(super) fn walk_stream<S: FsVerityHashValue>(
     source: &Repository<S>,
-    reader: &mut SplitStreamReader<S>,
+    stream: &mut SourceStream<S>,
     diff_id: &str,
     each: Each<'_>,
 ) -> Result<()> {
-    let algorithm = crate::verity::algorithm::<S>();
+    let unreadable = |e: anyhow::Error| Error::SourceObject {
+        object: format!("the layer stream of {diff_id}"),
+        detail: format!("{e:#}"),
+    };
+    let reader = match stream {
+        SourceStream::Theirs(reader) => reader,
+        SourceStream::Ours(pieces) => loop {
+            for piece in pieces.next_batch().map_err(unreadable)? {
+                match piece {
+                    StoredPiece::Inline(bytes) => each(Piece::Inline(bytes))?,
+                    StoredPiece::External(id) => each(object_piece(source, &id, diff_id)?)?,
+                    StoredPiece::Done => return Ok(()),
+                    StoredPiece::GaveUp => {
+                        // Only a feed gives up; a stored stream's reader does not.
+                        return Err(unreadable(anyhow::anyhow!("its reader gave up")));
+                    }
+                }
+            }
+        },
+    };
     // composefs' walk takes a callback returning its own error type: ours waits here.
     let mut failed: Option<Error> = None;
     let walked = reader.for_each_chunk(|chunk| {
         let piece = match chunk {
             SplitStreamData::Inline(bytes) => Ok(Piece::Inline(bytes.into_vec())),
-            SplitStreamData::External(id) => {
-                let name = format!("object {}", id.to_hex());
-                open_object(source, &id)
-                    .and_then(|file| Ok((file.metadata()?.len(), file)))
-                    .map(|(size, file)| Piece::Object {
-                        file,
-                        size,
-                        expected: Expected::Object {
-                            algorithm,
-                            id: id.as_bytes().into(),
-                        },
-                        name: name.clone(),
-                    })
-                    .map_err(|e| Error::SourceObject {
-                        object: format!("{name} ({diff_id})"),
-                        detail: format!("cannot open it: {e}"),
-                    })
-            }
+            SplitStreamData::External(id) => object_piece(source, &id, diff_id),
         };
         piece.and_then(&mut *each).map_err(|e| {
             failed = Some(e);
@@ -177,10 +204,31 @@ pub(super) fn walk_stream<S: FsVerityHashValue>(
     if let Some(e) = failed {
         return Err(e);
     }
-    walked.map_err(|e| Error::SourceObject {
-        object: format!("the layer stream of {diff_id}"),
-        detail: format!("{e:#}"),
-    })
+    walked.map_err(unreadable)
+}
+
+/// Object `id` of `source`, opened in its `objects/`, with its name to check.
+fn object_piece<S: FsVerityHashValue>(
+    source: &Repository<S>,
+    id: &S,
+    diff_id: &str,
+) -> Result<Piece> {
+    let name = format!("object {}", id.to_hex());
+    open_object(source, id)
+        .and_then(|file| Ok((file.metadata()?.len(), file)))
+        .map(|(size, file)| Piece::Object {
+            file,
+            size,
+            expected: Expected::Object {
+                algorithm: crate::verity::algorithm::<S>(),
+                id: id.as_bytes().into(),
+            },
+            name: name.clone(),
+        })
+        .map_err(|e| Error::SourceObject {
+            object: format!("{name} ({diff_id})"),
+            detail: format!("cannot open it: {e}"),
+        })
 }
 
 /// Copies the layer `diff_id`, whose pieces `walk` hands over in stream order, into the
@@ -351,4 +399,90 @@ fn check_small(data: &[u8], expected: &Expected, corrupt: &impl Fn(String) -> Er
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use composefs::fsverity::{Algorithm, Sha256HashValue};
+    use composefs::repository::RepositoryConfig;
+
+    use super::*;
+    use crate::splitstream::{HEADER_LEN, INFO_LEN, MAGIC};
+
+    type Id = Sha256HashValue;
+
+    /// A layer stream in composefs' layout, without references, whose decompressed body is
+    /// `body` (the instructions, as a hostile or broken writer may have made them).
+    fn stream_of(body: &[u8]) -> Vec<u8> {
+        let body = zstd::stream::encode_all(body, 0).unwrap();
+        let named = zstd::stream::encode_all(&[][..], 0).unwrap();
+        let start = HEADER_LEN + INFO_LEN;
+        let named_at = start..start + named.len() as u64;
+        let body_at = named_at.end..named_at.end + body.len() as u64;
+        let mut s = MAGIC.to_vec();
+        s.push(0);
+        s.extend_from_slice(&0u16.to_le_bytes());
+        s.push(Id::ALGORITHM.kernel_id());
+        s.push(12);
+        for r in [
+            HEADER_LEN..start,
+            start..start,
+            start..start,
+            body_at,
+            named_at,
+        ] {
+            s.extend_from_slice(&r.start.to_le_bytes());
+            s.extend_from_slice(&r.end.to_le_bytes());
+        }
+        s.extend_from_slice(&composefs_oci::LAYER_CONTENT_TYPE.to_le_bytes());
+        s.extend_from_slice(&5u64.to_le_bytes());
+        s.extend_from_slice(&named);
+        s.extend_from_slice(&body);
+        s
+    }
+
+    /// Walks the stream `body` makes, stored in a fresh repository: the inline bytes it gave,
+    /// and how the walk ended.
+    fn walk(body: &[u8]) -> (Vec<u8>, Result<()>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = RepositoryConfig::new(Algorithm::SHA256).set_insecure();
+        let repo = Repository::<Id>::init_path(rustix::fs::CWD, tmp.path(), config)
+            .unwrap()
+            .0;
+        let verity = repo.ensure_object(&stream_of(body)).unwrap();
+        let mut stream = open_stream(&repo, &verity, "sha256:test").unwrap();
+        assert!(matches!(stream, SourceStream::Ours(_)));
+        assert_eq!(stream.total_size(), 5);
+        let mut inline = Vec::new();
+        let ended = walk_stream(&repo, &mut stream, "sha256:test", &mut |piece| {
+            match piece {
+                Piece::Inline(bytes) => inline.extend_from_slice(&bytes),
+                _ => panic!("no objects in this stream"),
+            }
+            Ok(())
+        });
+        (inline, ended)
+    }
+
+    #[test]
+    fn a_source_stream_that_claims_an_exabyte_of_inline_bytes_fails_without_asking_for_it() {
+        // The same stream with an honest length reads back: the layout above is right.
+        let mut honest = (-5i64).to_le_bytes().to_vec();
+        honest.extend_from_slice(b"hello");
+        let (inline, ended) = walk(&honest);
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(inline, b"hello");
+
+        // composefs' reader allocates the claimed length at once: the process would abort.
+        let mut lying = (-(1i64 << 60)).to_le_bytes().to_vec();
+        lying.extend_from_slice(b"hello");
+        let (_, ended) = walk(&lying);
+        match ended {
+            Err(Error::SourceObject { object, detail }) => {
+                assert!(object.contains("sha256:test"), "{object}");
+                assert!(detail.contains("ends inside"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

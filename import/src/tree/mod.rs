@@ -37,7 +37,7 @@ use composefs_oci::tar::TarEntry;
 pub(crate) use compact::{CompactTree, Frozen};
 use fed_reader::{FedReader, Input};
 pub use feed::{Backlog, Feed, Piece};
-use stored::StoredPieces;
+pub(crate) use stored::StoredPieces;
 
 /// Entries (of all layers) above which the tree thread gives up and drops its tree. While the
 /// layers stream, the tree adds to their buffers, where composefs builds it once they are

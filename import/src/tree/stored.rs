@@ -1,4 +1,5 @@
-//! A stored layer stream read back as the pieces it was written from, for the tree.
+//! A stored layer stream read back as the pieces it was written from: for the tree, and for
+//! a copy from another repository.
 //!
 //! composefs' `SplitStreamReader` reads a stream's whole reference table into memory before
 //! its first byte: 64 bytes for each distinct object of the layer, 35 MB for a layer of a
@@ -7,7 +8,9 @@
 //! it, through a window of [`WINDOW`] ids (a layer names its objects roughly in table order,
 //! which is the order of first use). Large inline runs (a layer's directories and small
 //! files, written as one run between two objects) come out in pieces of at most
-//! [`INLINE_PIECE`] bytes, which the tar reader joins again.
+//! [`INLINE_PIECE`] bytes, which the tar reader joins again; a run's length is never trusted
+//! with an allocation (a stream that claims an exabyte of inline bytes ends early, with an
+//! error, and asks for no more memory than any other).
 //!
 //! The layout read is the one [`crate::splitstream`] writes (composefs 0.9.4's); a stream
 //! of another shape (another version, stream or named references) is not this reader's:
@@ -57,8 +60,10 @@ impl Span {
 }
 
 /// The pieces of one stored layer stream, in order, ending with [`Piece::Done`].
-pub(super) struct StoredPieces<ObjectID> {
+pub(crate) struct StoredPieces<ObjectID> {
     file: File,
+    /// The uncompressed size the header records (the layer's tar size).
+    total_size: u64,
     /// The object reference table.
     refs: Span,
     ref_count: u64,
@@ -73,14 +78,21 @@ pub(super) struct StoredPieces<ObjectID> {
 impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
     /// Opens the layer stream `verity` (its fs-verity digest checked unless the repository is
     /// insecure); `Ok(None)` when it is not of the shape this reader knows.
-    pub(super) fn open(
+    pub(crate) fn open(
         repo: &Repository<ObjectID>,
         verity: &ObjectID,
     ) -> anyhow::Result<Option<Self>> {
-        let mut file = File::from(
+        let file = File::from(
             repo.open_object(verity)
                 .context("opening the layer stream")?,
         );
+        Self::from_file(file)
+    }
+
+    /// Reads the layer stream opened as `file` (not checked here); `Ok(None)` when it is not
+    /// of the shape this reader knows, `file`'s offset then unchanged.
+    pub(crate) fn from_file(file: File) -> anyhow::Result<Option<Self>> {
+        use std::os::unix::fs::FileExt;
         let size = file
             .metadata()
             .context("reading the layer stream's size")?
@@ -89,7 +101,7 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
         if size < head.len() as u64 {
             bail!("the layer stream is {size} bytes, shorter than its header");
         }
-        file.read_exact(&mut head)
+        file.read_exact_at(&mut head, 0)
             .context("reading the layer stream's header")?;
         let (magic, rest) = head.split_at(MAGIC.len());
         if magic != MAGIC {
@@ -113,6 +125,8 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
         let mut word = [0u8; 8];
         word.copy_from_slice(&head[96..104]);
         let content_type = u64::from_le_bytes(word);
+        word.copy_from_slice(&head[104..112]);
+        let total_size = u64::from_le_bytes(word);
         ensure!(
             content_type == composefs_oci::LAYER_CONTENT_TYPE,
             "the stream is not a layer stream (content type {content_type:#x})"
@@ -146,6 +160,7 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
             .context("starting the layer stream's decompressor")?;
         Ok(Some(StoredPieces {
             file,
+            total_size,
             refs,
             ref_count: refs.len() / id_len,
             window: IdWindow::new(WINDOW),
@@ -154,6 +169,11 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
             done: false,
             _id: std::marker::PhantomData,
         }))
+    }
+
+    /// The uncompressed size the stream's header records.
+    pub(crate) fn total_size(&self) -> u64 {
+        self.total_size
     }
 
     /// The id of reference `i`.
@@ -189,7 +209,7 @@ impl<ObjectID: FsVerityHashValue> StoredPieces<ObjectID> {
     }
 
     /// The next batch of pieces; the last one ends with [`Piece::Done`].
-    pub(super) fn next_batch(&mut self) -> anyhow::Result<Vec<Piece<ObjectID>>> {
+    pub(crate) fn next_batch(&mut self) -> anyhow::Result<Vec<Piece<ObjectID>>> {
         let mut batch = Vec::with_capacity(BATCH);
         while batch.len() < BATCH && !self.done {
             if self.inline_left > 0 {
