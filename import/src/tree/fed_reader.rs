@@ -22,6 +22,11 @@ use super::feed::{Backlog, Piece};
 use super::stored::StoredPieces;
 use crate::INLINE_MAX;
 
+/// The largest contents of one entry taken from inline bytes. composefs stores a file of more
+/// than [`INLINE_MAX`] bytes as an object, so a stream it wrote never comes near; the margin
+/// leaves room for a writer with a larger inline size.
+const INLINE_CONTENT_LIMIT: usize = 1 << 20;
+
 /// `return Err(Stop::Failed(anyhow!(...)))`.
 macro_rules! fail {
     ($($t:tt)*) => {
@@ -166,6 +171,12 @@ impl<'a, ObjectID: FsVerityHashValue> FedReader<'a, ObjectID> {
             }
             return Ok(Content::External(id));
         }
+        // The header's size is not trusted with an allocation: a stream from another
+        // repository may claim any size for contents it stores inline.
+        check!(
+            stored <= INLINE_CONTENT_LIMIT,
+            "a {size} byte entry with its contents inline (more than {INLINE_CONTENT_LIMIT} bytes)"
+        );
         let mut content = vec![0u8; stored];
         if stored > 0 && !self.read_inline(&mut content)? {
             fail!("unexpected end of the splitstream in a file's contents");

@@ -384,6 +384,49 @@ mod tests {
         }
     }
 
+    /// A ustar header of a regular file `name` whose size field says `size` (base-256,
+    /// which can say any size).
+    fn ustar_header(name: &str, size: u64) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        for (at, field) in [(100, &b"0000644"[..]), (108, b"0000000"), (116, b"0000000")] {
+            h[at..at + field.len()].copy_from_slice(field);
+        }
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[148..156].copy_from_slice(b"        ");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    #[test]
+    fn a_stored_stream_claiming_huge_inline_contents_fails_without_allocating_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = repo(&tmp.path().join("repo"));
+        let layer = |size: u64| {
+            let mut tar = ustar_header("f", size);
+            tar.extend_from_slice(b"hello");
+            tar.resize(1024 + 1024, 0); // the contents' block, then the end
+            store(&repo, &[Piece::Inline(tar)])
+        };
+        // Control: the header says what the stream holds.
+        let mut entries = Vec::new();
+        apply_stored(&repo, &layer(5), |e| {
+            entries.push(e.path);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(entries, [std::path::PathBuf::from("/f")]);
+        // 2^40 bytes claimed, five there.
+        let err = apply_stored(&repo, &layer(1 << 40), |_| Ok(())).unwrap_err();
+        assert!(format!("{err:#}").contains("contents inline"), "{err:#}");
+    }
+
     /// A stored stream read back by [`StoredPieces`] gives the entries composefs' reader
     /// gives, for streams composefs wrote: long names and links, both tar formats, and a
     /// layer whose inline run (a few hundred small files between two objects) is larger than
