@@ -52,6 +52,65 @@ impl<T> Chunks<T> {
     pub fn capacity(&self) -> usize {
         self.chunks.len() * Self::CHUNK
     }
+
+    /// Puts the elements in the order `order` gives, in place: element `i` becomes the one
+    /// at `order[i]`. Sorting an index and then building a sorted copy would hold the table
+    /// twice, and a table of millions of entries is what sets an import's peak.
+    ///
+    /// `order` must be a permutation of `0..len` (checked: anything else is
+    /// `Err(())`, and the table is then in some order of its elements, none lost).
+    pub fn permute(&mut self, mut order: Vec<u32>) -> Result<(), ()>
+    where
+        T: Copy,
+    {
+        if order.len() != self.len || order.iter().any(|&o| o as usize >= self.len) {
+            return Err(());
+        }
+        // Each cycle of the permutation moves round once; a position done points at itself.
+        for start in 0..order.len() {
+            if order[start] as usize == start {
+                continue;
+            }
+            let first = self[start];
+            let mut at = start;
+            loop {
+                let from = order[at] as usize;
+                order[at] = at as u32;
+                if from == start {
+                    self[at] = first;
+                    break;
+                }
+                if order[from] as usize == from {
+                    // Reached twice: `order` repeats an index. The value at `at` is the only
+                    // copy of `first` now gone; put it back where the cycle started.
+                    self[at] = first;
+                    return Err(());
+                }
+                self[at] = self[from];
+                at = from;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first `keep` elements turned into `U`s by `f`, chunk by chunk: each chunk of `T`
+    /// is freed once converted, so the two tables are never both whole in memory.
+    pub fn convert<U>(self, keep: usize, mut f: impl FnMut(T) -> U) -> Chunks<U> {
+        let mut out = Chunks::new();
+        let mut left = keep.min(self.len);
+        for chunk in self.chunks {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(chunk.len());
+            let mut converted = Vec::with_capacity(take);
+            converted.extend(chunk.into_iter().take(take).map(&mut f));
+            out.len += take;
+            out.chunks.push(converted);
+            left -= take;
+        }
+        out
+    }
 }
 
 impl<T> std::ops::Index<usize> for Chunks<T> {
@@ -177,6 +236,54 @@ impl<ObjectID: FsVerityHashValue> IdTable<ObjectID> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table(n: u32) -> Chunks<u32> {
+        let mut t = Chunks::new();
+        for v in 0..n {
+            t.push(v);
+        }
+        t
+    }
+
+    #[test]
+    fn a_table_takes_any_order_in_place_and_converts_a_prefix() {
+        let n = 2 * Chunks::<u32>::CHUNK as u32 + 123;
+        // A permutation with long and short cycles: multiplying by a number prime to n.
+        let order: Vec<u32> = (0..n)
+            .map(|i| ((i as u64 * 7919) % n as u64) as u32)
+            .collect();
+        let mut t = table(n);
+        t.permute(order.clone()).unwrap();
+        assert!((0..n as usize).all(|i| t[i] == order[i]));
+
+        let keep = Chunks::<u32>::CHUNK + 5;
+        let converted = t.convert(keep, |v| u64::from(v) * 2);
+        assert_eq!(converted.len(), keep);
+        assert!((0..keep).all(|i| converted[i] == u64::from(order[i]) * 2));
+        assert_eq!(
+            converted.chunks.len(),
+            2,
+            "only the chunks kept are converted"
+        );
+    }
+
+    #[test]
+    fn an_order_that_is_not_a_permutation_is_refused_and_loses_nothing() {
+        let n = Chunks::<u32>::CHUNK as u32 + 10;
+        for order in [
+            (0..n)
+                .map(|i| if i == 3 { 7 } else { (i + 1) % n })
+                .collect::<Vec<u32>>(),
+            (0..n).map(|i| if i == 5 { n } else { i }).collect(),
+            vec![0, 1, 2],
+        ] {
+            let mut t = table(n);
+            assert!(t.permute(order).is_err());
+            let mut values: Vec<u32> = t.iter().copied().collect();
+            values.sort_unstable();
+            assert_eq!(values, (0..n).collect::<Vec<u32>>());
+        }
+    }
 
     #[test]
     fn the_arena_gives_back_what_it_was_given_across_blocks() {
