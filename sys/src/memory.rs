@@ -17,7 +17,8 @@
 //! arena's top resident, and `malloc_trim` does not touch the top of any arena but the
 //! main one. An arena whose threads exited waits on a free list for the next new thread.
 //! [`release_free_memory`] hands those arenas to short-lived threads that free one block
-//! above the threshold each.
+//! above the threshold each. A thread that stays alive, idle in a pool, keeps its arena:
+//! it gives back that arena's top itself, with [`release_thread_memory`], when its work ends.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -90,6 +91,41 @@ pub fn release_free_memory() -> bool {
     }
 }
 
+/// Gives back the free top of the calling thread's arena, which glibc returns only when a
+/// block freed there leaves more than the trim threshold on top, and `malloc_trim` never
+/// does for a thread's arena. For threads that stay alive idle after a burst of work (a
+/// thread pool's): up to the threshold each would stay resident until the thread's next
+/// large free. Does nothing (returns false) unless [`limit_retained_memory`] fixed the
+/// thresholds.
+///
+/// ```
+/// cstor_sys::memory::limit_retained_memory();
+/// let _trimmed: bool = cstor_sys::memory::release_thread_memory();
+/// ```
+pub fn release_thread_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if !THRESHOLDS_FIXED.load(Ordering::Relaxed) {
+            return false;
+        }
+        // A block above the trim threshold and below the mmap threshold comes from this
+        // thread's arena, from its top when no free block fits; freed, it takes the top
+        // with it back over the threshold, and glibc trims it.
+        let block: Vec<u8> = Vec::with_capacity(TRIM_BLOCK);
+        std::hint::black_box(&block);
+        drop(block);
+        true
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// What [`release_thread_memory`] and the idle-arena trim allocate and free.
+const TRIM_BLOCK: usize = TRIM_THRESHOLD + (1 << 20);
+const _: () = assert!(TRIM_BLOCK < MMAP_THRESHOLD);
+
 /// Trims the top of every arena left by threads that exited: as many threads as glibc
 /// allows arenas (8 per CPU), all alive at once so that each takes a different arena (those
 /// on the free list first), each allocate a block just above the trim threshold (below the
@@ -98,8 +134,6 @@ pub fn release_free_memory() -> bool {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn trim_idle_arenas() {
     use std::sync::{Arc, RwLock, mpsc};
-    const BLOCK: usize = TRIM_THRESHOLD + (1 << 20);
-    const _: () = assert!(BLOCK < MMAP_THRESHOLD);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (8 * cpus).min(64);
     let gate = Arc::new(RwLock::new(()));
@@ -114,7 +148,7 @@ fn trim_idle_arenas() {
             .name("cstor-trim".into())
             .stack_size(64 << 10)
             .spawn(move || {
-                let block: Vec<u8> = Vec::with_capacity(BLOCK);
+                let block: Vec<u8> = Vec::with_capacity(TRIM_BLOCK);
                 std::hint::black_box(&block);
                 let _ = ready.send(());
                 drop(gate.read());
@@ -178,6 +212,31 @@ mod tests {
             let blocks: Vec<Vec<u8>> = (0..192).map(|i| vec![i as u8; 256 << 10]).collect();
             std::hint::black_box(&blocks);
         });
+    }
+
+    /// A pool thread that stays alive after its work keeps its arena's free top (below the
+    /// trim threshold) resident; it gives it back when it asks.
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn memory_a_live_thread_gives_back_its_arenas_free_top() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(super::limit_retained_memory());
+        let (kept, trimmed) = std::thread::spawn(|| {
+            // 7 MB in blocks too small for a free to trim: they end in the arena's top,
+            // below the 8 MiB threshold, and stay resident.
+            let blocks: Vec<Vec<u8>> = (0..7 * 1024).map(|i| vec![i as u8; 1000]).collect();
+            std::hint::black_box(&blocks);
+            drop(blocks);
+            let kept = anon_kib();
+            assert!(super::release_thread_memory());
+            (kept, anon_kib())
+        })
+        .join()
+        .unwrap();
+        assert!(
+            trimmed + 4 * 1024 < kept,
+            "{kept} KiB anonymous memory with the free top, {trimmed} KiB after trimming it"
+        );
     }
 
     /// A worker whose last frees were small blocks leaves its arena's top resident
