@@ -733,8 +733,8 @@ impl<ObjectID: FsVerityHashValue> CompactTree<ObjectID> {
         self.meta_numbers = FastMap::default();
         self.xattrs.numbers = FastMap::default();
         // The records are put in entry order where they are and become the entries chunk by
-        // chunk: a sorted index of them and a second table beside them was the peak of an
-        // image's write at a million files.
+        // chunk: a sorted index of them and a second table beside them made freezing the
+        // client's peak at 500 layers of 2,000 files.
         let (order, live) = self.entry_order()?;
         let mut records = std::mem::replace(&mut self.records, Chunks::new());
         records.permute(order).map_err(|()| {
